@@ -1,0 +1,67 @@
+"""natsrpc: service-to-service RPC over NATS request/reply.
+
+Define a :class:`Service` with ``@rpc`` methods, host it with ``python -m natsrpc.run`` (or
+:class:`Host`), and call it with ``await client.call_service["kv"].get("a")``.
+"""
+
+from natsrpc.client import Client, connect
+from natsrpc.context import CallContext, current_call
+from natsrpc.embedded import NatsServer
+from natsrpc.errors import (
+    BadRequest,
+    CallError,
+    CallTimeout,
+    CircuitOpen,
+    ClientClosed,
+    ConfigurationError,
+    ConnectionLost,
+    DeadlineExceeded,
+    DefinitionError,
+    InternalError,
+    NatsRpcError,
+    NoResponders,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    PermissionDenied,
+    RemoteError,
+    ReplyTooLarge,
+    ServiceError,
+    Unavailable,
+)
+from natsrpc.host import Host
+from natsrpc.proxy import CallOptions
+from natsrpc.service import Service, ServiceContext, rpc
+
+__all__ = [
+    "BadRequest",
+    "CallContext",
+    "CallError",
+    "CallOptions",
+    "CallTimeout",
+    "CircuitOpen",
+    "Client",
+    "ClientClosed",
+    "ConfigurationError",
+    "ConnectionLost",
+    "DeadlineExceeded",
+    "DefinitionError",
+    "Host",
+    "InternalError",
+    "NatsRpcError",
+    "NatsServer",
+    "NoResponders",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "RemoteError",
+    "ReplyTooLarge",
+    "Service",
+    "ServiceContext",
+    "ServiceError",
+    "Unavailable",
+    "connect",
+    "current_call",
+    "rpc",
+]

@@ -1,0 +1,364 @@
+"""The client: one NATS connection, one reply subscription, and the calls made over it.
+
+``natsrpc.connect()`` opens it; :class:`Client` sends requests with a deadline header and waits
+for replies on a single wildcard inbox, failing pending calls promptly when the connection breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NatsConnection
+from nats.aio.msg import Msg
+from nats.nuid import NUID
+
+from natsrpc import codec, context, protocol
+from natsrpc.errors import (
+    CallTimeout,
+    ClientClosed,
+    ConfigurationError,
+    ConnectionLost,
+    DeadlineExceeded,
+    NoResponders,
+    PayloadTooLarge,
+    error_from_reply,
+    translate_nats_errors,
+)
+from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy
+
+S = TypeVar("S")
+
+log = structlog.get_logger("natsrpc.client")
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_TIMEOUT = 5.0
+
+# Connection defaults from RELIABILITY.md: detect a hung server within seconds (F5), reconnect
+# forever once connected, and fail the first connect quickly.
+CONNECTION_DEFAULTS: dict[str, Any] = {
+    "ping_interval": 2,
+    "max_outstanding_pings": 2,
+    "max_reconnect_attempts": -1,
+    "reconnect_time_wait": 0.25,
+    "connect_timeout": 2,
+    "allow_reconnect": True,
+}
+
+
+class Client:
+    """A natsrpc client on one NATS connection; use :func:`connect` to make one.
+
+    Args:
+        nc: a connected nats-py connection.
+        timeout: default call timeout in seconds.
+        encoding: ``"json"`` (default) or ``"msgpack"``.
+        prefix: subject prefix (``svc``).
+        caller: the ``Natsrpc-Caller`` value of calls made outside a handler.
+        owns_connection: whether closing the client drains and closes ``nc``.
+    """
+
+    def __init__(
+        self,
+        nc: NatsConnection,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        encoding: str = "json",
+        prefix: str = protocol.DEFAULT_PREFIX,
+        caller: str = "client",
+        owns_connection: bool = True,
+    ) -> None:
+        if encoding not in ("json", "msgpack"):
+            raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
+        if timeout <= 0:
+            raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
+        self.nc = nc
+        self.prefix = prefix
+        self.caller = caller
+        self.default_options = CallOptions(timeout=timeout, msgpack=encoding == "msgpack")
+        self._owns_connection = owns_connection
+        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count(1)
+        inbox_prefix = nc._inbox_prefix.decode() if isinstance(nc._inbox_prefix, bytearray | bytes) else "_INBOX"
+        self._inbox = f"{inbox_prefix}.{NUID().next().decode()}."
+        self._reply_sub: Any = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.call_service = ServiceDirectory(self, spawn=False)
+        self.call_service_async = ServiceDirectory(self, spawn=True)
+
+    async def start(self) -> None:
+        """Subscribes the reply inbox; :func:`connect` calls it."""
+        with translate_nats_errors(self._inbox + "*"):
+            self._reply_sub = await self.nc.subscribe(self._inbox + "*", cb=self._on_reply)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def pending_calls(self) -> int:
+        """The number of calls waiting for a reply (0 when idle: nothing leaks)."""
+        return len(self._pending)
+
+    def proxy(self, service: type[S], **options: Any) -> S:
+        """Returns a typed proxy: ``client.proxy(KV).get("a")``, checked by mypy against ``KV``.
+
+        Args:
+            service: the Service class (only its signatures are used; it is not instantiated).
+            **options: call options (``timeout``, ``headers``, ``encoding``).
+        """
+        # The proxy mirrors S's @rpc methods, so mypy checks calls against S itself.
+        return cast(S, TypedProxy(self, service, self.default_options.merged(**options)))  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        """Fails pending calls with ClientClosed, then drains and closes the connection if owned."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        self.fail_pending(ClientClosed("the client was closed while the call was pending"))
+        if self._owns_connection and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                log.warning("drain failed, closing", error=repr(exc))
+                await self.nc.close()
+
+    def fail_pending(self, error: Exception) -> None:
+        """Fails every pending call with ``error`` (the connection broke or closed)."""
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def spawn(self, coro: Awaitable[S]) -> asyncio.Task[S]:
+        """Starts ``coro`` as a task the client tracks (cancelled on close)."""
+        task: asyncio.Task[S] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: CallOptions | None = None,
+        result: Any = None,
+    ) -> Any:
+        """Calls ``service.method`` and returns its decoded reply (the proxies call this).
+
+        Args:
+            service: service name.
+            method: endpoint name.
+            args: positional arguments.
+            kwargs: named arguments.
+            options: timeout, headers, encoding.
+            result: a msgspec decoder for the return type, or None for plain values.
+
+        Raises:
+            CallError: a subclass says why (RemoteError, NoResponders, CallTimeout, ...).
+        """
+        opts = options or self.default_options
+        body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
+        headers: dict[str, str] = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else {}
+        msg = await self.request(protocol.endpoint_subject(service, method, self.prefix), body, opts, headers)
+        if result is not None:
+            return result.decode(msg.data)
+        return codec.decode(msg.data, opts.msgpack) if msg.data else None
+
+    async def request(
+        self, subject: str, body: bytes, options: CallOptions | None = None, headers: dict[str, str] | None = None
+    ) -> Msg:
+        """Sends one request with a deadline and returns the successful reply message.
+
+        Raises:
+            RemoteError: the reply is an error reply.
+            NoResponders, CallTimeout, PayloadTooLarge, ConnectionLost, ClientClosed,
+            DeadlineExceeded: see their docstrings.
+        """
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        opts = options or self.default_options
+        headers, timeout = self._headers(subject, opts, headers)
+        size = len(body) + protocol.headers_size(headers)
+        if size > self.nc.max_payload:
+            limit = self.nc.max_payload
+            raise PayloadTooLarge(
+                f"request to {subject} is {size} bytes with headers, over the server's max_payload {limit}"
+            )
+        loop = asyncio.get_running_loop()
+        token = str(next(self._tokens))
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = future
+        timer = loop.call_later(timeout, _expire, future, subject)
+        try:
+            with translate_nats_errors(subject):
+                await self.nc.publish(subject, body, reply=self._inbox + token, headers=headers)
+            msg = await future
+        finally:
+            timer.cancel()
+            self._pending.pop(token, None)
+        reply_headers = msg.headers
+        if reply_headers:
+            if reply_headers.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not msg.data:
+                raise NoResponders(f"no instance answers {subject} (service not running, or no such method)")
+            if protocol.ERROR_CODE in reply_headers:
+                raise error_from_reply(reply_headers, msg.data)
+        return msg
+
+    def _headers(self, subject: str, opts: CallOptions, extra: dict[str, str] | None) -> tuple[dict[str, str], float]:
+        """Returns the request headers and timeout, the deadline shrunk to what the handler has left."""
+        now = time.time()
+        timeout = opts.timeout
+        call = context.active_call()
+        headers = dict(opts.headers) if opts.headers else {}
+        if extra:
+            headers.update(extra)
+        if call is not None:
+            remaining = call.deadline - now
+            if remaining <= 0:
+                raise DeadlineExceeded(
+                    f"no time left to call {subject}: the deadline of {call.service}.{call.method} passed"
+                )
+            if remaining < timeout:
+                timeout = remaining
+            if not call.traceparent:
+                call.traceparent = context.new_traceparent()
+            headers[protocol.TRACEPARENT] = call.traceparent
+            headers[protocol.CALLER] = call.instance
+        elif self.caller != "client":
+            headers[protocol.CALLER] = self.caller
+        headers[protocol.DEADLINE] = context.deadline_header(now + timeout)
+        if opts.msgpack:
+            headers[protocol.CONTENT_TYPE] = protocol.MSGPACK
+        return headers, timeout
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._pending.pop(msg.subject[len(self._inbox) :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+
+def _expire(future: asyncio.Future[Msg], subject: str) -> None:
+    if not future.done():
+        future.set_exception(CallTimeout(f"no reply from {subject} before the deadline"))
+
+
+class connect:
+    """Connects to NATS and returns a :class:`Client`; await it or use it with ``async with``.
+
+    Args:
+        servers: a URL or list of URLs (``nats://host:4222``).
+        timeout: default call timeout in seconds.
+        encoding: ``"json"`` or ``"msgpack"``.
+        prefix: subject prefix.
+        name: connection name shown by the server.
+        **nats_options: passed to ``nats.connect`` over natsrpc's defaults (user, password,
+            token, tls, inbox_prefix, ping_interval, ...).
+
+    Raises:
+        ConnectionLost: the first connect failed (no server, refused, timed out).
+    """
+
+    def __init__(
+        self,
+        servers: str | list[str] = DEFAULT_URL,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        encoding: str = "json",
+        prefix: str = protocol.DEFAULT_PREFIX,
+        name: str = "natsrpc-client",
+        caller: str = "client",
+        **nats_options: Any,
+    ) -> None:
+        self._args = (servers, timeout, encoding, prefix, name, caller, nats_options)
+        self._client: Client | None = None
+
+    async def _connect(self) -> Client:
+        servers, timeout, encoding, prefix, name, caller, nats_options = self._args
+        client_ref: list[Client] = []
+        options = {**CONNECTION_DEFAULTS, **_callbacks(client_ref), "name": name, **nats_options}
+        try:
+            nc = await nats.connect(servers, **options)
+        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+            raise ConnectionLost(f"cannot connect to {servers}: {exc!r}") from exc
+        except nats.errors.Error as exc:
+            with translate_nats_errors():
+                raise
+            raise AssertionError("unreachable") from exc  # pragma: no cover
+        client = Client(nc, timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
+        client_ref.append(client)
+        await client.start()
+        return client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._connect().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._connect()
+        return self._client
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def _callbacks(client_ref: list[Client]) -> dict[str, Callable[..., Awaitable[None]]]:
+    """Returns nats-py callbacks that log every event and fail pending calls on disconnect."""
+
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats error", error=repr(exc))
+
+    def closing() -> bool:
+        return any(client.closed for client in client_ref)
+
+    async def disconnected_cb() -> None:
+        if closing():
+            log.debug("nats disconnected (client closing)")
+            return
+        log.warning("nats disconnected")
+        for client in client_ref:
+            client.fail_pending(ConnectionLost("the connection to the NATS server broke while the call was pending"))
+
+    async def reconnected_cb() -> None:
+        log.info("nats reconnected")
+
+    async def closed_cb() -> None:
+        (log.debug if closing() else log.warning)("nats connection closed")
+        for client in client_ref:
+            client.fail_pending(ConnectionLost("the NATS connection closed while the call was pending"))
+
+    async def discovered_server_cb() -> None:
+        log.info("nats server discovered")
+
+    async def lame_duck_mode_cb() -> None:
+        log.warning("nats server entered lame duck mode")
+
+    return {
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+        "closed_cb": closed_cb,
+        "discovered_server_cb": discovered_server_cb,
+        "lame_duck_mode_cb": lame_duck_mode_cb,
+    }

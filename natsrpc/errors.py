@@ -1,0 +1,262 @@
+"""One exception hierarchy for everything natsrpc raises, and its mapping to the wire.
+
+The tree::
+
+    NatsRpcError
+    ├── DefinitionError            a Service or @rpc method is defined wrongly
+    ├── ConfigurationError         bad options, missing nats-server binary, ...
+    └── CallError                  a call did not produce a return value
+        ├── RemoteError            the service replied with an error (.code .type .message .data)
+        │   ├── BadRequest         400
+        │   ├── NotFound           404
+        │   ├── ReplyTooLarge      413
+        │   ├── Overloaded         429
+        │   ├── InternalError      500
+        │   ├── Unavailable        503
+        │   ├── DeadlineExceeded   504 (also raised locally when no time is left)
+        │   └── ServiceError       raised by handlers for their own business errors
+        ├── NoResponders           nobody subscribes to the subject
+        ├── CallTimeout            no reply before the deadline (also a TimeoutError)
+        ├── CircuitOpen            the circuit breaker refuses the call
+        ├── PayloadTooLarge        headers + body exceed the server's max_payload
+        ├── PermissionDenied       the server refused the publish or subscribe
+        ├── ConnectionLost         the connection broke while the call was pending
+        └── ClientClosed           the client was closed by its owner
+
+nats-py exceptions are translated in one place, :func:`translate_nats_errors`, and never reach
+callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import msgspec
+import nats.errors
+
+from natsrpc import protocol
+
+
+class NatsRpcError(Exception):
+    """Raised for every failure natsrpc reports; the root of the hierarchy."""
+
+
+class DefinitionError(NatsRpcError, TypeError):
+    """Raised when a Service class or an @rpc method is defined wrongly."""
+
+
+class ConfigurationError(NatsRpcError, ValueError):
+    """Raised when options or the environment (e.g. the nats-server binary) are unusable."""
+
+
+class CallError(NatsRpcError):
+    """Raised when a call did not produce a return value."""
+
+
+class RemoteError(CallError):
+    """Raised when the service replied with an error.
+
+    Attributes:
+        code: the numeric status (400, 404, 429, 500, ... or a handler's own code).
+        type: the error type name (``"BadRequest"``, a handler's exception class name, ...).
+        message: the human-readable message.
+        data: optional structured details, as sent by the service.
+    """
+
+    default_code: ClassVar[int] = protocol.INTERNAL
+
+    def __init__(
+        self, message: str = "", *, code: int | None = None, type: str | None = None, data: Any = None
+    ) -> None:
+        self.code = self.default_code if code is None else code
+        self.type = type or self.__class__.__name__
+        self.message = message
+        self.data = data
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.type}: {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep pickling (e.g. across threads/processes) working
+        return (_rebuild_remote, (self.__class__, self.message, self.code, self.type, self.data))
+
+
+def _rebuild_remote(cls: type[RemoteError], message: str, code: int, type_: str, data: Any) -> RemoteError:
+    return cls(message, code=code, type=type_, data=data)
+
+
+class BadRequest(RemoteError):
+    """Raised when the service could not decode or validate the arguments (400)."""
+
+    default_code = protocol.BAD_REQUEST
+
+
+class NotFound(RemoteError):
+    """Raised when the service has no such method (404)."""
+
+    default_code = protocol.NOT_FOUND
+
+
+class ReplyTooLarge(RemoteError):
+    """Raised when the reply would exceed the server's max_payload (413)."""
+
+    default_code = protocol.PAYLOAD_TOO_LARGE
+
+
+class Overloaded(RemoteError):
+    """Raised when the instance's concurrency limit and wait queue are full (429)."""
+
+    default_code = protocol.OVERLOADED
+
+
+class InternalError(RemoteError):
+    """Raised when the handler raised an unexpected exception (500); ``type`` names it."""
+
+    default_code = protocol.INTERNAL
+
+
+class Unavailable(RemoteError):
+    """Raised when the instance is draining and refuses new work (503)."""
+
+    default_code = protocol.UNAVAILABLE
+
+
+class DeadlineExceeded(RemoteError):
+    """Raised when the call's deadline passed before the work could be done (504)."""
+
+    default_code = protocol.DEADLINE_EXCEEDED
+
+
+class ServiceError(RemoteError):
+    """Raised by handlers for their own business errors; arrives at the caller with its code.
+
+    Args:
+        code: any status code >= 400 (e.g. 409 for a conflict).
+        message: the human-readable message.
+        data: optional JSON-serialisable details.
+    """
+
+    def __init__(self, code: int, message: str = "", data: Any = None, *, type: str | None = None) -> None:
+        if not isinstance(code, int) or code < 400:
+            raise ValueError(f"ServiceError code must be an int >= 400, got {code!r}")
+        super().__init__(message, code=code, type=type or "ServiceError", data=data)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_service_error, (self.code, self.message, self.data, self.type))
+
+
+def _rebuild_service_error(code: int, message: str, data: Any, type_: str) -> ServiceError:
+    return ServiceError(code, message, data, type=type_)
+
+
+class NoResponders(CallError):
+    """Raised when no instance subscribes to the subject (the service or method is not running)."""
+
+
+class CallTimeout(CallError, TimeoutError):
+    """Raised when no reply arrived before the call's deadline (the request may still have run)."""
+
+
+class CircuitOpen(CallError):
+    """Raised when the circuit breaker refuses a call because the service is failing or gone."""
+
+
+class PayloadTooLarge(CallError):
+    """Raised before sending when headers + body exceed the server's max_payload."""
+
+
+class PermissionDenied(CallError):
+    """Raised when the server refused to let this connection publish or subscribe a subject."""
+
+
+class ConnectionLost(CallError):
+    """Raised when the connection broke (or was closed underneath) while the call was pending."""
+
+
+class ClientClosed(CallError):
+    """Raised when a call is made on, or pending in, a client its owner closed."""
+
+
+_BY_CODE: dict[int, type[RemoteError]] = {
+    cls.default_code: cls
+    for cls in (BadRequest, NotFound, ReplyTooLarge, Overloaded, InternalError, Unavailable, DeadlineExceeded)
+}
+
+
+class _ErrorBody(msgspec.Struct, omit_defaults=False):
+    code: int
+    type: str
+    message: str
+    data: Any = None
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    error: _ErrorBody
+
+
+_envelope_encoder = msgspec.json.Encoder()
+_envelope_decoder = msgspec.json.Decoder(_ErrorEnvelope)
+
+
+def remote_error(code: int, message: str, type: str | None = None, data: Any = None) -> RemoteError:
+    """Returns the RemoteError subclass that stands for ``code``, built from wire fields."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return (
+            ServiceError(code, message, data, type=type)
+            if code >= 400
+            else RemoteError(message, code=code, type=type, data=data)
+        )
+    return cls(message, code=code, type=type or cls.__name__, data=data)
+
+
+def error_reply(error: RemoteError) -> tuple[dict[str, str], bytes]:
+    """Returns the headers and JSON body of an error reply (DESIGN §2, ADR-32 headers)."""
+    body = _ErrorEnvelope(_ErrorBody(error.code, error.type, error.message, error.data))
+    try:
+        payload = _envelope_encoder.encode(body)
+    except (TypeError, ValueError):  # data not serialisable: keep the error, drop the data
+        payload = _envelope_encoder.encode(_ErrorEnvelope(_ErrorBody(error.code, error.type, error.message)))
+    first_line = error.message.splitlines()[0] if error.message else error.type
+    headers = {protocol.ERROR: first_line[:1024], protocol.ERROR_CODE: str(error.code)}
+    return headers, payload
+
+
+def error_from_reply(headers: dict[str, str], body: bytes) -> RemoteError:
+    """Returns the RemoteError an error reply carries (body preferred, headers as fallback)."""
+    try:
+        envelope = _envelope_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        code_text = headers.get(protocol.ERROR_CODE, "500")
+        code = int(code_text) if code_text.isdigit() else protocol.INTERNAL
+        return remote_error(code, headers.get(protocol.ERROR, ""))
+    e = envelope.error
+    return remote_error(e.code, e.message, e.type, e.data)
+
+
+@contextmanager
+def translate_nats_errors(subject: str = "") -> Iterator[None]:
+    """Translates nats-py exceptions raised inside the block into natsrpc errors.
+
+    This is the one boundary between nats-py and natsrpc's callers.
+    """
+    try:
+        yield
+    except nats.errors.NoRespondersError as exc:
+        raise NoResponders(f"no instance answers {subject} (service not running, or no such method)") from exc
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
+        raise CallTimeout(f"no reply from {subject} in time") from exc
+    except nats.errors.MaxPayloadError as exc:
+        raise PayloadTooLarge(f"message to {subject} exceeds the server's max_payload") from exc
+    except nats.errors.AuthorizationError as exc:
+        raise PermissionDenied(f"not authorized: {exc}") from exc
+    except nats.errors.ConnectionClosedError as exc:
+        raise ClientClosed("the connection is closed") from exc
+    except (nats.errors.ConnectionDrainingError, nats.errors.OutboundBufferLimitError) as exc:
+        raise ConnectionLost(f"cannot send to {subject}: {exc.__class__.__name__}") from exc
+    except (nats.errors.StaleConnectionError, nats.errors.UnexpectedEOF, ConnectionError, OSError) as exc:
+        raise ConnectionLost(f"connection lost: {exc!r}") from exc
+    except nats.errors.Error as exc:
+        raise ConnectionLost(f"nats error: {exc}") from exc

@@ -1,0 +1,282 @@
+"""Hosting services: subscribe their endpoints, dispatch requests concurrently, stop without loss.
+
+Each request runs as its own task (nats-py runs one subscription's callbacks one at a time), under
+a per-instance concurrency limit with a bounded wait queue; beyond it the reply is an immediate 429.
+Stopping drains the subscriptions, awaits in-flight handlers (bounded), then runs ``cleanup()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.nuid import NUID
+
+from natsrpc import codec, context, protocol
+from natsrpc.client import Client
+from natsrpc.errors import (
+    DeadlineExceeded,
+    InternalError,
+    NotFound,
+    Overloaded,
+    RemoteError,
+    ReplyTooLarge,
+    Unavailable,
+    error_reply,
+    remote_error,
+)
+from natsrpc.service import Endpoint, Service, ServiceContext
+
+log = structlog.get_logger("natsrpc.host")
+
+DEFAULT_MAX_CONCURRENCY = 100
+DEFAULT_MAX_QUEUE = 100
+DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_HANDLER_TIMEOUT = 30.0
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters of one endpoint on one instance (served as ``$SRV.STATS``)."""
+
+    num_requests: int = 0
+    num_errors: int = 0
+    processing_time_ns: int = 0
+    last_error: str = ""
+
+
+class Route:
+    """One endpoint of one hosted instance: the bound handler, its codec and its counters."""
+
+    __slots__ = ("endpoint", "handler", "instance", "stats", "where")
+
+    def __init__(self, instance: Instance, endpoint: Endpoint) -> None:
+        self.instance = instance
+        self.endpoint = endpoint
+        self.handler = getattr(instance.service, endpoint.attr)
+        self.stats = EndpointStats()
+        self.where = f"{instance.service.name}.{endpoint.name}"
+
+
+class Instance:
+    """One hosted service instance: its routes, concurrency limit and wait queue."""
+
+    def __init__(self, service: Service, instance_id: str, max_concurrency: int, max_queue: int) -> None:
+        self.service = service
+        self.id = instance_id
+        self.label = f"{service.name}/{instance_id}"
+        self.capacity = max_concurrency + max_queue
+        self.limit = asyncio.Semaphore(max_concurrency)
+        self.active = 0  # running + waiting for the limit
+        self.draining = False
+        self.started = time.time()
+        self.routes = {name: Route(self, ep) for name, ep in service.endpoints.items()}
+
+
+class Host:
+    """Serves Service instances on a client's connection; use as ``async with Host(client, [KV()])``.
+
+    Args:
+        client: the connection to serve on; handlers' ``self.call_service`` uses it too.
+        services: the instances to host.
+        max_concurrency: handlers running at once per instance.
+        max_queue: requests waiting for a slot per instance; beyond that the reply is 429.
+        drain_timeout: seconds :meth:`stop` waits for in-flight handlers.
+        default_timeout: the deadline of requests that carry no ``Natsrpc-Deadline``.
+        config: per-service configuration sections, by service name (``self.ctx.config``).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        services: Sequence[Service],
+        *,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        default_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        config: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
+        self.client = client
+        self.nc = client.nc
+        self.drain_timeout = drain_timeout
+        self.default_timeout = default_timeout
+        self.instances = [Instance(s, NUID().next().decode(), max_concurrency, max_queue) for s in services]
+        self._config = config or {}
+        self._subs: list[Any] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+
+    async def __aenter__(self) -> Host:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered, over all instances."""
+        return sum(i.active for i in self.instances)
+
+    async def start(self) -> None:
+        """Runs each service's ``setup()``, then subscribes its endpoints."""
+        for inst in self.instances:
+            svc = inst.service
+            svc._bind(ServiceContext(svc.name, inst.id, self.client, None, self._config.get(svc.name, {})))
+            await svc.setup()
+        for inst in self.instances:
+            prefix = self.client.prefix
+            for name, route in inst.routes.items():
+                subject = protocol.endpoint_subject(inst.service.name, name, prefix)
+                cb = functools.partial(self._on_request, route)
+                self._subs.append(await self.nc.subscribe(subject, queue=protocol.QUEUE_GROUP, cb=cb))
+            wildcard = protocol.instance_wildcard(inst.service.name, inst.id, prefix)
+            self._subs.append(await self.nc.subscribe(wildcard, cb=functools.partial(self._on_instance_request, inst)))
+            log.info(
+                "serving",
+                service=inst.service.name,
+                version=inst.service.version,
+                instance=inst.id,
+                endpoints=sorted(inst.routes),
+            )
+        await self.nc.flush()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stops taking requests, waits for in-flight handlers (bounded), then runs ``cleanup()``."""
+        if not self._started:
+            return
+        self._started = False
+        for inst in self.instances:
+            inst.draining = True
+        subs, self._subs = self._subs, []
+        if not self.nc.is_closed:
+            await asyncio.gather(*(_drain(sub) for sub in subs))
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("handlers still running after drain timeout were cancelled", count=len(pending))
+                await asyncio.wait(pending)
+        for inst in self.instances:
+            try:
+                await inst.service.cleanup()
+            except Exception:
+                log.exception("cleanup failed", service=inst.service.name)
+        log.info("stopped", services=[i.service.name for i in self.instances])
+
+    async def _on_instance_request(self, inst: Instance, msg: Msg) -> None:
+        method = msg.subject.split(".")[-2]
+        route = inst.routes.get(method)
+        if route is None:
+            await self._reply_error(msg, None, NotFound(f"{inst.service.name} has no method {method!r}"))
+            return
+        await self._on_request(route, msg)
+
+    async def _on_request(self, route: Route, msg: Msg) -> None:
+        """Admits a request (nats-py calls this one message at a time) and starts its task."""
+        inst = route.instance
+        route.stats.num_requests += 1
+        if inst.draining:
+            await self._reply_error(msg, route, Unavailable(f"{inst.label} is draining"))
+            return
+        if inst.active >= inst.capacity:
+            await self._reply_error(msg, route, Overloaded(f"{inst.label} is at its concurrency limit and queue"))
+            return
+        inst.active += 1
+        task = asyncio.get_running_loop().create_task(self._serve(route, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, route: Route, msg: Msg) -> None:
+        inst = route.instance
+        endpoint = route.endpoint
+        headers = msg.headers
+        msgpack = codec.content_is_msgpack(headers)
+        try:
+            deadline = context.parse_deadline(headers, self.default_timeout)
+            if time.time() >= deadline:
+                raise DeadlineExceeded(f"{route.where}: the deadline passed before the request was dispatched")
+            async with inst.limit:
+                if time.time() >= deadline:
+                    raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
+                started = time.perf_counter_ns()
+                mixed = headers is not None and headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
+                values = endpoint.signature.decode_arguments(msg.data, msgpack, mixed)
+                context.enter(
+                    context.CallContext(
+                        service=inst.service.name,
+                        method=endpoint.name,
+                        deadline=deadline,
+                        caller=(headers or {}).get(protocol.CALLER, "client"),
+                        traceparent=(headers or {}).get(protocol.TRACEPARENT, ""),
+                        headers=headers or {},
+                        instance=inst.label,
+                    )
+                )
+                args, kwargs = endpoint.signature.call_parts(values)
+                if endpoint.is_async:
+                    result = await route.handler(*args, **kwargs)
+                else:
+                    result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
+                try:
+                    body = codec.encode(result, msgpack)
+                except (TypeError, ValueError, msgspec.EncodeError) as exc:
+                    raise InternalError(
+                        f"{route.where}: cannot encode the return value: {exc}", type="EncodeError"
+                    ) from exc
+                route.stats.processing_time_ns += time.perf_counter_ns() - started
+            if msg.reply:
+                await self._reply(msg, route, body)
+        except RemoteError as exc:
+            await self._reply_error(msg, route, exc)
+        except Exception as exc:
+            log.exception("handler raised", where=route.where)
+            await self._reply_error(msg, route, InternalError(str(exc), type=type(exc).__name__))
+        finally:
+            inst.active -= 1
+
+    async def _reply(self, msg: Msg, route: Route, body: bytes, headers: dict[str, str] | None = None) -> None:
+        size = len(body) + protocol.headers_size(headers)
+        if size > self.nc.max_payload:
+            error = ReplyTooLarge(f"{route.where}: reply of {size} bytes exceeds max_payload {self.nc.max_payload}")
+            await self._reply_error(msg, route, error)
+            return
+        try:
+            await self.nc.publish(msg.reply, body, headers=headers)
+        except nats.errors.Error as exc:
+            log.warning("reply not sent", where=route.where, error=repr(exc))
+
+    async def _reply_error(self, msg: Msg, route: Route | None, error: RemoteError) -> None:
+        if route is not None:
+            route.stats.num_errors += 1
+            route.stats.last_error = f"{error.code} {error.message}"[:512]
+        if not msg.reply:
+            return
+        headers, body = error_reply(error)
+        if len(body) + protocol.headers_size(headers) > self.nc.max_payload:
+            headers, body = error_reply(remote_error(error.code, error.message[:1024], error.type))
+        try:
+            await self.nc.publish(msg.reply, body, headers=headers)
+        except nats.errors.Error as exc:
+            log.warning("error reply not sent", error=repr(exc))
+
+
+async def _drain(sub: Any) -> None:
+    try:
+        await sub.drain()
+    except nats.errors.Error as exc:
+        log.warning("subscription drain failed", subject=sub.subject, error=repr(exc))

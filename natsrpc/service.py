@@ -1,0 +1,194 @@
+"""The Service base class and the ``@rpc`` decorator: how users define endpoints.
+
+A Service subclass is checked once, when the class is defined: its name and version, and every
+``@rpc`` method's signature (see :class:`natsrpc.codec.Signature`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
+
+import structlog
+
+from natsrpc import protocol
+from natsrpc.codec import Signature
+from natsrpc.errors import DefinitionError
+
+if TYPE_CHECKING:
+    from natsrpc.client import Client
+    from natsrpc.proxy import ServiceDirectory
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_RPC_MARK = "__natsrpc_rpc__"
+
+
+@dataclass(frozen=True, slots=True)
+class _RpcOptions:
+    name: str | None
+    idempotent: bool
+
+
+@overload
+def rpc(fn: F, /) -> F: ...
+@overload
+def rpc(*, name: str | None = None, idempotent: bool = False) -> Callable[[F], F]: ...
+def rpc(fn: F | None = None, /, *, name: str | None = None, idempotent: bool = False) -> F | Callable[[F], F]:
+    """Marks a Service method as an endpoint, callable as ``svc.<service>.<name>``.
+
+    Args:
+        fn: the method (when used as a bare ``@rpc``).
+        name: the endpoint name; defaults to the method name.
+        idempotent: whether running the call twice is harmless, so a timed-out call may be retried.
+
+    Returns:
+        The method itself, marked; the Service class validates it when the class is defined.
+    """
+
+    def mark(f: F) -> F:
+        if not callable(f):
+            raise DefinitionError(f"@rpc decorates methods, got {f!r}")
+        setattr(f, _RPC_MARK, _RpcOptions(name, idempotent))
+        return f
+
+    return mark if fn is None else mark(fn)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One ``@rpc`` method of a Service class, validated.
+
+    Attributes:
+        name: the endpoint (subject) name.
+        attr: the Python method name.
+        fn: the unbound function.
+        is_async: whether it is a coroutine function (plain ``def`` runs in a worker thread).
+        idempotent: whether a timed-out call may be retried.
+        signature: argument/return codecs.
+        description: the first line of the docstring.
+    """
+
+    name: str
+    attr: str
+    fn: Callable[..., Any]
+    is_async: bool
+    idempotent: bool
+    signature: Signature
+    description: str = ""
+
+
+@dataclass(slots=True)
+class ServiceContext:
+    """What a hosted service instance knows about where it runs (``self.ctx``).
+
+    Attributes:
+        name: the service name.
+        instance_id: this instance's unique id (also in per-instance subjects).
+        client: the client of the hosting connection, used by ``self.call_service``.
+        log: a structlog logger bound to the service and instance.
+        config: the service's section of the runner's configuration.
+    """
+
+    name: str
+    instance_id: str
+    client: Client
+    log: Any
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Service:
+    """Base class of natsrpc services: subclass it, set ``name``/``version``, decorate with ``@rpc``.
+
+    Class attributes:
+        name: the service name (one subject token); defaults to the lower-cased class name.
+        version: semantic version, e.g. ``"1.0.0"``.
+        description: one line for discovery.
+        metadata: string key/value pairs published in discovery.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "0.1.0"
+    description: ClassVar[str] = ""
+    metadata: ClassVar[Mapping[str, str]] = {}
+    endpoints: ClassVar[Mapping[str, Endpoint]] = {}
+
+    _ctx: ServiceContext | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = cls.name or cls.__name__.lower()
+        if not protocol.valid_name(cls.name):
+            raise DefinitionError(
+                f"{cls.__qualname__}: service name {cls.name!r} must match {protocol.NAME_PATTERN.pattern}"
+            )
+        if not isinstance(cls.version, str) or not protocol.SEMVER_PATTERN.fullmatch(cls.version):
+            raise DefinitionError(f"{cls.__qualname__}: version {cls.version!r} is not semantic (e.g. '1.0.0')")
+        for key, value in cls.metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise DefinitionError(f"{cls.__qualname__}: metadata must map str to str, got {key!r}: {value!r}")
+        cls.endpoints = _collect_endpoints(cls)
+
+    async def setup(self) -> None:
+        """Runs once before the instance starts serving; override to open resources."""
+
+    async def cleanup(self) -> None:
+        """Runs once after the instance stopped serving (in-flight calls done); override to close."""
+
+    @property
+    def ctx(self) -> ServiceContext:
+        """The service context; available once the instance is hosted.
+
+        Raises:
+            RuntimeError: the instance is not hosted.
+        """
+        if self._ctx is None:
+            raise RuntimeError(f"{type(self).__name__} is not hosted yet: self.ctx exists inside setup() and handlers")
+        return self._ctx
+
+    @property
+    def call_service(self) -> ServiceDirectory:
+        """Calls other services (or this one) like a client: ``self.call_service["kv"].get("a")``."""
+        return self.ctx.client.call_service
+
+    @property
+    def call_service_async(self) -> ServiceDirectory:
+        """Like :attr:`call_service`, but each call returns a task to await later."""
+        return self.ctx.client.call_service_async
+
+    def _bind(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        ctx.log = structlog.get_logger("natsrpc.service").bind(service=ctx.name, instance=ctx.instance_id)
+
+
+def _collect_endpoints(cls: type[Service]) -> dict[str, Endpoint]:
+    endpoints: dict[str, Endpoint] = {}
+    seen_attrs: set[str] = set()
+    for klass in cls.__mro__:
+        for attr, value in vars(klass).items():
+            if attr in seen_attrs:
+                continue
+            seen_attrs.add(attr)
+            options = getattr(value, _RPC_MARK, None)
+            if not isinstance(options, _RpcOptions):
+                continue
+            where = f"{cls.name}.{options.name or attr}"
+            name = options.name or attr
+            if not protocol.valid_name(name):
+                raise DefinitionError(f"{where}: endpoint name {name!r} must match {protocol.NAME_PATTERN.pattern}")
+            if name in endpoints:
+                raise DefinitionError(f"{where}: two methods use the endpoint name {name!r}")
+            doc = inspect.getdoc(value) or ""
+            endpoints[name] = Endpoint(
+                name=name,
+                attr=attr,
+                fn=value,
+                is_async=inspect.iscoroutinefunction(value),
+                idempotent=options.idempotent,
+                signature=Signature(value, where),
+                description=doc.splitlines()[0] if doc else "",
+            )
+    return endpoints

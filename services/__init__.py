@@ -1,0 +1,1 @@
+"""Runnable example services: ``python -m natsrpc.run services.kv``."""
