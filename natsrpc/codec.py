@@ -23,6 +23,8 @@ _msgpack_any: Final = msgspec.msgpack.Decoder()
 _mixed_json: Final = msgspec.json.Decoder(tuple[list[Any], dict[str, Any]])
 _mixed_msgpack: Final = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]])
 _INDEX_PATH: Final = re.compile(r"`\$\[(\d+)\]")
+_ARRAY_TOO_SHORT: Final = re.compile(r"Expected `array` of at least length \d+, got (\d+)")
+_ARRAY_TOO_LONG: Final = re.compile(r"Expected `array` of at most length \d+")
 _JSON_SPACE: Final = frozenset(b" \t\r\n")
 _MSGPACK_ARRAY_HEADS: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 
@@ -83,11 +85,16 @@ class Signature:
             fields.append((p.name, hints[p.name]) if p.default is p.empty else (p.name, hints[p.name], p.default))
         if "return" not in hints:
             raise DefinitionError(f"{where}: needs a return annotation (use '-> None' for none)")
+        self.required: frozenset[str] = frozenset(p.name for p in params if p.default is p.empty)
         self.return_type: Any = hints["return"]
         struct_name = where.replace(".", "_").replace("-", "_") + "_args"
         try:
-            named = msgspec.defstruct(struct_name, fields, forbid_unknown_fields=True)
-            positional = msgspec.defstruct(struct_name, fields, array_like=True)
+            # kw_only lets a required keyword-only parameter follow one with a default, as Python does;
+            # field order (and so array positions) stays the parameter order.
+            named = msgspec.defstruct(struct_name, fields, kw_only=True, forbid_unknown_fields=True)
+            positional = msgspec.defstruct(
+                struct_name, fields, kw_only=True, array_like=True, forbid_unknown_fields=True
+            )
             self._json_named = msgspec.json.Decoder(named)
             self._json_positional = msgspec.json.Decoder(positional)
             self._msgpack_named = msgspec.msgpack.Decoder(named)
@@ -140,7 +147,13 @@ class Signature:
         return msgspec.structs.astuple(msgspec.convert(named, self._named_type))
 
     def _name_fields(self, message: str) -> str:
-        """Rewrites ``$[0]`` paths from positional decoding into ``$.name``."""
+        """Rewrites ``$[0]`` paths from positional decoding into ``$.name``, and array lengths into arguments."""
+        short = _ARRAY_TOO_SHORT.fullmatch(message)  # top level only: nested errors end with "- at `$...`"
+        if short:
+            missing = [n for n in self.names[int(short.group(1)) :] if n in self.required]
+            return f"missing required argument `$.{missing[0]}`" if missing else message
+        if _ARRAY_TOO_LONG.fullmatch(message):
+            return f"too many arguments: takes at most {len(self.names)}"
 
         def name(match: re.Match[str]) -> str:
             index = int(match.group(1))
@@ -163,6 +176,9 @@ class Signature:
             if key in named:
                 raise TypeError(f"{self.where}() got multiple values for argument {key!r}")
             named[key] = value
+        missing = [n for n in self.names if n in self.required and n not in named]
+        if missing:
+            raise TypeError(f"{self.where}() missing required arguments: {', '.join(map(repr, missing))}")
         return named
 
     def call_parts(self, values: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
