@@ -32,6 +32,7 @@ from natsrpc.errors import (
 from natsrpc.host import Host
 from natsrpc.proxy import CallOptions
 from natsrpc.service import Service, ServiceContext, rpc
+from natsrpc.sync import SyncClient
 
 __all__ = [
     "BadRequest",
@@ -60,6 +61,7 @@ __all__ = [
     "Service",
     "ServiceContext",
     "ServiceError",
+    "SyncClient",
     "Unavailable",
     "connect",
     "current_call",

@@ -1,4 +1,4 @@
-"""``python -m natsrpc``: call services from the shell.
+"""``python -m natsrpc``: call and inspect services from the shell (call, ls, info, stats, ping).
 
 Exit codes: 0 success, 1 the call failed (the error code and message are printed), 2 bad usage.
 """
@@ -10,10 +10,11 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
-from natsrpc import logs, protocol
+from natsrpc import discovery, logs, protocol
 from natsrpc.client import DEFAULT_URL, connect
 from natsrpc.errors import CallError, ConnectionLost, RemoteError
 from natsrpc.proxy import CallOptions
@@ -38,6 +39,19 @@ def parser() -> argparse.ArgumentParser:
     call.add_argument("arguments", nargs="?", default="", metavar="JSON", help="arguments as JSON (default: none)")
     call.add_argument("--timeout", type=float, default=5.0, help="seconds (default %(default)s)")
     call.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="extra request header")
+    for name, help_text, service_arg in (
+        ("ls", "list live services, versions, instances and endpoints", None),
+        ("info", "show one service's instances and endpoints", "SERVICE"),
+        ("stats", "show per-endpoint requests, errors and average latency", "SERVICE"),
+        ("ping", "show the round trip to each instance", "SERVICE?"),
+    ):
+        sp = commands.add_parser(name, help=help_text, description=help_text.capitalize() + " (NATS Service API).")
+        if service_arg == "SERVICE":
+            sp.add_argument("service", metavar="SERVICE")
+        elif service_arg == "SERVICE?":
+            sp.add_argument("service", metavar="SERVICE", nargs="?", default="")
+        sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        sp.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies (default %(default)s)")
     return p
 
 
@@ -77,10 +91,81 @@ async def _call(args: argparse.Namespace) -> int:
     return 0
 
 
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Returns ``rows`` as an aligned text table under ``header``."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+async def _inspect(args: argparse.Namespace) -> int:
+    verb = {"ls": "INFO", "info": "INFO", "stats": "STATS", "ping": "PING"}[args.command]
+    service = getattr(args, "service", "")
+    if service and not protocol.valid_name(service):
+        print(f"error: {service!r} is not a service name", file=sys.stderr)
+        return 2
+    try:
+        async with connect(args.url.split(","), name="natsrpc-cli") as client:
+            replies = await discovery.survey(client.nc, verb, service, args.wait)
+    except CallError as exc:
+        print(f"error {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    replies.sort(key=lambda r: (r[0].get("name", ""), r[0].get("id", "")))
+    if args.json:
+        out = [dict(reply, rtt_ms=round(rtt * 1e3, 3)) if verb == "PING" else reply for reply, rtt in replies]
+        print(msgspec.json.encode(out).decode())
+    elif not replies:
+        print(f"no instances{' of ' + service if service else ''} answered", file=sys.stderr)
+    else:
+        print(_render(args.command, replies))
+    return 0 if replies or not service else 1
+
+
+def _render(command: str, replies: list[tuple[dict[str, Any], float]]) -> str:
+    if command == "ls":
+        grouped: dict[str, list[dict[str, Any]]] = {}
+        for reply, _ in replies:
+            grouped.setdefault(reply["name"], []).append(reply)
+        rows = [
+            [
+                name,
+                ",".join(sorted({i["version"] for i in items})),
+                str(len(items)),
+                " ".join(sorted({e["name"] for i in items for e in i["endpoints"]})),
+            ]
+            for name, items in sorted(grouped.items())
+        ]
+        return table(rows, ["SERVICE", "VERSION", "INSTANCES", "ENDPOINTS"])
+    if command == "info":
+        rows = [
+            [r["name"], r["id"], r["version"], e["name"], e["subject"], e.get("queue_group", "")]
+            for r, _ in replies
+            for e in r["endpoints"]
+        ]
+        return table(rows, ["SERVICE", "INSTANCE", "VERSION", "ENDPOINT", "SUBJECT", "QUEUE"])
+    if command == "stats":
+        rows = [
+            [
+                r["id"],
+                e["name"],
+                str(e["num_requests"]),
+                str(e["num_errors"]),
+                f"{e['average_processing_time'] / 1e6:.3f}",
+                e["last_error"],
+            ]
+            for r, _ in replies
+            for e in r["endpoints"]
+        ]
+        return table(rows, ["INSTANCE", "ENDPOINT", "REQUESTS", "ERRORS", "AVG MS", "LAST ERROR"])
+    rows = [[r["name"], r["id"], r["version"], f"{rtt * 1e3:.2f}"] for r, rtt in replies]
+    return table(rows, ["SERVICE", "INSTANCE", "VERSION", "RTT MS"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m natsrpc``; returns the process exit code."""
     args = parser().parse_args(argv)
     logs.configure("console", os.environ.get("NATSRPC_LOG_LEVEL", "error"))
     if args.command == "call":
         return asyncio.run(_call(args))
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return asyncio.run(_inspect(args))

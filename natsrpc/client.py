@@ -22,6 +22,7 @@ from nats.nuid import NUID
 
 from natsrpc import codec, context, protocol
 from natsrpc.errors import (
+    CallError,
     CallTimeout,
     ClientClosed,
     ConfigurationError,
@@ -51,6 +52,11 @@ CONNECTION_DEFAULTS: dict[str, Any] = {
     "connect_timeout": 2,
     "allow_reconnect": True,
 }
+
+# nats-py retries the *first* connect as it reconnects: forever with max_reconnect_attempts=-1
+# (or 0). The first connect retries each server this many times, then raises; the configured
+# value applies once connected.
+FIRST_CONNECT_RETRIES = 1
 
 
 class Client:
@@ -130,9 +136,14 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
         self.fail_pending(ClientClosed("the client was closed while the call was pending"))
+        # Spawned calls now end with ClientClosed (failed above, or refused by the closed flag):
+        # await them rather than cancel them, so awaiting one raises ClientClosed, not CancelledError.
+        tasks = self._tasks - {asyncio.current_task()}
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=1.0)
+            for task in stuck:
+                task.cancel()
         if self._owns_connection and not self.nc.is_closed:
             try:
                 await self.nc.drain()
@@ -148,11 +159,25 @@ class Client:
                 future.set_exception(error)
 
     def spawn(self, coro: Awaitable[S]) -> asyncio.Task[S]:
-        """Starts ``coro`` as a task the client tracks (cancelled on close)."""
+        """Starts ``coro`` as a task the client tracks (awaited on close, where its call fails with ClientClosed)."""
         task: asyncio.Task[S] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def invoke(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        options: CallOptions | None,
+        spawn: bool,
+        result: Any = None,
+    ) -> Awaitable[Any]:
+        """Returns the call as a coroutine, or as a started task when ``spawn`` (the proxies use this)."""
+        coro = self.call(service, method, args, kwargs, options, result)
+        return self.spawn(coro) if spawn else coro
 
     async def call(
         self,
@@ -192,8 +217,18 @@ class Client:
         Raises:
             RemoteError: the reply is an error reply.
             NoResponders, CallTimeout, PayloadTooLarge, ConnectionLost, ClientClosed,
-            DeadlineExceeded: see their docstrings.
+            DeadlineExceeded: see their docstrings; ``.hop`` names the subject's service.method.
         """
+        try:
+            return await self._request(subject, body, options, headers)
+        except CallError as exc:
+            if not exc.hop:
+                exc.hop = subject[len(self.prefix) + 1 :] if subject.startswith(self.prefix + ".") else subject
+            raise
+
+    async def _request(
+        self, subject: str, body: bytes, options: CallOptions | None, headers: dict[str, str] | None
+    ) -> Msg:
         if self._closed:
             raise ClientClosed("the client is closed")
         opts = options or self.default_options
@@ -296,8 +331,12 @@ class connect:
         servers, timeout, encoding, prefix, name, caller, nats_options = self._args
         client_ref: list[Client] = []
         options = {**CONNECTION_DEFAULTS, **_callbacks(client_ref), "name": name, **nats_options}
+        reconnect_attempts = options["max_reconnect_attempts"]
+        if not 0 < reconnect_attempts <= FIRST_CONNECT_RETRIES:
+            options["max_reconnect_attempts"] = FIRST_CONNECT_RETRIES
         try:
             nc = await nats.connect(servers, **options)
+            nc.options["max_reconnect_attempts"] = reconnect_attempts
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
             raise ConnectionLost(f"cannot connect to {servers}: {exc!r}") from exc
         except nats.errors.Error as exc:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import msgspec
+import msgspec.inspect
 
 from natsrpc import protocol
 from natsrpc.errors import BadRequest, DefinitionError
@@ -99,7 +100,7 @@ class Signature:
             self._json_positional = msgspec.json.Decoder(positional)
             self._msgpack_named = msgspec.msgpack.Decoder(named)
             self._msgpack_positional = msgspec.msgpack.Decoder(positional)
-            self._named_type: Any = named
+            self.arguments_type: Any = named
         except (TypeError, ValueError) as exc:
             raise DefinitionError(f"{where}: unsupported argument type: {exc}") from exc
         try:
@@ -107,6 +108,14 @@ class Signature:
             self.msgpack_result = msgspec.msgpack.Decoder(self.return_type)
         except TypeError as exc:
             raise DefinitionError(f"{where}: unsupported return type: {exc}") from exc
+        for label, annotation in [*((f"argument {f[0]!r}", f[1]) for f in fields), ("return type", self.return_type)]:
+            custom = _custom_classes(annotation)
+            if custom:
+                cls_name = f"{custom[0].__module__}.{custom[0].__qualname__}"
+                raise DefinitionError(
+                    f"{where}: unsupported {label}: msgspec cannot encode {cls_name}"
+                    " (use a Struct, dataclass or builtin type)"
+                )
 
     def decode_arguments(self, body: bytes, msgpack: bool, mixed: bool = False) -> tuple[Any, ...]:
         """Returns the argument values, in parameter order, that a request body holds.
@@ -144,7 +153,7 @@ class Signature:
             if key in named:
                 raise msgspec.ValidationError(f"got multiple values for argument `{key}`")
         named.update(kwargs)
-        return msgspec.structs.astuple(msgspec.convert(named, self._named_type))
+        return msgspec.structs.astuple(msgspec.convert(named, self.arguments_type))
 
     def _name_fields(self, message: str) -> str:
         """Rewrites ``$[0]`` paths from positional decoding into ``$.name``, and array lengths into arguments."""
@@ -187,6 +196,32 @@ class Signature:
         if n == len(values):
             return values, {}
         return values[:n], dict(zip(self.names[n:], values[n:], strict=True))
+
+
+def _custom_classes(annotation: Any) -> list[type]:
+    """Returns the classes inside ``annotation`` that msgspec handles only through enc/dec hooks.
+
+    msgspec accepts any class in a Decoder and fails per message instead; natsrpc sets no hooks, so
+    such types are rejected when the Service is defined.
+    """
+    found: list[type] = []
+    seen: set[int] = set()  # Type/Field nodes only: they live in the tree, and recursive Structs repeat
+
+    def walk(node: object) -> None:
+        if isinstance(node, msgspec.inspect.CustomType):
+            if node.cls is not object:  # `object` decodes like Any
+                found.append(node.cls)
+        elif isinstance(node, msgspec.inspect.Type | msgspec.inspect.Field):
+            if id(node) not in seen:
+                seen.add(id(node))
+                for value in msgspec.structs.astuple(node):
+                    walk(value)
+        elif isinstance(node, tuple):
+            for value in node:
+                walk(value)
+
+    walk(msgspec.inspect.type_info(annotation))
+    return found
 
 
 def content_is_msgpack(headers: Mapping[str, str] | None) -> bool:

@@ -52,7 +52,13 @@ class ConfigurationError(NatsRpcError, ValueError):
 
 
 class CallError(NatsRpcError):
-    """Raised when a call did not produce a return value."""
+    """Raised when a call did not produce a return value.
+
+    Attributes:
+        hop: ``"<service>.<method>"`` of the call that failed (set by the client that made it).
+    """
+
+    hop: str = ""
 
 
 class RemoteError(CallError):

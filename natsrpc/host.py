@@ -21,9 +21,11 @@ import structlog
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from natsrpc import codec, context, protocol
+from natsrpc import codec, context, discovery, protocol
 from natsrpc.client import Client
 from natsrpc.errors import (
+    CallError,
+    CallTimeout,
     DeadlineExceeded,
     InternalError,
     NotFound,
@@ -93,6 +95,8 @@ class Host:
         drain_timeout: seconds :meth:`stop` waits for in-flight handlers.
         default_timeout: the deadline of requests that carry no ``Natsrpc-Deadline``.
         config: per-service configuration sections, by service name (``self.ctx.config``).
+        heartbeat_interval: seconds between heartbeats (jittered); see :mod:`natsrpc.discovery`.
+        discoverable: answer ``$SRV.PING/INFO/STATS`` and publish heartbeats.
     """
 
     def __init__(
@@ -105,6 +109,8 @@ class Host:
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         default_timeout: float = DEFAULT_HANDLER_TIMEOUT,
         config: Mapping[str, Mapping[str, Any]] | None = None,
+        heartbeat_interval: float = discovery.DEFAULT_HEARTBEAT_INTERVAL,
+        discoverable: bool = True,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
@@ -114,6 +120,9 @@ class Host:
         self.default_timeout = default_timeout
         self.instances = [Instance(s, NUID().next().decode(), max_concurrency, max_queue) for s in services]
         self._config = config or {}
+        self._announcer = (
+            discovery.Announcer(self.nc, self.instances, client.prefix, heartbeat_interval) if discoverable else None
+        )
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
@@ -151,7 +160,9 @@ class Host:
                 instance=inst.id,
                 endpoints=sorted(inst.routes),
             )
-        await self.nc.flush()
+        if self._announcer is not None:
+            await self._announcer.start()
+        await _sync_with_server(self.nc)
         self._started = True
 
     async def stop(self) -> None:
@@ -161,6 +172,8 @@ class Host:
         self._started = False
         for inst in self.instances:
             inst.draining = True
+        if self._announcer is not None and not self.nc.is_closed:
+            await self._announcer.stop()  # a last beat says "draining", so callers stop routing here
         subs, self._subs = self._subs, []
         if not self.nc.is_closed:
             await asyncio.gather(*(_drain(sub) for sub in subs))
@@ -216,16 +229,19 @@ class Host:
                 started = time.perf_counter_ns()
                 mixed = headers is not None and headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
                 values = endpoint.signature.decode_arguments(msg.data, msgpack, mixed)
-                context.enter(
-                    context.CallContext(
-                        service=inst.service.name,
-                        method=endpoint.name,
-                        deadline=deadline,
-                        caller=(headers or {}).get(protocol.CALLER, "client"),
-                        traceparent=(headers or {}).get(protocol.TRACEPARENT, ""),
-                        headers=headers or {},
-                        instance=inst.label,
-                    )
+                headers = headers or {}
+                call = context.CallContext(
+                    service=inst.service.name,
+                    method=endpoint.name,
+                    deadline=deadline,
+                    caller=headers.get(protocol.CALLER, "client"),
+                    traceparent=context.new_traceparent(headers.get(protocol.TRACEPARENT, "")),
+                    headers=headers,
+                    instance=inst.label,
+                )
+                context.enter(call)
+                structlog.contextvars.bind_contextvars(
+                    trace_id=call.trace_id, service=call.service, method=call.method, caller=call.caller
                 )
                 args, kwargs = endpoint.signature.call_parts(values)
                 if endpoint.is_async:
@@ -242,7 +258,9 @@ class Host:
             if msg.reply:
                 await self._reply(msg, route, body)
         except RemoteError as exc:
-            await self._reply_error(msg, route, exc)
+            await self._reply_error(msg, route, _downstream(route, exc) if exc.hop else exc)
+        except CallError as exc:  # a call this handler made failed without a reply
+            await self._reply_error(msg, route, _downstream(route, exc))
         except Exception as exc:
             log.exception("handler raised", where=route.where)
             await self._reply_error(msg, route, InternalError(str(exc), type=type(exc).__name__))
@@ -275,8 +293,29 @@ class Host:
             log.warning("error reply not sent", error=repr(exc))
 
 
+def _downstream(route: Route, exc: CallError) -> RemoteError:
+    """Returns the error reply for a failed call the handler made, naming the hop that failed."""
+    if isinstance(exc, RemoteError):
+        detail = f"{exc.type}: {exc.message}" if exc.type not in exc.message else exc.message
+        return remote_error(exc.code, f"{route.where} -> {exc.hop}: {detail}", exc.type, exc.data)
+    code = protocol.DEADLINE_EXCEEDED if isinstance(exc, CallTimeout) else protocol.UNAVAILABLE
+    return remote_error(code, f"{route.where} -> {exc.hop or 'call'}: {type(exc).__name__}: {exc}", type(exc).__name__)
+
+
 async def _drain(sub: Any) -> None:
     try:
         await sub.drain()
     except nats.errors.Error as exc:
         log.warning("subscription drain failed", subject=sub.subject, error=repr(exc))
+
+
+async def _sync_with_server(nc: Any) -> None:
+    """Returns once the server has processed every SUB sent so far, so callers see the endpoints.
+
+    nats-py 2.16's ``flush()`` writes its PING straight to the socket while queued SUBs still wait
+    for the flusher task, so the PONG can come back before the SUBs are sent (measured: ~10% of
+    requests from another connection right after ``start()`` got a false "no responders"). Pushing
+    the queued commands out first restores the order.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush()

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from natsrpc import protocol
 from natsrpc.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from natsrpc.client import Client
     from natsrpc.service import Service
+
+
+class Invoker(Protocol):
+    """What proxies need of a client: the async :class:`Client` and the blocking ``SyncClient``."""
+
+    default_options: CallOptions
+
+    def invoke(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        options: CallOptions | None,
+        spawn: bool,
+        result: Any = None,
+    ) -> Any:
+        """Starts the call: returns an awaitable or task (async) or the result or a Future (sync)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,7 +63,7 @@ class CallOptions:
 class ServiceDirectory:
     """``client.call_service``: index it by service name to get a :class:`ServiceProxy`."""
 
-    def __init__(self, client: Client, *, spawn: bool) -> None:
+    def __init__(self, client: Invoker, *, spawn: bool) -> None:
         self._client = client
         self._spawn = spawn
         self._proxies: dict[str, ServiceProxy] = {}
@@ -63,7 +80,7 @@ class ServiceDirectory:
 class ServiceProxy:
     """Calls the methods of one service: ``proxy.get("a")`` sends ``svc.<service>.get``."""
 
-    def __init__(self, client: Client, service: str, options: CallOptions | None, spawn: bool) -> None:
+    def __init__(self, client: Invoker, service: str, options: CallOptions | None, spawn: bool) -> None:
         self._client = client
         self._service = service
         self._options = options
@@ -104,29 +121,28 @@ class MethodCaller:
 
     __slots__ = ("_client", "_method", "_options", "_service", "_spawn")
 
-    def __init__(self, client: Client, service: str, method: str, options: CallOptions | None, spawn: bool) -> None:
+    def __init__(self, client: Invoker, service: str, method: str, options: CallOptions | None, spawn: bool) -> None:
         self._client = client
         self._service = service
         self._method = method
         self._options = options
         self._spawn = spawn
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
-        coro = self._client.call(self._service, self._method, args, kwargs, self._options)
-        return self._client.spawn(coro) if self._spawn else coro
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client.invoke(self._service, self._method, args, kwargs, self._options, self._spawn)
 
 
 class TypedProxy:
     """``client.proxy(KV)``: calls checked against the Service class, returns decoded to its types."""
 
-    def __init__(self, client: Client, service: type[Service], options: CallOptions) -> None:
+    def __init__(self, client: Invoker, service: type[Service], options: CallOptions) -> None:
         self._client = client
         self._service = service
         self._options = options
-        self._methods: dict[str, Callable[..., Coroutine[Any, Any, Any]]] = {}
+        self._methods: dict[str, Callable[..., Any]] = {}
         self._by_attr = {ep.attr: ep for ep in service.endpoints.values()}
 
-    def __getattr__(self, attr: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    def __getattr__(self, attr: str) -> Callable[..., Any]:
         if attr.startswith("__"):
             raise AttributeError(attr)
         method = self._methods.get(attr)
@@ -137,10 +153,10 @@ class TypedProxy:
             raise AttributeError(f"{self._service.__name__} has no @rpc method {attr!r}")
         client, name, options, signature = self._client, self._service.name, self._options, endpoint.signature
 
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            named = signature.bind(args, kwargs)
-            decoder = signature.msgpack_result if options.msgpack else signature.json_result
-            return await client.call(name, endpoint.name, (), named, options, decoder)
+        decoder = signature.msgpack_result if options.msgpack else signature.json_result
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return client.invoke(name, endpoint.name, (), signature.bind(args, kwargs), options, False, decoder)
 
         call.__name__ = attr
         call.__doc__ = endpoint.fn.__doc__

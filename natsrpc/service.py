@@ -119,7 +119,7 @@ class Service:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if not cls.__dict__.get("name"):
+        if "name" not in cls.__dict__:  # an explicit name (even "") is validated, never replaced
             cls.name = cls.name or cls.__name__.lower()
         if not protocol.valid_name(cls.name):
             raise DefinitionError(
@@ -137,6 +137,10 @@ class Service:
 
     async def cleanup(self) -> None:
         """Runs once after the instance stopped serving (in-flight calls done); override to close."""
+
+    async def health(self) -> bool:
+        """Returns whether the instance is fit to take calls; sent in every heartbeat. Override to check."""
+        return True
 
     @property
     def ctx(self) -> ServiceContext:
@@ -175,8 +179,8 @@ def _collect_endpoints(cls: type[Service]) -> dict[str, Endpoint]:
             options = getattr(value, _RPC_MARK, None)
             if not isinstance(options, _RpcOptions):
                 continue
-            where = f"{cls.name}.{options.name or attr}"
-            name = options.name or attr
+            name = attr if options.name is None else options.name  # an explicit "" is validated, not replaced
+            where = f"{cls.name}.{name or attr}"
             if not protocol.valid_name(name):
                 raise DefinitionError(f"{where}: endpoint name {name!r} must match {protocol.NAME_PATTERN.pattern}")
             if name in endpoints:

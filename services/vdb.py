@@ -1,0 +1,72 @@
+"""An in-memory vector store with cosine-similarity search: ``python -m natsrpc.run services.vdb``."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from natsrpc import BadRequest, Service, rpc
+
+
+class Hit(msgspec.Struct):
+    """One search result: the vector's id, its cosine similarity to the query, its metadata."""
+
+    id: str
+    score: float
+    metadata: dict[str, str] = {}
+
+
+class VDB(Service):
+    """Stores vectors of one dimension (fixed by the first upsert, or ``dim`` in the config)."""
+
+    name = "vdb"
+    version = "1.0.0"
+    description = "In-memory vector store, cosine similarity"
+
+    def __init__(self) -> None:
+        self.vectors: dict[str, tuple[list[float], float, dict[str, str]]] = {}
+        self.dim: int | None = None
+
+    async def setup(self) -> None:
+        """Takes the vector dimension from the config, when given."""
+        dim = self.ctx.config.get("dim")
+        self.dim = int(dim) if dim is not None else None
+
+    def _check(self, vector: list[float]) -> float:
+        if not vector:
+            raise BadRequest("vector must not be empty")
+        if self.dim is not None and len(vector) != self.dim:
+            raise BadRequest(f"vector has dimension {len(vector)}, this store holds dimension {self.dim}")
+        return math.sqrt(sum(x * x for x in vector))
+
+    @rpc
+    async def upsert(self, id: str, vector: list[float], metadata: dict[str, str] | None = None) -> None:
+        """Stores (or replaces) ``vector`` under ``id`` with optional string metadata."""
+        norm = self._check(vector)
+        self.dim = len(vector)
+        self.vectors[id] = (vector, norm, metadata or {})
+
+    @rpc(idempotent=True)
+    async def search(self, vector: list[float], k: int = 5) -> list[Hit]:
+        """Returns the ``k`` stored vectors most similar to ``vector``, best first."""
+        if k < 1:
+            raise BadRequest(f"k must be >= 1, got {k}")
+        norm = self._check(vector)
+        hits = []
+        for id_, (stored, stored_norm, metadata) in self.vectors.items():
+            dot = sum(a * b for a, b in zip(vector, stored, strict=True))
+            score = dot / (norm * stored_norm) if norm and stored_norm else 0.0
+            hits.append(Hit(id_, score, metadata))
+        hits.sort(key=lambda h: h.score, reverse=True)
+        return hits[:k]
+
+    @rpc
+    async def delete(self, id: str) -> bool:
+        """Removes ``id``; returns whether it existed."""
+        return self.vectors.pop(id, None) is not None
+
+    @rpc(idempotent=True)
+    async def count(self) -> int:
+        """Returns the number of stored vectors."""
+        return len(self.vectors)

@@ -1,0 +1,254 @@
+"""Tests of ``python -m natsrpc.run``, each in a real subprocess: loading, serving, embedded server, stopping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+
+import natsrpc
+from natsrpc.embedded import is_listening
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT = 15.0
+EXIT_TIMEOUT = 15.0
+EMBEDDED_LINE = re.compile(r"started an embedded nats-server at (nats://\S+)")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of child processes: this one without NATS and natsrpc settings."""
+    env = dict(os.environ)
+    for name in ("NATS_URL", "PYTHONPATH", "NATSRPC_LOG_FORMAT", "NATSRPC_LOG_LEVEL"):
+        env.pop(name, None)
+    return env
+
+
+class Child:
+    """A child process whose stderr is collected line by line while it runs."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.stdout = b""
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        """What the child wrote to stderr so far."""
+        return "\n".join(self.lines)
+
+    async def wait_for_line(self, pattern: re.Pattern[str]) -> re.Match[str]:
+        """Returns the first stderr match of ``pattern``, polling for up to STARTUP_TIMEOUT seconds."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            for line in self.lines:
+                if match := pattern.search(line):
+                    return match
+            if self.proc.returncode is not None or time.monotonic() > deadline:
+                pytest.fail(f"no stderr line matches {pattern.pattern!r}; stderr:\n{self.stderr}")
+            await asyncio.sleep(0.01)
+
+    async def wait(self) -> int:
+        """Waits (up to EXIT_TIMEOUT seconds) for the child to exit and its stderr to be read; returns the exit code."""
+        code = await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT)
+        await self._reader
+        return code
+
+    async def stop(self, sig: signal.Signals) -> int:
+        """Sends ``sig`` and returns the exit code."""
+        self.proc.send_signal(sig)
+        return await self.wait()
+
+
+@asynccontextmanager
+async def child(*args: str) -> AsyncIterator[Child]:
+    """Runs ``python *args`` from the repository root; kills it on the way out if it still runs."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        cwd=REPO,
+        env=child_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    running = Child(proc)
+    try:
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await running.wait()
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """Runs ``python -m natsrpc *args`` to completion; returns exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "natsrpc",
+        *args,
+        cwd=REPO,
+        env=child_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), EXIT_TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def until_served(runner: Child, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Retries ``call`` while it raises NoResponders (the runner is still starting); returns its result."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        try:
+            return await call()
+        except natsrpc.NoResponders:
+            if runner.proc.returncode is not None or time.monotonic() > deadline:
+                pytest.fail(f"the service never answered; runner stderr:\n{runner.stderr}")
+        await asyncio.sleep(0.02)
+
+
+async def connect_when_up(url: str, runner: Child) -> natsrpc.Client:
+    """Connects to ``url``, retrying while the runner's embedded server is still coming up."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        try:
+            return await natsrpc.connect(url)
+        except natsrpc.ConnectionLost:
+            if runner.proc.returncode is not None or time.monotonic() > deadline:
+                pytest.fail(f"cannot connect to {url}; runner stderr:\n{runner.stderr}")
+
+
+class TestGracefulStop:
+    """SIGTERM drains: every call in flight is answered and the runner exits 0."""
+
+    async def test_sigterm_with_200_calls_in_flight_loses_none(self, client: natsrpc.Client, nats_url: str) -> None:
+        """All 200 calls running when SIGTERM arrives succeed, and the exit code is 0."""
+        started: list[int] = []
+        all_started = asyncio.Event()
+
+        async def on_started(msg: Msg) -> None:
+            started.append(int(msg.data))
+            if len(started) == 200:
+                all_started.set()
+
+        sub = await client.nc.subscribe("test.started", cb=on_started)
+        try:
+            async with child(
+                "-m", "natsrpc.run", "tests.slow_service", "--url", nats_url, "--max-concurrency", "200"
+            ) as runner:
+                slow = client.call_service["slowrun"]
+                assert await until_served(runner, slow.ping) == "pong"
+                calls = [client.call_service_async["slowrun"].options(timeout=10).work(i) for i in range(200)]
+                await asyncio.wait_for(all_started.wait(), 10)
+                runner.proc.send_signal(signal.SIGTERM)
+                results = await asyncio.gather(*calls, return_exceptions=True)
+                code = await runner.wait()
+        finally:
+            await sub.unsubscribe()
+        assert results == list(range(200)), runner.stderr
+        assert sorted(started) == list(range(200))
+        assert code == 0, runner.stderr
+
+
+class TestEmbeddedServer:
+    """With no server running, the runner starts an embedded one on 127.0.0.1:4222 and stops it on exit."""
+
+    async def test_no_server_starts_an_embedded_one_on_4222(self) -> None:
+        """`natsrpc.run services.kv` with nothing on 4222 serves the CLI's calls there, then frees the port."""
+        if is_listening("127.0.0.1", 4222):
+            pytest.skip("127.0.0.1:4222 is busy, so the runner would use that server instead of an embedded one")
+        async with child("-m", "natsrpc.run", "services.kv") as runner:
+            match = await runner.wait_for_line(EMBEDDED_LINE)
+            assert match.group(1) == "nats://127.0.0.1:4222"
+            local = await connect_when_up("nats://127.0.0.1:4222", runner)
+            try:
+                await until_served(runner, local.call_service["kv"].keys)
+            finally:
+                await local.close()
+            assert await run_cli("call", "kv.put", '{"key":"a","value":"1"}') == (0, "null\n", "")
+            code, out, err = await run_cli("call", "kv.get", '{"key":"a"}')
+            assert (code, json.loads(out)) == (0, "1"), err
+            assert await runner.stop(signal.SIGINT) == 0, runner.stderr
+        assert not is_listening("127.0.0.1", 4222)
+
+    async def test_embedded_flag_forces_an_embedded_server(self, client: natsrpc.Client, nats_url: str) -> None:
+        """--embedded starts its own server even when --url names a running one."""
+        async with child("-m", "natsrpc.run", "services.kv", "--embedded", "--url", nats_url) as runner:
+            url = (await runner.wait_for_line(EMBEDDED_LINE)).group(1)
+            assert url != nats_url
+            local = await connect_when_up(url, runner)
+            try:
+                assert await until_served(runner, local.call_service["kv"].keys) == []
+            finally:
+                await local.close()
+            with pytest.raises(natsrpc.NoResponders):
+                await client.call_service["kv"].keys()
+            assert await runner.stop(signal.SIGTERM) == 0, runner.stderr
+        host, _, port = url.removeprefix("nats://").rpartition(":")
+        assert not is_listening(host, int(port))
+
+
+class TestOptions:
+    """Module selection and log format options."""
+
+    async def test_log_format_json_writes_json_lines(self, client: natsrpc.Client, nats_url: str) -> None:
+        """--log-format json makes every stderr line a JSON object, including the lifecycle events."""
+        async with child("-m", "natsrpc.run", "services.kv", "--url", nats_url, "--log-format", "json") as runner:
+            await until_served(runner, client.call_service["kv"].keys)
+            assert await runner.stop(signal.SIGTERM) == 0, runner.stderr
+        records = [json.loads(line) for line in runner.lines if line.strip()]
+        assert all(isinstance(r, dict) for r in records)
+        events = {r["event"] for r in records}
+        assert {"serving", "ready", "stopped"} <= events, events
+        serving = next(r for r in records if r["event"] == "serving")
+        assert serving["service"] == "kv"
+        assert serving["level"] == "info"
+
+    async def test_module_colon_class_selects_one_class(self, client: natsrpc.Client, nats_url: str) -> None:
+        """`module:Class` hosts that class only, not the module's other services."""
+        async with child("-m", "natsrpc.run", "tests.slow_service:Other", "--url", nats_url) as runner:
+            assert await until_served(runner, client.call_service["slowother"].ping) == "other"
+            with pytest.raises(natsrpc.NoResponders):
+                await client.call_service["slowrun"].ping()
+            assert await runner.stop(signal.SIGTERM) == 0, runner.stderr
+
+    @pytest.mark.parametrize(
+        ("spec", "message"),
+        [
+            ("no_such_module_for_natsrpc", "cannot import 'no_such_module_for_natsrpc'"),
+            ("tests.slow_service:Missing", "'Missing' is not a Service class"),
+        ],
+        ids=["unknown-module", "unknown-class"],
+    )
+    async def test_bad_module_exits_nonzero_with_a_clear_message(self, nats_url: str, spec: str, message: str) -> None:
+        """A module or class that cannot be loaded ends the runner with an error naming it."""
+        async with child("-m", "natsrpc.run", spec, "--url", nats_url) as runner:
+            code = await runner.wait()
+        assert code != 0
+        assert message in runner.stderr
+        assert "Traceback" not in runner.stderr
