@@ -23,9 +23,9 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import natsrpc  # noqa: E402
-import natsrpc.logs  # noqa: E402
-from natsrpc import Service, rpc  # noqa: E402
+import natsrpc
+import natsrpc.logs
+from natsrpc import Service, rpc
 
 PAYLOAD = "x" * 64
 RAW_SUBJECT = "bench.raw.echo"
@@ -76,17 +76,19 @@ async def closed_loop(call: Callable[[], Awaitable[object]], concurrency: int, d
     return len(latencies) / elapsed, latencies[int(len(latencies) * 0.99) - 1]
 
 
-async def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     """Starts a server and the responders, then measures and prints the table."""
     with natsrpc.NatsServer() as server:
         responders = subprocess.Popen(
             [sys.executable, __file__, "--serve", server.url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        assert responders.stdin is not None
+        assert responders.stdout is not None
         try:
-            assert responders.stdout is not None and responders.stdout.readline().strip() == "ready"
-            await measure(server.url, args)
+            if responders.stdout.readline().strip() != "ready":
+                raise SystemExit("the responders did not start")
+            asyncio.run(measure(server.url, args))
         finally:
-            assert responders.stdin is not None
             responders.stdin.close()
             responders.wait(10)
 
@@ -112,22 +114,32 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             for concurrency in args.concurrency:
                 order = list(contenders.items()) if round_no % 2 == 0 else list(contenders.items())[::-1]
                 for name, call in order:
-                    results.setdefault((name, concurrency), []).append(await closed_loop(call, concurrency, args.duration))
+                    results.setdefault((name, concurrency), []).append(
+                        await closed_loop(call, concurrency, args.duration)
+                    )
             print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
     await raw_nc.drain()
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    print(f"\necho, 64-byte string, JSON, {loop_name} loop, median of {args.rounds} interleaved rounds of {args.duration}s\n")
-    print(f"{'concurrency':>11} | {'natsrpc calls/s':>15} | {'raw calls/s':>11} | {'ratio':>5} | {'p99 natsrpc':>11} | {'p99 raw':>8} | {'p99 ratio':>9}")
-    print("-" * 88)
+    rounds = f"median of {args.rounds} interleaved rounds of {args.duration}s"
+    print(f"\necho, 64-byte string, JSON, {loop_name} loop, {rounds}\n")
+    columns = ["concurrency", "natsrpc calls/s", "raw calls/s", "ratio", "p99 natsrpc", "p99 raw", "p99 ratio"]
+    print(" | ".join(f"{c:>11}" for c in columns))
+    print("-" * 98)
     for concurrency in args.concurrency:
         ours = results[("natsrpc", concurrency)]
         raw = results[("raw nats-py", concurrency)]
         rps_ours, rps_raw = statistics.median(r for r, _ in ours), statistics.median(r for r, _ in raw)
         p99_ours, p99_raw = statistics.median(p for _, p in ours), statistics.median(p for _, p in raw)
-        print(
-            f"{concurrency:>11} | {rps_ours:>15,.0f} | {rps_raw:>11,.0f} | {rps_ours / rps_raw:>5.2f} | "
-            f"{p99_ours * 1e3:>9.2f}ms | {p99_raw * 1e3:>6.2f}ms | {p99_ours / p99_raw:>9.2f}"
-        )
+        cells = [
+            f"{concurrency}",
+            f"{rps_ours:,.0f}",
+            f"{rps_raw:,.0f}",
+            f"{rps_ours / rps_raw:.2f}",
+            f"{p99_ours * 1e3:.2f}ms",
+            f"{p99_raw * 1e3:.2f}ms",
+            f"{p99_ours / p99_raw:.2f}",
+        ]
+        print(" | ".join(f"{c:>11}" for c in cells))
 
 
 if __name__ == "__main__":
@@ -137,4 +149,7 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 100])
     parsed = parser.parse_args()
-    asyncio.run(serve(parsed.serve) if parsed.serve else main(parsed))
+    if parsed.serve:
+        asyncio.run(serve(parsed.serve))
+    else:
+        main(parsed)

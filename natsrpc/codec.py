@@ -135,7 +135,8 @@ class Signature:
                 return msgspec.structs.astuple(mp.decode(body))
             first = body[0]
             if first in _JSON_SPACE:
-                first = body.lstrip()[:1][0] if body.strip() else 0x7B
+                body = body.strip() or b"{}"  # whitespace only counts as an empty body
+                first = body[0]
             js = self._json_positional if first == 0x5B else self._json_named  # '['
             return msgspec.structs.astuple(js.decode(body))
         except msgspec.ValidationError as exc:

@@ -10,7 +10,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NatsConnection
+from nats.aio.msg import Msg
 
 import natsrpc
 from natsrpc import Service, codec, protocol, rpc
@@ -198,7 +199,7 @@ async def nc(nats_url: str) -> AsyncIterator[NatsConnection]:
         await conn.drain()
 
 
-def error_of(msg: Any) -> dict[str, Any]:
+def error_of(msg: Msg) -> dict[str, Any]:
     """Returns the ``error`` object of an error reply, after checking its headers agree with it."""
     assert msg.headers is not None, f"not an error reply: {msg.data!r}"
     error: dict[str, Any] = msgspec.json.decode(msg.data)["error"]
@@ -422,7 +423,7 @@ class TestOverload:
     async def test_excess_calls_get_overloaded_and_the_rest_succeed(self, client: natsrpc.Client) -> None:
         """With 10 running and 10 queued, 80 of 100 calls get 429 at once; the 20 complete; none time out."""
         service = Sleeper()
-        async with serve(client, service, max_concurrency=10, max_queue=10) as host:
+        async with serve(client, service, max_concurrency=10, max_queue=10, drain_timeout=1) as host:
             sleeper = client.call_service["th-sleep"].options(timeout=5)
             start = time.perf_counter()
             calls = [asyncio.ensure_future(timed(sleeper.wait_gate())) for _ in range(100)]
@@ -487,14 +488,14 @@ class TestPayloadLimits:
     MAX = 4096
 
     @pytest.fixture
-    def small_server(self, tmp_path: Path) -> Any:
+    def small_server(self, tmp_path: Path) -> Iterator[natsrpc.NatsServer]:
         """A nats-server with max_payload 4096 (a config option; there is no command-line flag)."""
         config = tmp_path / "small.conf"
         config.write_text(f"max_payload: {self.MAX}\n")
         with natsrpc.NatsServer(config=config) as server:
             yield server
 
-    async def test_request_over_limit_with_headers_fails_before_sending(self, small_server: Any) -> None:
+    async def test_request_over_limit_with_headers_fails_before_sending(self, small_server: natsrpc.NatsServer) -> None:
         """A body that fits alone but not with its headers raises PayloadTooLarge; the next call works."""
         async with natsrpc.connect(small_server.url) as server_side, natsrpc.connect(small_server.url) as caller:
             assert caller.nc.max_payload == self.MAX
@@ -519,7 +520,7 @@ class TestPayloadLimits:
                 assert await blob.echo(data="small") == 5
             assert server_side.nc.is_connected
 
-    async def test_reply_over_limit_is_413(self, small_server: Any) -> None:
+    async def test_reply_over_limit_is_413(self, small_server: natsrpc.NatsServer) -> None:
         """A reply too large arrives as ReplyTooLarge (413), fast, and both connections stay up."""
         async with natsrpc.connect(small_server.url) as server_side, natsrpc.connect(small_server.url) as caller:
             async with serve(server_side, Blob()):
