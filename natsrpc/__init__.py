@@ -8,6 +8,7 @@ from natsrpc.client import Client, connect
 from natsrpc.context import CallContext, current_call
 from natsrpc.embedded import NatsServer
 from natsrpc.errors import (
+    BadGateway,
     BadRequest,
     CallError,
     CallTimeout,
@@ -35,6 +36,7 @@ from natsrpc.service import Service, ServiceContext, rpc
 from natsrpc.sync import SyncClient
 
 __all__ = [
+    "BadGateway",
     "BadRequest",
     "CallContext",
     "CallError",

@@ -306,10 +306,11 @@ class CircuitBreaker:
             self.on_heartbeat()
 
     def on_heartbeat(self) -> None:
-        """Takes a fresh heartbeat (an instance that is new or came back): open turns half-open.
+        """Takes a fresh heartbeat of a live instance: open turns half-open.
 
-        Call it for instances that appear or recover, not for every routine beat, or the open wait
-        shrinks to the heartbeat interval.
+        The client calls it for every beat of a live instance while the circuit is open (DESIGN §4:
+        "a fresh beat moves it to half-open"), so a service that still beats is probed about once
+        per heartbeat interval, and one that was gone recovers on its first beat.
         """
         self._alive = True
         if self.state is State.OPEN:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -21,6 +22,8 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from natsrpc import codec, context, protocol
+from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
+from natsrpc.discovery import InstanceState, Registry
 from natsrpc.errors import (
     CallError,
     CallTimeout,
@@ -34,6 +37,7 @@ from natsrpc.errors import (
     translate_nats_errors,
 )
 from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy
+from natsrpc.retry import DEFAULT_RETRY, RetryPolicy, TokenBucket, run_with_retries
 
 S = TypeVar("S")
 
@@ -41,6 +45,7 @@ log = structlog.get_logger("natsrpc.client")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_CIRCUIT = CircuitConfig()
 
 # Connection defaults from RELIABILITY.md: detect a hung server within seconds (F5), reconnect
 # forever once connected, and fail the first connect quickly.
@@ -69,6 +74,9 @@ class Client:
         prefix: subject prefix (``svc``).
         caller: the ``Natsrpc-Caller`` value of calls made outside a handler.
         owns_connection: whether closing the client drains and closes ``nc``.
+        discovery: follow heartbeats in :attr:`registry` (feeds the circuit breakers).
+        circuit: circuit-breaker settings; None turns circuit breaking off.
+        retry: the default retry policy (``natsrpc.retry.NO_RETRIES`` turns retries off).
     """
 
     def __init__(
@@ -80,6 +88,9 @@ class Client:
         prefix: str = protocol.DEFAULT_PREFIX,
         caller: str = "client",
         owns_connection: bool = True,
+        discovery: bool = True,
+        circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         if encoding not in ("json", "msgpack"):
             raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
@@ -88,7 +99,14 @@ class Client:
         self.nc = nc
         self.prefix = prefix
         self.caller = caller
-        self.default_options = CallOptions(timeout=timeout, msgpack=encoding == "msgpack")
+        self.default_options = CallOptions(timeout=timeout, msgpack=encoding == "msgpack", retry=retry)
+        self.registry: Registry | None = Registry() if discovery else None
+        """Live instances per service, from heartbeats (None when discovery is off)."""
+        self.circuits: Circuits | None = Circuits(circuit) if circuit is not None else None
+        """The circuit breakers, one per service (None when circuit breaking is off)."""
+        self._buckets: defaultdict[str, TokenBucket] = defaultdict(TokenBucket)
+        if self.registry is not None and self.circuits is not None:
+            self.registry.on_change(self._on_registry_change)
         self._owns_connection = owns_connection
         self._pending: dict[str, asyncio.Future[Msg]] = {}
         self._tokens = itertools.count(1)
@@ -104,6 +122,29 @@ class Client:
         """Subscribes the reply inbox; :func:`connect` calls it."""
         with translate_nats_errors(self._inbox + "*"):
             self._reply_sub = await self.nc.subscribe(self._inbox + "*", cb=self._on_reply)
+            if self.registry is not None:
+                await self.registry.start(self.nc, self.prefix)
+
+    def circuit(self, service: str) -> CircuitBreaker:
+        """Returns the circuit breaker of ``service`` (``client.circuit("kv").state``).
+
+        Raises:
+            ConfigurationError: circuit breaking is off for this client.
+        """
+        if self.circuits is None:
+            raise ConfigurationError("circuit breaking is off for this client (circuit=None)")
+        return self.circuits.get(service)
+
+    def _on_registry_change(self, service: str, instance: InstanceState, event: str) -> None:
+        """Opens a service's circuit when its last live instance goes; a live instance's beat half-opens it."""
+        assert self.circuits is not None
+        assert self.registry is not None
+        breaker = self.circuits.get(service)
+        if instance.live and event != "removed":
+            if breaker.state is State.OPEN:
+                breaker.on_heartbeat()
+        elif not self.registry.live(service):
+            breaker.set_alive(False)
 
     async def __aenter__(self) -> Client:
         return self
@@ -136,6 +177,8 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        if self.registry is not None:
+            await self.registry.stop()
         self.fail_pending(ClientClosed("the client was closed while the call was pending"))
         # Spawned calls now end with ClientClosed (failed above, or refused by the closed flag):
         # await them rather than cancel them, so awaiting one raises ClientClosed, not CancelledError.
@@ -149,7 +192,15 @@ class Client:
                 await self.nc.drain()
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 log.warning("drain failed, closing", error=repr(exc))
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except OSError as close_exc:
+                    # nats-py flushes its reconnect buffer into the dead socket and stops half-way
+                    # (already CLOSED, socket still open): close the socket so nothing leaks.
+                    log.warning("close failed, dropping the socket", error=repr(close_exc))
+                    transport: Any = self.nc._transport  # Any: nats-py's Transport.close() is untyped
+                    if transport is not None:
+                        transport.close()
 
     def fail_pending(self, error: Exception) -> None:
         """Fails every pending call with ``error`` (the connection broke or closed)."""
@@ -203,47 +254,94 @@ class Client:
         """
         opts = options or self.default_options
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
-        headers: dict[str, str] = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else {}
-        msg = await self.request(protocol.endpoint_subject(service, method, self.prefix), body, opts, headers)
+        headers = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else None
+        if opts.instance:  # one instance: no load balancing, so no circuit of the whole service
+            subject = protocol.instance_subject(service, method, opts.instance, self.prefix)
+            breaker = None
+        else:
+            subject = protocol.endpoint_subject(service, method, self.prefix)
+            breaker = self.circuits.get(service) if self.circuits is not None else None
+        idempotent = opts.idempotent
+        if idempotent is None:
+            idempotent = self.registry is not None and self.registry.idempotent(service, method)
+        msg = await self.request(subject, body, opts, headers, breaker=breaker, idempotent=idempotent)
         if result is not None:
             return result.decode(msg.data)
         return codec.decode(msg.data, opts.msgpack) if msg.data else None
 
     async def request(
-        self, subject: str, body: bytes, options: CallOptions | None = None, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        body: bytes,
+        options: CallOptions | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        breaker: CircuitBreaker | None = None,
+        idempotent: bool = False,
     ) -> Msg:
-        """Sends one request with a deadline and returns the successful reply message.
+        """Sends a request with a deadline, retrying as the options allow; returns the successful reply.
+
+        Args:
+            subject: the subject to send to.
+            body: the encoded arguments.
+            options: timeout, retry policy, headers, encoding.
+            headers: extra headers for this request.
+            breaker: the circuit breaker to consult and feed, if any.
+            idempotent: whether a timed-out attempt may be retried.
 
         Raises:
             RemoteError: the reply is an error reply.
-            NoResponders, CallTimeout, PayloadTooLarge, ConnectionLost, ClientClosed,
+            NoResponders, CallTimeout, CircuitOpen, PayloadTooLarge, ConnectionLost, ClientClosed,
             DeadlineExceeded: see their docstrings; ``.hop`` names the subject's service.method.
         """
         try:
-            return await self._request(subject, body, options, headers)
+            opts = options or self.default_options
+            headers, timeout = self._headers(subject, opts, headers)
+            size = len(body) + protocol.headers_size(headers)
+            if size > self.nc.max_payload:
+                limit = self.nc.max_payload
+                raise PayloadTooLarge(f"request to {subject} is {size} bytes with headers, over max_payload {limit}")
+            if breaker is None and opts.retry.max_attempts == 1:
+                return await self._attempt(subject, body, headers, timeout)
+            loop = asyncio.get_running_loop()
+
+            async def attempt(remaining: float) -> Msg:
+                if breaker is not None:
+                    breaker.allow()
+                limit = min(remaining, opts.attempt_timeout) if opts.attempt_timeout else remaining
+                try:
+                    msg = await self._attempt(subject, body, headers, limit)
+                except BaseException as exc:
+                    if breaker is not None:
+                        breaker.record(exc)
+                    raise
+                if breaker is not None:
+                    breaker.record(None)
+                return msg
+
+            bucket = self._buckets[subject.split(".", 2)[1] if subject.count(".") >= 2 else subject]
+            return await run_with_retries(
+                attempt,
+                policy=opts.retry,
+                bucket=bucket,
+                idempotent=idempotent,
+                deadline=loop.time() + timeout,
+                clock=loop.time,
+            )
         except CallError as exc:
             if not exc.hop:
                 exc.hop = subject[len(self.prefix) + 1 :] if subject.startswith(self.prefix + ".") else subject
             raise
 
-    async def _request(
-        self, subject: str, body: bytes, options: CallOptions | None, headers: dict[str, str] | None
-    ) -> Msg:
+    async def _attempt(self, subject: str, body: bytes, headers: dict[str, str], wait: float) -> Msg:
+        """Sends the request once and waits up to ``wait`` seconds for the reply."""
         if self._closed:
             raise ClientClosed("the client is closed")
-        opts = options or self.default_options
-        headers, timeout = self._headers(subject, opts, headers)
-        size = len(body) + protocol.headers_size(headers)
-        if size > self.nc.max_payload:
-            limit = self.nc.max_payload
-            raise PayloadTooLarge(
-                f"request to {subject} is {size} bytes with headers, over the server's max_payload {limit}"
-            )
         loop = asyncio.get_running_loop()
         token = str(next(self._tokens))
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = future
-        timer = loop.call_later(timeout, _expire, future, subject)
+        timer = loop.call_later(wait, _expire, future, subject)
         try:
             with translate_nats_errors(subject):
                 await self.nc.publish(subject, body, reply=self._inbox + token, headers=headers)
@@ -306,6 +404,10 @@ class connect:
         encoding: ``"json"`` or ``"msgpack"``.
         prefix: subject prefix.
         name: connection name shown by the server.
+        caller: the ``Natsrpc-Caller`` of calls made outside handlers.
+        discovery: follow heartbeats (``client.registry``), feeding the circuit breakers.
+        circuit: circuit-breaker settings (:class:`natsrpc.circuit.CircuitConfig`); None = off.
+        retry: default retry policy (:class:`natsrpc.retry.RetryPolicy`).
         **nats_options: passed to ``nats.connect`` over natsrpc's defaults (user, password,
             token, tls, inbox_prefix, ping_interval, ...).
 
@@ -322,13 +424,22 @@ class connect:
         prefix: str = protocol.DEFAULT_PREFIX,
         name: str = "natsrpc-client",
         caller: str = "client",
+        discovery: bool = True,
+        circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
+        retry: RetryPolicy = DEFAULT_RETRY,
         **nats_options: Any,
     ) -> None:
-        self._args = (servers, timeout, encoding, prefix, name, caller, nats_options)
+        self._servers = servers
+        self._name = name
+        self._nats_options = nats_options
+        self._client_options: dict[str, Any] = {
+            "timeout": timeout, "encoding": encoding, "prefix": prefix, "caller": caller,
+            "discovery": discovery, "circuit": circuit, "retry": retry,
+        }  # fmt: skip
         self._client: Client | None = None
 
     async def _connect(self) -> Client:
-        servers, timeout, encoding, prefix, name, caller, nats_options = self._args
+        servers, name, nats_options = self._servers, self._name, self._nats_options
         client_ref: list[Client] = []
         options = {**CONNECTION_DEFAULTS, **_callbacks(client_ref), "name": name, **nats_options}
         reconnect_attempts = options["max_reconnect_attempts"]
@@ -343,7 +454,7 @@ class connect:
             with translate_nats_errors():
                 raise
             raise AssertionError("unreachable") from exc  # pragma: no cover
-        client = Client(nc, timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
+        client = Client(nc, **self._client_options)
         client_ref.append(client)
         await client.start()
         return client

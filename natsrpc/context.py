@@ -7,6 +7,7 @@ caller's remaining deadline and trace travel along service-to-service calls.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -49,6 +50,10 @@ class CallContext:
         return parts[1] if len(parts) == 4 else ""
 
 
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+_SAMPLED = 0x01
+
 _current: ContextVar[CallContext | None] = ContextVar("natsrpc_call", default=None)
 
 
@@ -74,11 +79,28 @@ def enter(ctx: CallContext) -> None:
     _current.set(ctx)
 
 
+# version-trace_id-parent_id-flags; versions above 00 may append fields (W3C Trace Context §3.2).
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
+
 def new_traceparent(parent: str = "") -> str:
-    """Returns a traceparent for this hop: the parent's trace id with a new span id, or a new trace."""
-    parts = parent.split("-")
-    trace_id = parts[1] if len(parts) == 4 and len(parts[1]) == 32 else os.urandom(16).hex()
-    return f"00-{trace_id}-{os.urandom(8).hex()}-01"
+    """Returns a traceparent for this hop: the parent's trace id with a new span id, or a new trace.
+
+    An invalid parent (W3C Trace Context: not lower-case hex, all-zero ids, version ff, extra
+    fields in version 00) is ignored, as the spec requires. The parent's sampled flag is kept.
+    """
+    match = _TRACEPARENT.fullmatch(parent.strip())
+    if (
+        match is not None
+        and match[1] != "ff"
+        and not (match[1] == "00" and match[5])
+        and match[2] != _ZERO_TRACE
+        and match[3] != _ZERO_SPAN
+    ):
+        trace_id, flags = match[2], int(match[4], 16) & _SAMPLED
+    else:
+        trace_id, flags = os.urandom(16).hex(), _SAMPLED
+    return f"00-{trace_id}-{os.urandom(8).hex()}-{flags:02x}"
 
 
 def deadline_header(deadline: float) -> str:

@@ -100,6 +100,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     healthy: bool
     draining: bool
     interval: float
+    idempotent: list[str] = []
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -227,8 +228,17 @@ class Announcer:
             except Exception as exc:
                 log.warning("health check failed", service=svc.name, error=repr(exc))
                 healthy = False
+            idempotent = sorted(name for name, route in inst.routes.items() if route.endpoint.idempotent)
             beat = Heartbeat(
-                svc.name, inst.id, svc.version, sorted(inst.routes), inst.active, healthy, inst.draining, self.interval
+                svc.name,
+                inst.id,
+                svc.version,
+                sorted(inst.routes),
+                inst.active,
+                healthy,
+                inst.draining,
+                self.interval,
+                idempotent,
             )
             try:
                 await self.nc.publish(protocol.heartbeat_subject(svc.name, inst.id, self.prefix), _encoder.encode(beat))
@@ -269,15 +279,21 @@ class InstanceState:
     draining: bool
     interval: float
     last_seen: float
+    idempotent: list[str]
 
     @property
     def live(self) -> bool:
         """Whether calls should go to it: healthy and not draining."""
         return self.healthy and not self.draining
 
+    def expired(self, now: float) -> bool:
+        """Whether it missed 3 heartbeat intervals by ``now``."""
+        return now - self.last_seen > EXPIRY_INTERVALS * self.interval
+
 
 ChangeCallback = Callable[[str, "InstanceState", str], None]
-"""Called as ``callback(service, instance, event)``, event one of "added", "updated", "removed"."""
+"""Called as ``callback(service, instance, event)``; event is "added", "updated" (healthy or
+draining changed), "beat" (a routine heartbeat) or "removed" (expired)."""
 
 
 class Registry:
@@ -295,7 +311,7 @@ class Registry:
         self._task: asyncio.Task[None] | None = None
 
     def on_change(self, callback: ChangeCallback) -> None:
-        """Registers ``callback(service, instance, event)`` for added/updated/removed instances."""
+        """Registers ``callback(service, instance, event)``, called for every heartbeat and expiry."""
         self._callbacks.append(callback)
 
     def known(self, service: str) -> bool:
@@ -304,8 +320,8 @@ class Registry:
 
     def instances(self, service: str) -> list[InstanceState]:
         """Returns the unexpired instances of ``service`` (live or not)."""
-        self.sweep()
-        return list(self._services.get(service, {}).values())
+        now = self.clock()
+        return [i for i in self._services.get(service, {}).values() if not i.expired(now)]
 
     def live(self, service: str) -> list[InstanceState]:
         """Returns the instances of ``service`` that take calls: unexpired, healthy, not draining."""
@@ -313,8 +329,11 @@ class Registry:
 
     def services(self) -> dict[str, list[InstanceState]]:
         """Returns every known service with its unexpired instances."""
-        self.sweep()
-        return {name: list(instances.values()) for name, instances in self._services.items()}
+        return {name: self.instances(name) for name in self._services}
+
+    def idempotent(self, service: str, method: str) -> bool:
+        """Whether the instances of ``service`` declare ``method`` idempotent (from their heartbeats)."""
+        return any(method in i.idempotent for i in self._services.get(service, {}).values())
 
     def observe(self, beat: Heartbeat) -> None:
         """Takes in one heartbeat."""
@@ -330,19 +349,22 @@ class Registry:
             beat.draining,
             beat.interval,
             self.clock(),
+            beat.idempotent,
         )
         instances[beat.id] = state
         if previous is None:
             self._emit(beat.name, state, "added")
         elif (previous.healthy, previous.draining) != (state.healthy, state.draining):
             self._emit(beat.name, state, "updated")
+        else:
+            self._emit(beat.name, state, "beat")
 
     def sweep(self) -> None:
-        """Removes instances that missed 3 intervals (or announced a drain and stopped beating)."""
+        """Removes the instances that missed 3 intervals, telling the callbacks."""
         now = self.clock()
         for service, instances in self._services.items():
             for instance_id, state in list(instances.items()):
-                if now - state.last_seen > EXPIRY_INTERVALS * state.interval:
+                if state.expired(now):
                     del instances[instance_id]
                     self._emit(service, state, "removed")
 

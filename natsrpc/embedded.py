@@ -162,6 +162,10 @@ class NatsServer:
         """Freezes the server (SIGSTOP): it keeps its sockets but answers nothing, like a hung host."""
         if self.process is not None:
             self.process.send_signal(signal.SIGSTOP)
+            if self.process.poll() is None:
+                # The signal returns before every thread has stopped, and a thread still running
+                # can answer a new connection: wait for the stop (WNOWAIT leaves it for Popen).
+                os.waitid(os.P_PID, self.process.pid, os.WSTOPPED | os.WNOWAIT)
             self.paused = True
 
     def resume(self) -> None:

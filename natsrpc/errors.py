@@ -12,6 +12,7 @@ The tree::
         │   ├── ReplyTooLarge      413
         │   ├── Overloaded         429
         │   ├── InternalError      500
+        │   ├── BadGateway         502 a call the handler made failed (the message names the hop)
         │   ├── Unavailable        503
         │   ├── DeadlineExceeded   504 (also raised locally when no time is left)
         │   └── ServiceError       raised by handlers for their own business errors
@@ -123,6 +124,15 @@ class InternalError(RemoteError):
     default_code = protocol.INTERNAL
 
 
+class BadGateway(RemoteError):
+    """Raised when a call the service made to another service failed (502); the message names the hop.
+
+    Unlike 429 and 503 it is not retried: the calling handler did run.
+    """
+
+    default_code = protocol.BAD_GATEWAY
+
+
 class Unavailable(RemoteError):
     """Raised when the instance is draining and refuses new work (503)."""
 
@@ -187,7 +197,16 @@ class ClientClosed(CallError):
 
 _BY_CODE: dict[int, type[RemoteError]] = {
     cls.default_code: cls
-    for cls in (BadRequest, NotFound, ReplyTooLarge, Overloaded, InternalError, Unavailable, DeadlineExceeded)
+    for cls in (
+        BadRequest,
+        NotFound,
+        ReplyTooLarge,
+        Overloaded,
+        InternalError,
+        BadGateway,
+        Unavailable,
+        DeadlineExceeded,
+    )
 }
 
 

@@ -294,11 +294,21 @@ class Host:
 
 
 def _downstream(route: Route, exc: CallError) -> RemoteError:
-    """Returns the error reply for a failed call the handler made, naming the hop that failed."""
+    """Returns the error reply for a failed call the handler made, naming the hop that failed.
+
+    Business errors (4xx) keep their code and type. Refusals that mean "not executed" (429, 503,
+    no responders, circuit open) become 502, because this handler did run and a caller must not
+    retry it as if it had not; a downstream timeout becomes 504.
+    """
     if isinstance(exc, RemoteError):
-        detail = f"{exc.type}: {exc.message}" if exc.type not in exc.message else exc.message
-        return remote_error(exc.code, f"{route.where} -> {exc.hop}: {detail}", exc.type, exc.data)
-    code = protocol.DEADLINE_EXCEEDED if isinstance(exc, CallTimeout) else protocol.UNAVAILABLE
+        if exc.message.startswith(exc.hop + " -> "):  # already a chain that starts at the hop
+            message = f"{route.where} -> {exc.message}"
+        else:
+            detail = f"{exc.type}: {exc.message}" if exc.type not in exc.message else exc.message
+            message = f"{route.where} -> {exc.hop}: {detail}"
+        code = protocol.BAD_GATEWAY if exc.code in (protocol.OVERLOADED, protocol.UNAVAILABLE) else exc.code
+        return remote_error(code, message, exc.type, exc.data)
+    code = protocol.DEADLINE_EXCEEDED if isinstance(exc, CallTimeout) else protocol.BAD_GATEWAY
     return remote_error(code, f"{route.where} -> {exc.hop or 'call'}: {type(exc).__name__}: {exc}", type(exc).__name__)
 
 

@@ -39,6 +39,7 @@ NOT_FOUND: Final = 404
 PAYLOAD_TOO_LARGE: Final = 413
 OVERLOADED: Final = 429
 INTERNAL: Final = 500
+BAD_GATEWAY: Final = 502
 UNAVAILABLE: Final = 503
 DEADLINE_EXCEEDED: Final = 504
 NO_RESPONDERS_STATUS: Final = "503"  # the server's own inline status for "no responders"

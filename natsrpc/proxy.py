@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 
 from natsrpc import protocol
 from natsrpc.errors import ConfigurationError
+from natsrpc.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     from natsrpc.service import Service
@@ -31,30 +32,63 @@ class Invoker(Protocol):
         """Starts the call: returns an awaitable or task (async) or the result or a Future (sync)."""
 
 
+class OptionChanges(TypedDict, total=False):
+    """The call options a caller may change: ``proxy.options(timeout=0.2, encoding="msgpack")``."""
+
+    timeout: float
+    headers: Mapping[str, str]
+    encoding: str
+    retry: RetryPolicy
+    idempotent: bool
+    attempt_timeout: float
+    instance: str
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CallOptions:
     """Per-call settings.
 
     Attributes:
-        timeout: seconds the call may take (inside a handler, capped by its remaining deadline).
+        timeout: seconds the whole call may take, retries included (inside a handler, capped by
+            the handler's remaining deadline).
         headers: extra request headers.
         msgpack: send and expect MessagePack instead of JSON.
+        retry: the retry policy (``NO_RETRIES`` to turn retries off).
+        idempotent: whether the method may run twice, so a timed-out attempt may be retried;
+            None = as the method declares (``@rpc(idempotent=True)``, learnt from discovery).
+        attempt_timeout: seconds one attempt may take, so a timed-out idempotent call has time to
+            retry; None = all the time that is left.
+        instance: send to this instance id only (``svc.<service>.<method>.<id>``).
     """
 
     timeout: float
     headers: Mapping[str, str] | None = None
     msgpack: bool = False
+    retry: RetryPolicy = DEFAULT_RETRY
+    idempotent: bool | None = None
+    attempt_timeout: float | None = None
+    instance: str | None = None
 
-    def merged(
-        self, *, timeout: float | None = None, headers: Mapping[str, str] | None = None, encoding: str | None = None
-    ) -> CallOptions:
-        """Returns these options with the given ones replacing them (headers are added)."""
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
+    def merged(self, **changes: Unpack[OptionChanges]) -> CallOptions:
+        """Returns these options with ``changes`` replacing them (headers are added to the old ones).
+
+        Raises:
+            ConfigurationError: a timeout is not positive, or the encoding is unknown.
+        """
+        fields: dict[str, Any] = dict(changes)
+        for key in ("timeout", "attempt_timeout"):
+            value = fields.get(key)
+            if value is not None and not value > 0:
+                raise ConfigurationError(f"{key} must be positive, got {value!r}")
+        encoding = fields.pop("encoding", None)
         if encoding not in (None, "json", "msgpack"):
             raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
-        return CallOptions(
-            timeout=self.timeout if timeout is None else timeout,
+        if "instance" in changes and not protocol.valid_name(changes["instance"]):
+            raise ConfigurationError(f"instance id {changes['instance']!r} is not a subject token")
+        headers = fields.pop("headers", None)
+        return dataclasses.replace(
+            self,
+            **fields,
             headers={**(self.headers or {}), **headers} if headers else self.headers,
             msgpack=self.msgpack if encoding is None else encoding == "msgpack",
         )
@@ -87,14 +121,14 @@ class ServiceProxy:
         self._spawn = spawn
         self._methods: dict[str, MethodCaller] = {}
 
-    def options(
-        self, *, timeout: float | None = None, headers: Mapping[str, str] | None = None, encoding: str | None = None
-    ) -> ServiceProxy:
-        """Returns a proxy whose calls use these options (timeout in seconds, extra headers, encoding)."""
+    def options(self, **changes: Unpack[OptionChanges]) -> ServiceProxy:
+        """Returns a proxy whose calls use these options (see :class:`CallOptions`)."""
         base = self._options or self._client.default_options
-        return ServiceProxy(
-            self._client, self._service, base.merged(timeout=timeout, headers=headers, encoding=encoding), self._spawn
-        )
+        return ServiceProxy(self._client, self._service, base.merged(**changes), self._spawn)
+
+    def instance(self, instance_id: str) -> ServiceProxy:
+        """Returns a proxy whose calls go to one instance only (``svc.<service>.<method>.<id>``)."""
+        return self.options(instance=instance_id)
 
     def __getattr__(self, method: str) -> MethodCaller:
         if method.startswith("__"):
@@ -152,7 +186,8 @@ class TypedProxy:
         if endpoint is None:
             raise AttributeError(f"{self._service.__name__} has no @rpc method {attr!r}")
         client, name, options, signature = self._client, self._service.name, self._options, endpoint.signature
-
+        if options.idempotent is None:
+            options = dataclasses.replace(options, idempotent=endpoint.idempotent)
         decoder = signature.msgpack_result if options.msgpack else signature.json_result
 
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -163,13 +198,9 @@ class TypedProxy:
         self._methods[attr] = call
         return call
 
-    def options(
-        self, *, timeout: float | None = None, headers: Mapping[str, str] | None = None, encoding: str | None = None
-    ) -> TypedProxy:
-        """Returns a typed proxy whose calls use these options."""
-        return TypedProxy(
-            self._client, self._service, self._options.merged(timeout=timeout, headers=headers, encoding=encoding)
-        )
+    def options(self, **changes: Unpack[OptionChanges]) -> TypedProxy:
+        """Returns a typed proxy whose calls use these options (see :class:`CallOptions`)."""
+        return TypedProxy(self._client, self._service, self._options.merged(**changes))
 
     def __repr__(self) -> str:
         return f"<TypedProxy {self._service.__name__}>"

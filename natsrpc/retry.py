@@ -102,6 +102,7 @@ class RetryPolicy:
 
 
 NO_RETRIES = RetryPolicy(max_attempts=1)
+DEFAULT_RETRY = RetryPolicy()
 """A policy that makes one attempt and never retries."""
 
 

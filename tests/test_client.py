@@ -263,6 +263,18 @@ class TestConnectionBreaks:
             assert_natsrpc_error(result)
         assert caller.pending_calls == 0
 
+    async def test_close_right_after_the_server_died_does_not_raise(self, own_server: NatsServer) -> None:
+        """Closing a client whose server just died closes it quietly: no nats-py or socket error leaks."""
+        gate = Gate()
+        host_client = await natsrpc.connect(own_server.url)
+        try:
+            async with serve(host_client, gate):
+                await asyncio.to_thread(own_server.kill)
+        finally:
+            await host_client.close()
+        assert host_client.closed
+        assert host_client.nc.is_closed
+
     async def test_calls_after_close_raise_client_closed(self, nats_url: str) -> None:
         """A call made on a closed client raises ClientClosed without touching the connection."""
         caller = await natsrpc.connect(nats_url)

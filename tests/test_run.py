@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from nats.aio.msg import Msg
 
 import natsrpc
@@ -78,7 +79,10 @@ class Child:
 
 @asynccontextmanager
 async def child(*args: str) -> AsyncIterator[Child]:
-    """Runs ``python *args`` from the repository root; kills it on the way out if it still runs."""
+    """Runs ``python *args`` from the repository root; stops it on the way out if it still runs.
+
+    SIGTERM first, so a runner stops its embedded nats-server (SIGKILL would orphan it on 4222).
+    """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *args,
@@ -93,7 +97,11 @@ async def child(*args: str) -> AsyncIterator[Child]:
         yield running
     finally:
         if proc.returncode is None:
-            proc.kill()
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT)
+            except TimeoutError:
+                proc.kill()
         await running.wait()
 
 
@@ -121,7 +129,11 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
 
 
 async def until_served(runner: Child, call: Callable[[], Awaitable[Any]]) -> Any:
-    """Retries ``call`` while it raises NoResponders (the runner is still starting); returns its result."""
+    """Retries ``call`` while it raises NoResponders (the runner is still starting); returns its result.
+
+    Make ``call`` on a client without a circuit breaker (the ``probe`` fixture): the failures while
+    the runner starts would otherwise open the circuit of the service under test.
+    """
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while True:
         try:
@@ -133,20 +145,29 @@ async def until_served(runner: Child, call: Callable[[], Awaitable[Any]]) -> Any
 
 
 async def connect_when_up(url: str, runner: Child) -> natsrpc.Client:
-    """Connects to ``url``, retrying while the runner's embedded server is still coming up."""
+    """Connects to ``url`` (no circuit breaker), retrying while the runner's embedded server comes up."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while True:
         try:
-            return await natsrpc.connect(url)
+            return await natsrpc.connect(url, circuit=None)
         except natsrpc.ConnectionLost:
             if runner.proc.returncode is not None or time.monotonic() > deadline:
                 pytest.fail(f"cannot connect to {url}; runner stderr:\n{runner.stderr}")
 
 
+@pytest_asyncio.fixture
+async def probe(nats_url: str) -> AsyncIterator[natsrpc.Client]:
+    """A client of the session server without a circuit breaker, for readiness polls."""
+    async with natsrpc.connect(nats_url, circuit=None) as client:
+        yield client
+
+
 class TestGracefulStop:
     """SIGTERM drains: every call in flight is answered and the runner exits 0."""
 
-    async def test_sigterm_with_200_calls_in_flight_loses_none(self, client: natsrpc.Client, nats_url: str) -> None:
+    async def test_sigterm_with_200_calls_in_flight_loses_none(
+        self, client: natsrpc.Client, probe: natsrpc.Client, nats_url: str
+    ) -> None:
         """All 200 calls running when SIGTERM arrives succeed, and the exit code is 0."""
         started: list[int] = []
         all_started = asyncio.Event()
@@ -161,8 +182,7 @@ class TestGracefulStop:
             async with child(
                 "-m", "natsrpc.run", "tests.slow_service", "--url", nats_url, "--max-concurrency", "200"
             ) as runner:
-                slow = client.call_service["slowrun"]
-                assert await until_served(runner, slow.ping) == "pong"
+                assert await until_served(runner, probe.call_service["slowrun"].ping) == "pong"
                 calls = [client.call_service_async["slowrun"].options(timeout=10).work(i) for i in range(200)]
                 await asyncio.wait_for(all_started.wait(), 10)
                 runner.proc.send_signal(signal.SIGTERM)
@@ -196,7 +216,7 @@ class TestEmbeddedServer:
             assert await runner.stop(signal.SIGINT) == 0, runner.stderr
         assert not is_listening("127.0.0.1", 4222)
 
-    async def test_embedded_flag_forces_an_embedded_server(self, client: natsrpc.Client, nats_url: str) -> None:
+    async def test_embedded_flag_forces_an_embedded_server(self, probe: natsrpc.Client, nats_url: str) -> None:
         """--embedded starts its own server even when --url names a running one."""
         async with child("-m", "natsrpc.run", "services.kv", "--embedded", "--url", nats_url) as runner:
             url = (await runner.wait_for_line(EMBEDDED_LINE)).group(1)
@@ -207,7 +227,7 @@ class TestEmbeddedServer:
             finally:
                 await local.close()
             with pytest.raises(natsrpc.NoResponders):
-                await client.call_service["kv"].keys()
+                await probe.call_service["kv"].keys()
             assert await runner.stop(signal.SIGTERM) == 0, runner.stderr
         host, _, port = url.removeprefix("nats://").rpartition(":")
         assert not is_listening(host, int(port))
@@ -216,10 +236,10 @@ class TestEmbeddedServer:
 class TestOptions:
     """Module selection and log format options."""
 
-    async def test_log_format_json_writes_json_lines(self, client: natsrpc.Client, nats_url: str) -> None:
+    async def test_log_format_json_writes_json_lines(self, probe: natsrpc.Client, nats_url: str) -> None:
         """--log-format json makes every stderr line a JSON object, including the lifecycle events."""
         async with child("-m", "natsrpc.run", "services.kv", "--url", nats_url, "--log-format", "json") as runner:
-            await until_served(runner, client.call_service["kv"].keys)
+            await until_served(runner, probe.call_service["kv"].keys)
             assert await runner.stop(signal.SIGTERM) == 0, runner.stderr
         records = [json.loads(line) for line in runner.lines if line.strip()]
         assert all(isinstance(r, dict) for r in records)
@@ -229,12 +249,12 @@ class TestOptions:
         assert serving["service"] == "kv"
         assert serving["level"] == "info"
 
-    async def test_module_colon_class_selects_one_class(self, client: natsrpc.Client, nats_url: str) -> None:
+    async def test_module_colon_class_selects_one_class(self, probe: natsrpc.Client, nats_url: str) -> None:
         """`module:Class` hosts that class only, not the module's other services."""
         async with child("-m", "natsrpc.run", "tests.slow_service:Other", "--url", nats_url) as runner:
-            assert await until_served(runner, client.call_service["slowother"].ping) == "other"
+            assert await until_served(runner, probe.call_service["slowother"].ping) == "other"
             with pytest.raises(natsrpc.NoResponders):
-                await client.call_service["slowrun"].ping()
+                await probe.call_service["slowrun"].ping()
             assert await runner.stop(signal.SIGTERM) == 0, runner.stderr
 
     @pytest.mark.parametrize(
