@@ -21,7 +21,7 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from natsrpc import codec, context, protocol
+from natsrpc import codec, context, delivery, protocol
 from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
 from natsrpc.discovery import InstanceState, Registry
 from natsrpc.errors import (
@@ -114,6 +114,7 @@ class Client:
         self._inbox = f"{inbox_prefix}.{NUID().next().decode()}."
         self._reply_sub: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_time = asyncio.get_running_loop().time
         self._closed = False
         self.call_service = ServiceDirectory(self, spawn=False)
         self.call_service_async = ServiceDirectory(self, spawn=True)
@@ -122,6 +123,7 @@ class Client:
         """Subscribes the reply inbox; :func:`connect` calls it."""
         with translate_nats_errors(self._inbox + "*"):
             self._reply_sub = await self.nc.subscribe(self._inbox + "*", cb=self._on_reply)
+            delivery.deliver(self._reply_sub, self._resolve)
             if self.registry is not None:
                 await self.registry.start(self.nc, self.prefix)
 
@@ -261,10 +263,7 @@ class Client:
         else:
             subject = protocol.endpoint_subject(service, method, self.prefix)
             breaker = self.circuits.get(service) if self.circuits is not None else None
-        idempotent = opts.idempotent
-        if idempotent is None:
-            idempotent = self.registry is not None and self.registry.idempotent(service, method)
-        msg = await self.request(subject, body, opts, headers, breaker=breaker, idempotent=idempotent)
+        msg = await self.request(subject, body, opts, headers, service=service, breaker=breaker)
         if result is not None:
             return result.decode(msg.data)
         return codec.decode(msg.data, opts.msgpack) if msg.data else None
@@ -276,18 +275,20 @@ class Client:
         options: CallOptions | None = None,
         headers: dict[str, str] | None = None,
         *,
+        service: str = "",
         breaker: CircuitBreaker | None = None,
-        idempotent: bool = False,
     ) -> Msg:
         """Sends a request with a deadline, retrying as the options allow; returns the successful reply.
+
+        The first attempt is the fast path; only a failed one enters the retry loop.
 
         Args:
             subject: the subject to send to.
             body: the encoded arguments.
-            options: timeout, retry policy, headers, encoding.
+            options: timeout, retry policy, idempotence, headers, encoding.
             headers: extra headers for this request.
+            service: the service called (its retry budget); taken from ``subject`` when empty.
             breaker: the circuit breaker to consult and feed, if any.
-            idempotent: whether a timed-out attempt may be retried.
 
         Raises:
             RemoteError: the reply is an error reply.
@@ -301,37 +302,70 @@ class Client:
             if size > self.nc.max_payload:
                 limit = self.nc.max_payload
                 raise PayloadTooLarge(f"request to {subject} is {size} bytes with headers, over max_payload {limit}")
-            if breaker is None and opts.retry.max_attempts == 1:
-                return await self._attempt(subject, body, headers, timeout)
-            loop = asyncio.get_running_loop()
-
-            async def attempt(remaining: float) -> Msg:
+            started = self._loop_time()
+            if breaker is not None:
+                breaker.allow()
+            try:
+                msg = await self._attempt(subject, body, headers, _attempt_wait(timeout, opts))
+            except BaseException as exc:
                 if breaker is not None:
-                    breaker.allow()
-                limit = min(remaining, opts.attempt_timeout) if opts.attempt_timeout else remaining
-                try:
-                    msg = await self._attempt(subject, body, headers, limit)
-                except BaseException as exc:
-                    if breaker is not None:
-                        breaker.record(exc)
+                    breaker.record(exc)
+                if not isinstance(exc, CallError) or opts.retry.max_attempts == 1:
                     raise
+                first_error: CallError = exc
+            else:
                 if breaker is not None:
                     breaker.record(None)
+                bucket = self._buckets.get(service)
+                if bucket is not None:
+                    bucket.record_success()
                 return msg
-
-            bucket = self._buckets[subject.split(".", 2)[1] if subject.count(".") >= 2 else subject]
-            return await run_with_retries(
-                attempt,
-                policy=opts.retry,
-                bucket=bucket,
-                idempotent=idempotent,
-                deadline=loop.time() + timeout,
-                clock=loop.time,
-            )
+            return await self._retry(subject, body, headers, opts, service, breaker, started + timeout, first_error)
         except CallError as exc:
             if not exc.hop:
                 exc.hop = subject[len(self.prefix) + 1 :] if subject.startswith(self.prefix + ".") else subject
             raise
+
+    async def _retry(
+        self,
+        subject: str,
+        body: bytes,
+        headers: dict[str, str],
+        opts: CallOptions,
+        service: str,
+        breaker: CircuitBreaker | None,
+        deadline: float,
+        first_error: CallError,
+    ) -> Msg:
+        """The slow path: retries after a failed first attempt, as the policy and the retry budget allow."""
+        parts = subject.split(".")
+        service = service or (parts[1] if len(parts) > 2 else subject)
+        idempotent = opts.idempotent
+        if idempotent is None:
+            idempotent = self.registry is not None and len(parts) > 2 and self.registry.idempotent(service, parts[2])
+
+        async def attempt(remaining: float) -> Msg:
+            if breaker is not None:
+                breaker.allow()
+            try:
+                msg = await self._attempt(subject, body, headers, _attempt_wait(remaining, opts))
+            except BaseException as exc:
+                if breaker is not None:
+                    breaker.record(exc)
+                raise
+            if breaker is not None:
+                breaker.record(None)
+            return msg
+
+        return await run_with_retries(
+            attempt,
+            policy=opts.retry,
+            bucket=self._buckets[service],
+            idempotent=idempotent,
+            deadline=deadline,
+            clock=self._loop_time,
+            first_error=first_error,
+        )
 
     async def _attempt(self, subject: str, body: bytes, headers: dict[str, str], wait: float) -> Msg:
         """Sends the request once and waits up to ``wait`` seconds for the reply."""
@@ -385,9 +419,20 @@ class Client:
         return headers, timeout
 
     async def _on_reply(self, msg: Msg) -> None:
+        self._resolve(msg)
+
+    def _resolve(self, msg: Msg) -> None:
+        """Hands a reply to the call waiting for it (called as nats-py parses the message)."""
         future = self._pending.pop(msg.subject[len(self._inbox) :], None)
         if future is not None and not future.done():
             future.set_result(msg)
+
+
+def _attempt_wait(remaining: float, opts: CallOptions) -> float:
+    """Returns how long one attempt may wait: what is left, or less when an attempt timeout is set."""
+    if opts.attempt_timeout is None or opts.attempt_timeout >= remaining:
+        return remaining
+    return opts.attempt_timeout
 
 
 def _expire(future: asyncio.Future[Msg], subject: str) -> None:

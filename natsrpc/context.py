@@ -6,6 +6,7 @@ caller's remaining deadline and trace travel along service-to-service calls.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -104,8 +105,12 @@ def new_traceparent(parent: str = "") -> str:
 
 
 def deadline_header(deadline: float) -> str:
-    """Returns the ``Natsrpc-Deadline`` value (epoch milliseconds) for an epoch-seconds deadline."""
-    return str(int(deadline * 1000))
+    """Returns the ``Natsrpc-Deadline`` value (epoch milliseconds) for an epoch-seconds deadline.
+
+    Rounded up: a receiver's deadline is never earlier than the sender's own timer, so a
+    downstream hop's 504 cannot beat the caller's CallTimeout at the very same deadline.
+    """
+    return str(math.ceil(deadline * 1000))
 
 
 def parse_deadline(headers: Mapping[str, str] | None, default_timeout: float) -> float:

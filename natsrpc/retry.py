@@ -162,6 +162,7 @@ async def run_with_retries(
     deadline: float,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    first_error: Exception | None = None,
 ) -> T:
     """Runs ``attempt`` until it returns, retrying as the policy and the bucket allow.
 
@@ -176,6 +177,8 @@ async def run_with_retries(
         deadline: the time on ``clock`` by which the whole call must be done.
         clock: monotonic seconds (inject a fake in tests).
         sleep: the pause between attempts (inject one that moves the fake clock in tests).
+        first_error: the error of a first attempt the caller already made (its fast path);
+            the retries then start at attempt 2.
 
     Returns:
         What the first successful attempt returned.
@@ -186,7 +189,12 @@ async def run_with_retries(
         DeadlineExceeded: the deadline had passed before the first attempt.
     """
     last_error: BaseException | None = None
-    for number in range(1, policy.max_attempts + 1):
+    first = 1
+    if first_error is not None:
+        pause = _pause_after(first_error, 1, policy, bucket, idempotent, deadline, clock)
+        last_error, first = first_error, 2
+        await sleep(pause)
+    for number in range(first, policy.max_attempts + 1):
         remaining = deadline - clock()
         if remaining <= 0:
             if last_error is not None:
@@ -195,17 +203,7 @@ async def run_with_retries(
         try:
             result = await attempt(remaining)
         except Exception as exc:
-            if bucket is not None and _is_transient(exc):
-                bucket.record_failure()
-            if (
-                number == policy.max_attempts
-                or not should_retry(exc, idempotent)
-                or (bucket is not None and not bucket.allows_retry)
-            ):
-                raise
-            pause = policy.backoff(number)
-            if clock() + pause >= deadline:
-                raise
+            pause = _pause_after(exc, number, policy, bucket, idempotent, deadline, clock)
             last_error = exc
         else:
             if bucket is not None:
@@ -213,3 +211,27 @@ async def run_with_retries(
             return result
         await sleep(pause)
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+
+def _pause_after(
+    exc: Exception,
+    number: int,
+    policy: RetryPolicy,
+    bucket: TokenBucket | None,
+    idempotent: bool,
+    deadline: float,
+    clock: Callable[[], float],
+) -> float:
+    """Returns the pause before retrying after attempt ``number`` failed with ``exc``; raises ``exc`` if none."""
+    if bucket is not None and _is_transient(exc):
+        bucket.record_failure()
+    if (
+        number >= policy.max_attempts
+        or not should_retry(exc, idempotent)
+        or (bucket is not None and not bucket.allows_retry)
+    ):
+        raise exc
+    pause = policy.backoff(number)
+    if clock() + pause >= deadline:
+        raise exc
+    return pause

@@ -40,7 +40,9 @@ class SyncClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="natsrpc-sync-client", daemon=True)
         self._thread.start()
+        self._lock = threading.Lock()  # makes "refuse new calls" and "start closing" one step
         self._closed = False
+        self._calls: set[asyncio.Task[Any]] = set()  # calls running on the loop (touched there only)
         try:
             self._client: Client = self._submit(_connect(servers, options)).result()
         except BaseException:
@@ -77,27 +79,60 @@ class SyncClient:
         return TypedProxy(self, service, self.default_options.merged(**options))
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        if self._closed:
-            coro.close()
-            raise ClientClosed("the SyncClient is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise ClientClosed("the SyncClient is closed")
+            return asyncio.run_coroutine_threadsafe(self._track(coro), self._loop)
+
+    async def _track(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs one call as a task that :meth:`close` can find: it must end before the loop stops."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if self._closed:  # cancelled by _shutdown(): the caller's future gets ClientClosed
+                raise ClientClosed("the SyncClient was closed while the call was pending") from None
+            raise
+        finally:
+            self._calls.discard(task)
+
+    async def _shutdown(self) -> None:
+        """Closes the client, then ends the calls still running (e.g. waiting to retry) with ClientClosed."""
+        await self._client.close()
+        # Calls waiting for a reply failed with ClientClosed above; a call between attempts (retry
+        # backoff) is not waiting for one and would never finish once the loop stops.
+        calls = {task for task in self._calls if task is not asyncio.current_task()}
+        for task in calls:
+            task.cancel()
+        if calls:
+            await asyncio.wait(calls, timeout=_GRACE)
 
     def close(self) -> None:
-        """Closes the client (pending calls fail with ClientClosed) and stops the loop thread."""
-        if self._closed:
-            return
-        future = asyncio.run_coroutine_threadsafe(self._client.close(), self._loop)
-        self._closed = True
+        """Closes the client (pending calls fail with ClientClosed) and stops the loop thread.
+
+        Safe to call from any thread, and more than once; calls made after it raise ClientClosed.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
         try:
             future.result(_GRACE * 2)
         finally:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
-        self._closed = True
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        with self._lock:
+            self._closed = True
+            if self._loop.is_closed():
+                return
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
 
     def __enter__(self) -> SyncClient:
         return self

@@ -247,12 +247,22 @@ class TestErrorsThroughMemory:
         assert "dimension 256" in error.message
         assert error.hop == "memory.remember"
 
+    async def test_bad_k_is_the_callers_bad_request(self, client: natsrpc.Client) -> None:
+        """recall with k = 0 is a 400 from vdb, passed on by memory as 400 'memory.recall -> vdb.search'."""
+        async with serve(client, KV(), VDB(), Memory()):
+            await client.call_service["memory"].remember("anything")
+            with pytest.raises(natsrpc.BadRequest) as info:
+                await client.call_service["memory"].recall("anything", 0)
+        assert info.value.code == 400
+        assert "memory.recall -> vdb.search" in info.value.message
+        assert "k must be >= 1" in info.value.message
+
     async def test_missing_kv_fails_fast_naming_the_hop(self, client: natsrpc.Client) -> None:
-        """With kv not running, remember fails fast with a RemoteError 'memory.remember -> kv.put'."""
+        """With kv not running, remember fails fast with 502 BadGateway 'memory.remember -> kv.put'."""
         vdb = VDB()
         async with serve(client, vdb, Memory()):
             start = time.perf_counter()
-            with pytest.raises(natsrpc.RemoteError) as info:
+            with pytest.raises(natsrpc.BadGateway) as info:
                 await client.call_service["memory"].remember("lost")
             elapsed = time.perf_counter() - start
         assert "memory.remember -> kv.put" in info.value.message
@@ -261,16 +271,11 @@ class TestErrorsThroughMemory:
         assert elapsed < 1.0
         assert vdb.vectors == {}
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="host._downstream keeps vdb's 503 code and retry.should_retry retries 503 as 'not executed', "
-        "so the client re-runs remember: one kv entry per attempt",
-    )
     async def test_failed_remember_runs_once(self, client: natsrpc.Client) -> None:
-        """A remember that failed at vdb ran once: kv holds one orphan text, not one per client retry."""
+        """A remember that failed at vdb (502, not retried) ran once: kv holds one orphan text, not one per retry."""
         kv = KV()
         async with serve(client, kv, Memory()):
-            with pytest.raises(natsrpc.RemoteError, match=r"memory\.remember -> vdb\.upsert"):
+            with pytest.raises(natsrpc.BadGateway, match=r"memory\.remember -> vdb\.upsert"):
                 await client.call_service["memory"].remember("once")
         assert list(kv.data.values()) == ["once"]
 

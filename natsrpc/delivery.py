@@ -1,0 +1,71 @@
+"""Direct delivery: hand a subscription's messages to a plain function as nats-py parses them.
+
+nats-py queues every message of a callback subscription and runs the callback from a task of its
+own, one message at a time: a queue put, a get and a task switch per message. The reply inbox and
+the endpoint subscriptions need none of that (their handlers never block), so :func:`deliver`
+replaces the subscription's queue with a shim that calls the handler at once. It relies on
+nats-py 2.x internals (``Subscription._pending_queue``); :func:`supported` says whether they are
+there, and callers fall back to ordinary callbacks when not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from nats.aio.msg import Msg
+
+log = structlog.get_logger("natsrpc.delivery")
+
+
+class _Direct:
+    """Stands in for ``asyncio.Queue`` in a nats-py Subscription: ``put_nowait`` calls the handler."""
+
+    __slots__ = ("_handler", "_sub")
+
+    def __init__(self, sub: Any, handler: Callable[[Msg], None]) -> None:
+        self._sub = sub
+        self._handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)
+        try:
+            self._handler(msg)
+        except Exception:  # a handler bug must not break the connection's read loop
+            log.exception("message handler failed", subject=msg.subject)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def supported(sub: Any) -> bool:
+    """Whether ``sub`` has the nats-py internals direct delivery replaces."""
+    return hasattr(sub, "_pending_queue") and hasattr(sub, "_wait_for_msgs_task") and hasattr(sub, "_pending_size")
+
+
+def deliver(sub: Any, handler: Callable[[Msg], None]) -> bool:
+    """Makes ``sub`` call ``handler(msg)`` synchronously for each message; returns False if unsupported.
+
+    The subscription must have been made with a callback (so nats-py started its task); that task is
+    stopped, and unsubscribe/drain keep working.
+    """
+    if not supported(sub):
+        return False
+    task = sub._wait_for_msgs_task
+    if task is not None and not task.done():
+        task.cancel()
+    sub._pending_queue = _Direct(sub, handler)
+    return True
