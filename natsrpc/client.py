@@ -407,8 +407,6 @@ class Client:
                 )
             if remaining < timeout:
                 timeout = remaining
-            if not call.traceparent:
-                call.traceparent = context.new_traceparent()
             headers[protocol.TRACEPARENT] = call.traceparent
             headers[protocol.CALLER] = call.instance
         elif self.caller != "client":

@@ -12,12 +12,10 @@ import re
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 
 from natsrpc import protocol
 
 
-@dataclass(slots=True)
 class CallContext:
     """What a handler knows about the request it is serving.
 
@@ -25,30 +23,54 @@ class CallContext:
         service: the name of the service handling the call.
         method: the endpoint name.
         deadline: absolute deadline, Unix epoch seconds.
-        caller: ``<service>/<instance-id>`` of the calling service, or ``"client"``.
-        traceparent: the W3C traceparent of this hop (started here when the caller sent none).
-        headers: the request headers as received.
         instance: ``<service>/<instance-id>`` of the instance serving the call (the caller of
             any call it makes).
+        caller: ``<service>/<instance-id>`` of the calling service, or ``"client"``.
+        headers: the request headers as received.
     """
 
-    service: str
-    method: str
-    deadline: float
-    instance: str = ""
-    caller: str = "client"
-    traceparent: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
+    __slots__ = ("_traceparent", "caller", "deadline", "headers", "instance", "method", "parent", "service")
+
+    def __init__(
+        self,
+        service: str,
+        method: str,
+        deadline: float,
+        instance: str = "",
+        caller: str = "client",
+        traceparent: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.service = service
+        self.method = method
+        self.deadline = deadline
+        self.instance = instance
+        self.caller = caller
+        self.parent = traceparent
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
+        self._traceparent = ""
 
     def remaining(self) -> float:
         """Returns the seconds left before the deadline (negative once it passed)."""
         return self.deadline - time.time()
 
     @property
+    def traceparent(self) -> str:
+        """The W3C traceparent of this hop: the caller's trace with a new span, or a new trace.
+
+        Made on first use (logging or an outgoing call), so calls that need none pay nothing.
+        """
+        if not self._traceparent:
+            self._traceparent = new_traceparent(self.parent)
+        return self._traceparent
+
+    @property
     def trace_id(self) -> str:
-        """Returns the 32-hex-digit trace id of the traceparent ("" when there is none)."""
-        parts = self.traceparent.split("-")
-        return parts[1] if len(parts) == 4 else ""
+        """Returns the 32-hex-digit trace id of this hop's traceparent."""
+        return self.traceparent[3:35]
+
+    def __repr__(self) -> str:
+        return f"<CallContext {self.service}.{self.method} caller={self.caller} trace={self.trace_id}>"
 
 
 _ZERO_TRACE = "0" * 32

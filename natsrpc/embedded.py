@@ -5,6 +5,7 @@ Used by ``python -m natsrpc.run`` when no server is running, and by the test fix
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,13 +14,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from natsrpc.errors import ConfigurationError
 
 _POLL = 0.005
+# Monitoring requests go to loopback directly, whatever HTTP(S)_PROXY says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def find_binary() -> str:
@@ -71,6 +76,7 @@ class NatsServer:
         config: optional config file (``-c``).
         args: extra command-line arguments.
         binary: the nats-server path; found with :func:`find_binary` when None.
+        monitor_port: HTTP monitoring port (``-m``), read with :meth:`monitor`; none when None.
     """
 
     def __init__(
@@ -81,9 +87,11 @@ class NatsServer:
         config: str | os.PathLike[str] | None = None,
         args: Sequence[str] = (),
         binary: str | None = None,
+        monitor_port: int | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.monitor_port = monitor_port
         self.config = config
         self.args = list(args)
         self.binary = binary or find_binary()
@@ -105,7 +113,23 @@ class NatsServer:
         cmd = [self.binary, "-a", self.host, "-p", str(self.port)]
         if self.config is not None:
             cmd += ["-c", str(self.config)]
+        if self.monitor_port is not None:
+            cmd += ["-m", str(self.monitor_port)]
         return cmd + self.args
+
+    def monitor(self, endpoint: str, timeout: float = 1.0) -> dict[str, Any]:
+        """Returns the JSON of a monitoring endpoint (``"varz"``, ``"routez"``, ``"connz"``, ...).
+
+        Raises:
+            ConfigurationError: the server was made without a ``monitor_port``.
+            OSError: the endpoint did not answer (the server is down, paused or still starting).
+        """
+        if self.monitor_port is None:
+            raise ConfigurationError("this nats-server has no monitoring port (monitor_port=None)")
+        url = f"http://{self.host}:{self.monitor_port}/{endpoint}"
+        with _DIRECT.open(url, timeout=timeout) as response:
+            data: dict[str, Any] = json.load(response)
+            return data
 
     def start(self, timeout: float = 10.0) -> NatsServer:
         """Starts the server and returns once it accepts connections (polls, never sleeps blind).

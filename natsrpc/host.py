@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from natsrpc import codec, context, discovery, protocol
+from natsrpc import codec, context, delivery, discovery, protocol
 from natsrpc.client import Client
 from natsrpc.errors import (
     CallError,
@@ -141,6 +141,7 @@ class Host:
 
     async def start(self) -> None:
         """Runs each service's ``setup()``, then subscribes its endpoints."""
+        self._loop = asyncio.get_running_loop()
         for inst in self.instances:
             svc = inst.service
             svc._bind(ServiceContext(svc.name, inst.id, self.client, None, self._config.get(svc.name, {})))
@@ -149,10 +150,9 @@ class Host:
             prefix = self.client.prefix
             for name, route in inst.routes.items():
                 subject = protocol.endpoint_subject(inst.service.name, name, prefix)
-                cb = functools.partial(self._on_request, route)
-                self._subs.append(await self.nc.subscribe(subject, queue=protocol.QUEUE_GROUP, cb=cb))
+                await self._subscribe(subject, protocol.QUEUE_GROUP, functools.partial(self._admit, route))
             wildcard = protocol.instance_wildcard(inst.service.name, inst.id, prefix)
-            self._subs.append(await self.nc.subscribe(wildcard, cb=functools.partial(self._on_instance_request, inst)))
+            await self._subscribe(wildcard, "", functools.partial(self._admit_instance_request, inst))
             log.info(
                 "serving",
                 service=inst.service.name,
@@ -191,26 +191,40 @@ class Host:
                 log.exception("cleanup failed", service=inst.service.name)
         log.info("stopped", services=[i.service.name for i in self.instances])
 
-    async def _on_instance_request(self, inst: Instance, msg: Msg) -> None:
+    async def _subscribe(self, subject: str, queue: str, admit: Callable[[Msg], None]) -> None:
+        """Subscribes ``admit`` to ``subject``, delivered directly as nats-py parses each message."""
+
+        async def cb(msg: Msg) -> None:  # only used when direct delivery is unsupported
+            admit(msg)
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        delivery.deliver(sub, admit)
+        self._subs.append(sub)
+
+    def _admit_instance_request(self, inst: Instance, msg: Msg) -> None:
         method = msg.subject.split(".")[-2]
         route = inst.routes.get(method)
         if route is None:
-            await self._reply_error(msg, None, NotFound(f"{inst.service.name} has no method {method!r}"))
+            self._spawn(self._reply_error(msg, None, NotFound(f"{inst.service.name} has no method {method!r}")))
             return
-        await self._on_request(route, msg)
+        self._admit(route, msg)
 
-    async def _on_request(self, route: Route, msg: Msg) -> None:
-        """Admits a request (nats-py calls this one message at a time) and starts its task."""
+    def _admit(self, route: Route, msg: Msg) -> None:
+        """Admits a request as it arrives: starts its task, or refuses it at once (503 draining, 429 full)."""
         inst = route.instance
         route.stats.num_requests += 1
         if inst.draining:
-            await self._reply_error(msg, route, Unavailable(f"{inst.label} is draining"))
-            return
-        if inst.active >= inst.capacity:
-            await self._reply_error(msg, route, Overloaded(f"{inst.label} is at its concurrency limit and queue"))
-            return
-        inst.active += 1
-        task = asyncio.get_running_loop().create_task(self._serve(route, msg))
+            self._spawn(self._reply_error(msg, route, Unavailable(f"{inst.label} is draining")))
+        elif inst.active >= inst.capacity:
+            self._spawn(
+                self._reply_error(msg, route, Overloaded(f"{inst.label} is at its concurrency limit and queue"))
+            )
+        else:
+            inst.active += 1
+            self._spawn(self._serve(route, msg))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -230,18 +244,16 @@ class Host:
                 mixed = headers is not None and headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
                 values = endpoint.signature.decode_arguments(msg.data, msgpack, mixed)
                 headers = headers or {}
-                call = context.CallContext(
-                    service=inst.service.name,
-                    method=endpoint.name,
-                    deadline=deadline,
-                    caller=headers.get(protocol.CALLER, "client"),
-                    traceparent=context.new_traceparent(headers.get(protocol.TRACEPARENT, "")),
-                    headers=headers,
-                    instance=inst.label,
-                )
-                context.enter(call)
-                structlog.contextvars.bind_contextvars(
-                    trace_id=call.trace_id, service=call.service, method=call.method, caller=call.caller
+                context.enter(
+                    context.CallContext(
+                        inst.service.name,
+                        endpoint.name,
+                        deadline,
+                        inst.label,
+                        headers.get(protocol.CALLER, "client"),
+                        headers.get(protocol.TRACEPARENT, ""),
+                        headers,
+                    )
                 )
                 args, kwargs = endpoint.signature.call_parts(values)
                 if endpoint.is_async:

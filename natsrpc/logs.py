@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+from structlog.typing import EventDict
+
+from natsrpc.context import active_call
+
+
+def add_call_context(_logger: Any, _method: str, event: EventDict) -> EventDict:
+    """A structlog processor: adds trace_id, service, method and caller of the call being handled.
+
+    It reads natsrpc's call context when a line is logged, so handlers pay nothing per request for
+    it; :func:`configure` installs it. Add it to your own structlog processors if you configure
+    structlog yourself.
+    """
+    call = active_call()
+    if call is not None:
+        event.setdefault("trace_id", call.trace_id)
+        event.setdefault("service", call.service)
+        event.setdefault("method", call.method)
+        event.setdefault("caller", call.caller)
+    return event
 
 
 def configure(log_format: str = "console", level: str = "info") -> None:
@@ -26,6 +46,7 @@ def configure(log_format: str = "console", level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_call_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),

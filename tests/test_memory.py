@@ -20,6 +20,7 @@ import structlog
 import structlog.testing
 
 import natsrpc
+import natsrpc.logs
 from natsrpc import context, protocol, rpc
 from natsrpc.testing import serve
 from services.kv import KV
@@ -284,13 +285,15 @@ class TestTracing:
     """One trace id covers every log line of a client -> memory -> kv/vdb call."""
 
     async def test_every_log_line_carries_the_callers_trace_id(self, client: natsrpc.Client) -> None:
-        """The client's traceparent trace id is in the contextvars of every handler's log lines."""
+        """The client's traceparent trace id is in every handler's log lines (natsrpc.logs.add_call_context)."""
         trace_id = "4bf92f3577b34da6a3ce929d0e0736ab"
         traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
         async with serve(client, LoggedKV(), LoggedVDB(), LoggedMemory()):
             memory = client.call_service["memory"].options(headers={protocol.TRACEPARENT: traceparent})
             with (
-                structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs,
+                structlog.testing.capture_logs(
+                    processors=[structlog.contextvars.merge_contextvars, natsrpc.logs.add_call_context]
+                ) as logs,
                 structlog.contextvars.bound_contextvars(trace_id=trace_id),
             ):
                 structlog.get_logger("tests.client").info("calling memory")
@@ -315,7 +318,7 @@ class TestTracing:
         """Without a caller's traceparent, memory starts a trace; kv and vdb log under it; each call gets its own."""
         async with serve(client, LoggedKV(), LoggedVDB(), LoggedMemory()):
             memory = client.call_service["memory"]
-            with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            with structlog.testing.capture_logs(processors=[natsrpc.logs.add_call_context]) as logs:
                 await memory.remember("first")
                 await memory.remember("second")
         assert len(logs) == 8
