@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from natsrpc.errors import CallTimeout, CircuitOpen, ConfigurationError, ConnectionLost, NoResponders, RemoteError
+from natsrpc.errors import CallTimeout, CircuitOpen, ConfigurationError, NoResponders, RemoteError
 
 Clock = Callable[[], float]
 """A source of monotonic seconds, ``time.monotonic`` unless a test injects a fake."""
@@ -42,9 +42,9 @@ def counts_as_failure(exc: BaseException | None) -> bool:
     """Returns whether a call's outcome says the service is unhealthy.
 
     ``None`` (the call returned) is a success. Failures are what a sick or missing service causes:
-    :class:`~natsrpc.CallTimeout`, :class:`~natsrpc.NoResponders`, :class:`~natsrpc.ConnectionLost`
-    and any :class:`~natsrpc.RemoteError` with a code >= 500 (500 handler crashed, 503 draining,
-    504 deadline passed on the service's side, a handler's own 5xx).
+    :class:`~natsrpc.CallTimeout`, :class:`~natsrpc.NoResponders` and any
+    :class:`~natsrpc.RemoteError` with a code >= 500 (500 handler crashed, 503 draining, 504
+    deadline passed on the service's side, a handler's own 5xx).
 
     Not failures:
 
@@ -55,6 +55,9 @@ def counts_as_failure(exc: BaseException | None) -> bool:
       overload into a full outage; retries with backoff (``natsrpc.retry``) are the answer to 429.
     * Errors raised locally before or instead of a reply (``PayloadTooLarge``, ``ClientClosed``,
       ``CircuitOpen``, ``PermissionDenied``, cancellation, any non-natsrpc exception).
+    * :class:`~natsrpc.ConnectionLost`: this client's own link to NATS broke, which says nothing
+      about the service. Counting it opened every circuit on a failover and refused calls for up
+      to a heartbeat interval after the client had reconnected in milliseconds (test F1).
 
     A :class:`~natsrpc.DeadlineExceeded` raised locally (no time left before sending) carries code
     504 like the remote one and cannot be told apart by type: the client checks its deadline before
@@ -68,7 +71,7 @@ def counts_as_failure(exc: BaseException | None) -> bool:
     """
     if exc is None:
         return False
-    if isinstance(exc, CallTimeout | NoResponders | ConnectionLost):
+    if isinstance(exc, CallTimeout | NoResponders):
         return True
     return isinstance(exc, RemoteError) and exc.code >= 500
 
@@ -232,6 +235,8 @@ class CircuitBreaker:
         Raises:
             CircuitOpen: the circuit is open, or half-open with every probe slot taken.
         """
+        if self._state is State.CLOSED:  # the hot path
+            return
         state = self.state
         if state is State.CLOSED:
             return
@@ -252,6 +257,9 @@ class CircuitBreaker:
         Args:
             exc: the exception the call raised, or None if it returned (see :func:`counts_as_failure`).
         """
+        if exc is None and self._state is State.CLOSED:  # the hot path: a success while closed
+            self._record_closed(False)
+            return
         failed = _classify(exc)
         state = self.state
         if state is State.HALF_OPEN:

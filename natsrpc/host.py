@@ -221,7 +221,7 @@ class Host:
             )
         else:
             inst.active += 1
-            self._spawn(self._serve(route, msg))
+            self._tasks.add(self._loop.create_task(self._serve(route, msg)))  # _serve discards it
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
@@ -278,6 +278,7 @@ class Host:
             await self._reply_error(msg, route, InternalError(str(exc), type=type(exc).__name__))
         finally:
             inst.active -= 1
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
 
     async def _reply(self, msg: Msg, route: Route, body: bytes, headers: dict[str, str] | None = None) -> None:
         size = len(body) + protocol.headers_size(headers)
