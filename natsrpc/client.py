@@ -21,10 +21,11 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from natsrpc import codec, context, delivery, protocol
+from natsrpc import auth, codec, context, delivery, protocol
 from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
 from natsrpc.discovery import InstanceState, Registry
 from natsrpc.errors import (
+    AuthenticationFailed,
     CallError,
     CallTimeout,
     ClientClosed,
@@ -33,7 +34,10 @@ from natsrpc.errors import (
     DeadlineExceeded,
     NoResponders,
     PayloadTooLarge,
+    PermissionDenied,
     error_from_reply,
+    is_authentication_failure,
+    permission_violation,
     translate_nats_errors,
 )
 from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy
@@ -110,6 +114,8 @@ class Client:
             self.registry.on_change(self._on_registry_change)
         self._owns_connection = owns_connection
         self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._subjects: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
+        self._refused = ""  # why the server will not deliver replies (reply subscription refused), if it won't
         self._tokens = itertools.count(1)
         inbox_prefix = nc._inbox_prefix.decode() if isinstance(nc._inbox_prefix, bytearray | bytes) else "_INBOX"
         self._inbox = f"{inbox_prefix}.{NUID().next().decode()}."
@@ -125,6 +131,7 @@ class Client:
         with translate_nats_errors(self._inbox + "*"):
             self._reply_sub = await self.nc.subscribe(self._inbox + "*", cb=self._on_reply)
             delivery.deliver(self._reply_sub, self._resolve)
+            delivery.fast_headers(self.nc)
             if self.registry is not None:
                 await self.registry.start(self.nc, self.prefix)
 
@@ -211,6 +218,28 @@ class Client:
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
+
+    def refuse(self, operation: str, subject: str) -> None:
+        """Fails the pending calls a permissions violation refused (error_cb calls it); see :class:`PermissionDenied`.
+
+        Args:
+            operation: ``"publish"`` (calls to ``subject`` fail) or ``"subscription"`` (when ``subject``
+                is the reply inbox, every call fails, now and later: no reply can arrive).
+            subject: the refused subject, lower-cased as nats-py reports it.
+        """
+        if operation == "subscription":
+            if subject == (self._inbox + "*").lower():
+                self._refused = (
+                    f"the server refused this connection's reply subscription {self._inbox}*: connect with an "
+                    "inbox_prefix that its subscribe permission allows (e.g. inbox_prefix='_INBOX_app')"
+                )
+                self.fail_pending(PermissionDenied(self._refused))
+            return
+        for token, called in list(self._subjects.items()):
+            if called.lower() == subject:
+                future = self._pending.pop(token, None)
+                if future is not None and not future.done():
+                    future.set_exception(PermissionDenied(f"the server refused this connection a publish to {called}"))
 
     def spawn(self, coro: Awaitable[S]) -> asyncio.Task[S]:
         """Starts ``coro`` as a task the client tracks (awaited on close, where its call fails with ClientClosed)."""
@@ -370,12 +399,13 @@ class Client:
 
     async def _attempt(self, subject: str, body: bytes, headers: dict[str, str], wait: float) -> Msg:
         """Sends the request once and waits up to ``wait`` seconds for the reply."""
-        if self._closed:
-            raise ClientClosed("the client is closed")
+        if self._closed or self._refused:
+            raise ClientClosed("the client is closed") if self._closed else PermissionDenied(self._refused)
         loop = asyncio.get_running_loop()
         token = str(next(self._tokens))
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = future
+        self._subjects[token] = subject
         timer = loop.call_later(wait, _expire, future, subject)
         try:
             try:
@@ -387,6 +417,7 @@ class Client:
         finally:
             timer.cancel()
             self._pending.pop(token, None)
+            del self._subjects[token]
         reply_headers = msg.headers
         if reply_headers:
             if reply_headers.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not msg.data:
@@ -458,7 +489,7 @@ class connect:
     """Connects to NATS and returns a :class:`Client`; await it or use it with ``async with``.
 
     Args:
-        servers: a URL or list of URLs (``nats://host:4222``).
+        servers: a URL, a comma-separated string of URLs, or a list of URLs (``nats://host:4222``).
         timeout: default call timeout in seconds.
         encoding: ``"json"`` or ``"msgpack"``.
         prefix: subject prefix.
@@ -467,11 +498,23 @@ class connect:
         discovery: follow heartbeats (``client.registry``), feeding the circuit breakers.
         circuit: circuit-breaker settings (:class:`natsrpc.circuit.CircuitConfig`); None = off.
         retry: default retry policy (:class:`natsrpc.retry.RetryPolicy`).
-        **nats_options: passed to ``nats.connect`` over natsrpc's defaults (user, password,
-            token, tls, inbox_prefix, ping_interval, ...).
+        user: user name, with ``password``.
+        password: password.
+        token: authentication token.
+        nkeys_seed: path of a file holding an NKey seed.
+        creds: path of a user credentials file (JWT and NKey seed).
+        tls_ca: CA file that signs the server's certificate; any ``tls_*`` option requires TLS.
+        tls_cert: client certificate file, for mutual TLS.
+        tls_key: private key file of ``tls_cert``.
+        inbox_prefix: prefix of this connection's reply subjects (default ``_INBOX``): give each
+            identity its own (``_INBOX_app``) and allow it only that, so no one reads others' replies.
+        **nats_options: passed to ``nats.connect`` over natsrpc's defaults (``ping_interval``,
+            ``tls`` as a ready SSLContext, ...).
 
     Raises:
-        ConnectionLost: the first connect failed (no server, refused, timed out).
+        ConnectionLost: the first connect failed (no server, refused, timed out, TLS handshake).
+        AuthenticationFailed: the server refused the credentials (after one retry per server, no loop).
+        ConfigurationError: unusable options (a missing file, or TLS asked for and the server has none).
     """
 
     def __init__(
@@ -486,11 +529,26 @@ class connect:
         discovery: bool = True,
         circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
         retry: RetryPolicy = DEFAULT_RETRY,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        nkeys_seed: str | None = None,
+        creds: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        inbox_prefix: str | None = None,
         **nats_options: Any,
     ) -> None:
-        self._servers = servers
+        security = auth.nats_options(
+            user=user, password=password, token=token, nkeys_seed=nkeys_seed, creds=creds,
+            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, inbox_prefix=inbox_prefix,
+        )  # fmt: skip
+        if "tls" in security and "tls" in nats_options:
+            raise ConfigurationError("give tls (an SSLContext) or tls_ca/tls_cert/tls_key, not both")
+        self._servers = auth.split_servers(servers)
         self._name = name
-        self._nats_options = nats_options
+        self._nats_options = {**security, **nats_options}
         self._client_options: dict[str, Any] = {
             "timeout": timeout, "encoding": encoding, "prefix": prefix, "caller": caller,
             "discovery": discovery, "circuit": circuit, "retry": retry,
@@ -500,7 +558,8 @@ class connect:
     async def _connect(self) -> Client:
         servers, name, nats_options = self._servers, self._name, self._nats_options
         client_ref: list[Client] = []
-        options = {**CONNECTION_DEFAULTS, **_callbacks(client_ref), "name": name, **nats_options}
+        refusals: list[Exception] = []  # what went wrong in each failed attempt of the first connect
+        options = {**CONNECTION_DEFAULTS, **_callbacks(client_ref, refusals), "name": name, **nats_options}
         reconnect_attempts = options["max_reconnect_attempts"]
         if not 0 < reconnect_attempts <= FIRST_CONNECT_RETRIES:
             options["max_reconnect_attempts"] = FIRST_CONNECT_RETRIES
@@ -508,11 +567,21 @@ class connect:
             nc = await nats.connect(servers, **options)
             nc.options["max_reconnect_attempts"] = reconnect_attempts
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
-            raise ConnectionLost(f"cannot connect to {servers}: {exc!r}") from exc
+            refused = next((e for e in refusals if is_authentication_failure(e)), None)
+            if refused is not None:
+                who = _credentials(options)
+                raise AuthenticationFailed(
+                    f"the NATS server at {auth.redacted(servers)} refused the credentials ({who}): {refused}"
+                ) from exc
+            why = f"{refusals[-1]!r}" if refusals else f"{exc!r}"
+            raise ConnectionLost(f"cannot connect to {auth.redacted(servers)}: {why}") from exc
         except nats.errors.Error as exc:
             with translate_nats_errors():
                 raise
             raise AssertionError("unreachable") from exc  # pragma: no cover
+        if "tls" in options and not nc._server_info.get("tls_required"):
+            await nc.close()
+            raise ConfigurationError(f"TLS options given, but the server at {auth.redacted(servers)} does not use TLS")
         client = Client(nc, **self._client_options)
         client_ref.append(client)
         await client.start()
@@ -532,10 +601,37 @@ class connect:
             await self._client.close()
 
 
-def _callbacks(client_ref: list[Client]) -> dict[str, Callable[..., Awaitable[None]]]:
-    """Returns nats-py callbacks that log every event and fail pending calls on disconnect."""
+def _credentials(options: Mapping[str, Any]) -> str:
+    """Returns which credentials a connection presented, for error messages (never the secrets)."""
+    if options.get("user") is not None:
+        return f"user {options['user']!r}"
+    kinds = {"token": "a token", "nkeys_seed": "an NKey seed", "user_credentials": "a creds file", "tls": "TLS"}
+    presented = [label for key, label in kinds.items() if options.get(key) is not None]
+    return ", ".join(presented) or "none: the server requires some"
+
+
+def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str, Callable[..., Awaitable[None]]]:
+    """Returns nats-py callbacks that log every event and fail pending calls on disconnect or refusal.
+
+    ``refusals`` collects the errors of the first connect (before ``client_ref`` holds the client).
+    """
 
     async def error_cb(exc: Exception) -> None:
+        if not client_ref:
+            refusals.append(exc)
+        violation = permission_violation(exc)
+        if violation is not None:
+            log.warning("nats permission denied", operation=violation[0], subject=violation[1])
+            for client in client_ref:
+                client.refuse(*violation)
+            return
+        if client_ref and is_authentication_failure(exc):
+            # A reconnect whose credentials the server now refuses: nats-py keeps trying (the server
+            # may be fixed), but calls fail at once instead of waiting out their timeout.
+            log.error("nats server refused the credentials on reconnect", error=repr(exc))
+            for client in client_ref:
+                client.fail_pending(AuthenticationFailed(f"the NATS server refused the credentials: {exc}"))
+            return
         log.warning("nats error", error=repr(exc))
 
     def closing() -> bool:

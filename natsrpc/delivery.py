@@ -69,3 +69,39 @@ def deliver(sub: Any, handler: Callable[[Msg], None]) -> bool:
         task.cancel()
     sub._pending_queue = _Direct(sub, handler)
     return True
+
+
+_HEADER_START = b"NATS/1.0\r\n"
+
+
+def fast_headers(nc: Any) -> bool:
+    """Replaces nats-py's header parsing on ``nc`` with a leaner one; returns False if unsupported.
+
+    Every natsrpc request carries headers (at least ``Natsrpc-Deadline``), and nats-py's parser is
+    a visible cost per message. Blocks with a status line (``NATS/1.0 503``) still go to nats-py's.
+    The result is the same dict: names as sent, values stripped, lines without a colon or with
+    whitespace or non-ASCII in the name skipped.
+    """
+    original = getattr(nc, "_process_headers", None)
+    if original is None:
+        return False
+
+    async def process_headers(headers: bytes | None) -> dict[str, str] | None:
+        if not headers:
+            return None
+        if not headers.startswith(_HEADER_START):
+            result: dict[str, str] | None = await original(headers)
+            return result
+        out: dict[str, str] = {}
+        for line in headers[len(_HEADER_START) :].split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            name = name.strip()
+            if not name or not name.isascii() or b" " in name or b"\t" in name:
+                continue
+            out[name.decode()] = value.strip().decode("utf-8", "replace")
+        return out or None
+
+    nc._process_headers = process_headers
+    return True

@@ -23,6 +23,7 @@ from nats.nuid import NUID
 
 from natsrpc import codec, context, delivery, discovery, protocol
 from natsrpc.client import Client
+from natsrpc.dispatch import Pool
 from natsrpc.errors import (
     CallError,
     CallTimeout,
@@ -77,11 +78,16 @@ class Instance:
         self.id = instance_id
         self.label = f"{service.name}/{instance_id}"
         self.capacity = max_concurrency + max_queue
-        self.limit = asyncio.Semaphore(max_concurrency)
-        self.active = 0  # running + waiting for the limit
+        self.max_concurrency = max_concurrency
+        self.pool: Pool[tuple[Route, Msg, float]] | None = None  # made by the Host, on its loop
         self.draining = False
         self.started = time.time()
         self.routes = {name: Route(self, ep) for name, ep in service.endpoints.items()}
+
+    @property
+    def active(self) -> int:
+        """Requests accepted and not yet answered: queued plus running."""
+        return self.pool.active if self.pool is not None else 0
 
 
 class Host:
@@ -143,6 +149,8 @@ class Host:
         """Runs each service's ``setup()``, then subscribes its endpoints."""
         self._loop = asyncio.get_running_loop()
         for inst in self.instances:
+            inst.pool = Pool(inst.max_concurrency, self._serve_item)
+        for inst in self.instances:
             svc = inst.service
             svc._bind(ServiceContext(svc.name, inst.id, self.client, None, self._config.get(svc.name, {})))
             await svc.setup()
@@ -177,13 +185,12 @@ class Host:
         subs, self._subs = self._subs, []
         if not self.nc.is_closed:
             await asyncio.gather(*(_drain(sub) for sub in subs))
+        pools = [inst.pool for inst in self.instances if inst.pool is not None]
+        abandoned = sum(await asyncio.gather(*(pool.join(self.drain_timeout) for pool in pools)))
+        if abandoned:
+            log.warning("requests still queued or running after the drain timeout were cancelled", count=abandoned)
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("handlers still running after drain timeout were cancelled", count=len(pending))
-                await asyncio.wait(pending)
+            await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
         for inst in self.instances:
             try:
                 await inst.service.cleanup()
@@ -220,53 +227,57 @@ class Host:
                 self._reply_error(msg, route, Overloaded(f"{inst.label} is at its concurrency limit and queue"))
             )
         else:
-            inst.active += 1
-            self._tasks.add(self._loop.create_task(self._serve(route, msg)))  # _serve discards it
+            deadline = context.parse_deadline(msg.headers, self.default_timeout)
+            if time.time() >= deadline:
+                error = DeadlineExceeded(f"{route.where}: the deadline passed before the request was dispatched")
+                self._spawn(self._reply_error(msg, route, error))
+                return
+            assert inst.pool is not None
+            inst.pool.submit((route, msg, deadline))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, route: Route, msg: Msg) -> None:
+    def _serve_item(self, item: tuple[Route, Msg, float]) -> Coroutine[Any, Any, None]:
+        return self._serve(*item)
+
+    async def _serve(self, route: Route, msg: Msg, deadline: float) -> None:
         inst = route.instance
         endpoint = route.endpoint
         headers = msg.headers
         msgpack = codec.content_is_msgpack(headers)
         try:
-            deadline = context.parse_deadline(headers, self.default_timeout)
             if time.time() >= deadline:
-                raise DeadlineExceeded(f"{route.where}: the deadline passed before the request was dispatched")
-            async with inst.limit:
-                if time.time() >= deadline:
-                    raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
-                started = time.perf_counter_ns()
-                mixed = headers is not None and headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
-                values = endpoint.signature.decode_arguments(msg.data, msgpack, mixed)
-                headers = headers or {}
-                context.enter(
-                    context.CallContext(
-                        inst.service.name,
-                        endpoint.name,
-                        deadline,
-                        inst.label,
-                        headers.get(protocol.CALLER, "client"),
-                        headers.get(protocol.TRACEPARENT, ""),
-                        headers,
-                    )
+                raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
+            started = time.perf_counter_ns()
+            mixed = headers is not None and headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
+            values = endpoint.signature.decode_arguments(msg.data, msgpack, mixed)
+            headers = headers or {}
+            context.enter(
+                context.CallContext(
+                    inst.service.name,
+                    endpoint.name,
+                    deadline,
+                    inst.label,
+                    headers.get(protocol.CALLER, "client"),
+                    headers.get(protocol.TRACEPARENT, ""),
+                    headers,
                 )
-                args, kwargs = endpoint.signature.call_parts(values)
-                if endpoint.is_async:
-                    result = await route.handler(*args, **kwargs)
-                else:
-                    result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
-                try:
-                    body = codec.encode(result, msgpack)
-                except (TypeError, ValueError, msgspec.EncodeError) as exc:
-                    raise InternalError(
-                        f"{route.where}: cannot encode the return value: {exc}", type="EncodeError"
-                    ) from exc
-                route.stats.processing_time_ns += time.perf_counter_ns() - started
+            )
+            args, kwargs = endpoint.signature.call_parts(values)
+            if endpoint.is_async:
+                result = await route.handler(*args, **kwargs)
+            else:
+                result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
+            try:
+                body = codec.encode(result, msgpack)
+            except (TypeError, ValueError, msgspec.EncodeError) as exc:
+                raise InternalError(
+                    f"{route.where}: cannot encode the return value: {exc}", type="EncodeError"
+                ) from exc
+            route.stats.processing_time_ns += time.perf_counter_ns() - started
             if msg.reply:
                 await self._reply(msg, route, body)
         except RemoteError as exc:
@@ -276,9 +287,6 @@ class Host:
         except Exception as exc:
             log.exception("handler raised", where=route.where)
             await self._reply_error(msg, route, InternalError(str(exc), type=type(exc).__name__))
-        finally:
-            inst.active -= 1
-            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
 
     async def _reply(self, msg: Msg, route: Route, body: bytes, headers: dict[str, str] | None = None) -> None:
         size = len(body) + protocol.headers_size(headers)

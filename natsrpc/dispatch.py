@@ -1,0 +1,133 @@
+"""Running request handlers: a bounded pool of worker tasks per instance, each request in its own context.
+
+A task per request costs a Task object and a trip through the event loop before the handler starts.
+A :class:`Pool` keeps up to ``size`` worker tasks that take requests from a queue back to back; each
+request still runs in a fresh copy of the context, as a task of its own would (see
+:func:`run_in_context`), so contextvars a handler sets never leak into the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Generic, TypeVar
+
+import structlog
+
+T = TypeVar("T")
+
+log = structlog.get_logger("natsrpc.dispatch")
+
+
+class _Step:
+    """Passes one value a coroutine yielded (a future, or None) up to the task driving us."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return (yield self.value)
+
+
+async def run_in_context(coro: Coroutine[Any, Any, T]) -> T:
+    """Runs ``coro`` to completion in a fresh copy of the current context, inside the calling task.
+
+    Each step of ``coro`` runs under ``Context.run``, exactly as ``asyncio.Task`` drives a coroutine,
+    so context variables it sets stay in its own context. Cancellation of the calling task reaches
+    ``coro`` as usual.
+    """
+    ctx = contextvars.copy_context()
+    send, throw = coro.send, coro.throw
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            yielded = ctx.run(send, value) if error is None else ctx.run(throw, error)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+        try:
+            value, error = await _Step(yielded), None
+        except BaseException as exc:  # thrown in by the task (e.g. cancellation): pass it on
+            value, error = None, exc
+
+
+class Pool(Generic[T]):
+    """Up to ``size`` worker tasks running ``serve(item)`` for submitted items, in order.
+
+    Args:
+        size: the most items served at once (the concurrency limit).
+        serve: the coroutine function that handles one item; it must not raise (log instead).
+    """
+
+    def __init__(self, size: int, serve: Callable[[T], Coroutine[Any, Any, None]]) -> None:
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        self.size = size
+        self._serve = serve
+        self._queue: deque[T] = deque()
+        self._idle: list[asyncio.Future[None]] = []
+        self._workers: set[asyncio.Task[None]] = set()
+        self._done: asyncio.Event | None = None
+        self.active = 0
+        """Items submitted and not finished: queued plus running."""
+
+    def submit(self, item: T) -> None:
+        """Queues ``item``; an idle worker takes it, or a new one while fewer than ``size`` run."""
+        self.active += 1
+        self._queue.append(item)
+        while self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        if len(self._workers) < self.size:
+            task = asyncio.get_running_loop().create_task(self._work())
+            self._workers.add(task)
+
+    async def _work(self) -> None:
+        queue, idle = self._queue, self._idle
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while queue:
+                    item = queue.popleft()
+                    try:
+                        await run_in_context(self._serve(item))
+                    except Exception:
+                        log.exception("request handling failed")
+                    finally:
+                        self.active -= 1
+                        if self.active == 0 and self._done is not None:
+                            self._done.set()
+                waiter: asyncio.Future[None] = loop.create_future()
+                idle.append(waiter)
+                await waiter
+        finally:
+            self._workers.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+
+    async def join(self, wait: float) -> int:
+        """Waits up to ``wait`` seconds for every item to finish, then stops the workers.
+
+        Returns:
+            How many items were still queued or running at the timeout (their handlers are cancelled).
+        """
+        if self.active:
+            self._done = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._done.wait(), wait)
+            except TimeoutError:
+                pass
+        left = self.active
+        self._queue.clear()
+        workers = list(self._workers)
+        for task in workers:
+            task.cancel()
+        if workers:
+            await asyncio.wait(workers)
+        self.active = 0
+        return left
