@@ -1,25 +1,32 @@
-"""natsrpc vs raw nats-py request/reply on the same echo payload, interleaved in one run.
+"""natsrpc vs raw nats-py request/reply vs nats-py's ``nats.micro``, interleaved in one run.
 
-Usage:  python bench/compare.py [--rounds 5] [--duration 2] [--concurrency 1 100]
+Usage:  python bench/compare.py [--rounds 5] [--duration 2] [--concurrency 1 10 100]
+                                [--encodings json msgpack] [--loops asyncio uvloop]
 
-Responders (a natsrpc ``echo`` service and a raw nats-py responder) run in a second process; this
-process drives closed-loop load at each concurrency, alternating natsrpc and raw each round, and
-prints the median throughput, p99 latency and the ratio natsrpc / raw. Absolute numbers drift on
-shared machines; the ratio measured side by side is the figure to quote.
+For each event loop, the responders (a natsrpc ``echo`` service, a raw nats-py responder and a
+``nats.micro`` endpoint) run in a second process on that loop; this process, on the same loop,
+drives closed-loop load at each concurrency and encoding, rotating the contenders' order each
+round, and prints median throughput, p99 latency and the ratios to raw nats-py. Absolute numbers
+drift on shared machines; the ratios measured side by side are the figures to quote.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import nats
+import nats.micro
+from nats.micro.request import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -29,6 +36,8 @@ from natsrpc import Service, rpc
 
 PAYLOAD = "x" * 64
 RAW_SUBJECT = "bench.raw.echo"
+MICRO_SUBJECT = "bench.micro.echo"
+CONTENDERS = ("natsrpc", "raw nats-py", "nats.micro")
 
 
 class Echo(Service):
@@ -44,18 +53,29 @@ class Echo(Service):
 
 
 async def serve(url: str) -> None:
-    """Runs both responders until stdin closes."""
+    """Runs the three responders until stdin closes."""
     natsrpc.logs.configure("console", "warning")
     nc = await nats.connect(url)
 
-    async def raw(msg: nats.aio.msg.Msg) -> None:
+    async def raw(msg: Any) -> None:
         await msg.respond(msg.data)
 
+    json_args = msgspec.json.Decoder(list[str])
+    mp_args = msgspec.msgpack.Decoder(list[str])
+
+    async def micro(request: Request) -> None:  # decodes and encodes, as an endpoint would
+        msgpack = (request.headers or {}).get("Content-Type") == "application/msgpack"
+        (value,) = (mp_args if msgpack else json_args).decode(request.data)
+        await request.respond(msgspec.msgpack.encode(value) if msgpack else msgspec.json.encode(value))
+
     await nc.subscribe(RAW_SUBJECT, queue="q", cb=raw)
+    service = await nats.micro.add_service(nc, name="benchmicro", version="1.0.0")
+    await service.add_endpoint(name="echo", subject=MICRO_SUBJECT, handler=micro)
     async with natsrpc.connect(url) as client, natsrpc.Host(client, [Echo()], max_concurrency=1000, max_queue=10000):
         await nc.flush()
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await service.stop()
     await nc.drain()
 
 
@@ -73,83 +93,126 @@ async def closed_loop(call: Callable[[], Awaitable[object]], concurrency: int, d
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
     latencies.sort()
-    return len(latencies) / elapsed, latencies[int(len(latencies) * 0.99) - 1]
+    return len(latencies) / elapsed, latencies[max(0, int(len(latencies) * 0.99) - 1)]
 
 
-def main(args: argparse.Namespace) -> None:
-    """Starts a server and the responders, then measures and prints the table."""
+def calls(client: natsrpc.Client, nc: Any, encoding: str) -> dict[str, Callable[[], Awaitable[object]]]:
+    """Returns one call of each contender, sending the same arguments in ``encoding``."""
+    msgpack = encoding == "msgpack"
+    body = natsrpc.codec.encode([PAYLOAD], msgpack)
+    headers = {"Content-Type": "application/msgpack"} if msgpack else None
+    echo = client.call_service["echo"].options(encoding=encoding).echo
+
+    async def ours() -> object:
+        return await echo(PAYLOAD)
+
+    async def raw() -> object:
+        return await nc.request(RAW_SUBJECT, body, timeout=5, headers=headers)
+
+    async def micro() -> object:
+        return await nc.request(MICRO_SUBJECT, body, timeout=5, headers=headers)
+
+    return dict(zip(CONTENDERS, (ours, raw, micro), strict=True))
+
+
+Results = dict[tuple[str, str, int], list[tuple[float, float]]]
+
+
+async def measure(url: str, args: argparse.Namespace) -> Results:
+    """Measures every contender at every encoding and concurrency, rotating their order each round."""
+    nc = await nats.connect(url)
+    results: Results = {}
+    async with natsrpc.connect(url) as client:
+        for encoding in args.encodings:
+            contenders = calls(client, nc, encoding)
+            for call in contenders.values():  # warm up every path
+                await closed_loop(call, 10, 0.3)
+            names = list(contenders)
+            for round_no in range(args.rounds):
+                order = names[round_no % len(names) :] + names[: round_no % len(names)]
+                for concurrency in args.concurrency:
+                    for name in order:
+                        result = await closed_loop(contenders[name], concurrency, args.duration)
+                        results.setdefault((encoding, name, concurrency), []).append(result)
+                print(f"{encoding}: round {round_no + 1}/{args.rounds} done", file=sys.stderr)
+    await nc.drain()
+    return results
+
+
+def table(results: Results, loop_name: str, args: argparse.Namespace) -> str:
+    """Returns the results as a Markdown table with ratios to raw nats-py."""
+    lines = [
+        f"echo of a 64-byte string, {loop_name} loop on both sides, "
+        f"median of {args.rounds} interleaved rounds of {args.duration} s",
+        "",
+        "| encoding | concurrency | contender | calls/s | ratio to raw | p99 ms | p99 ratio |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for encoding in args.encodings:
+        for concurrency in args.concurrency:
+            raw = results[(encoding, "raw nats-py", concurrency)]
+            raw_rps = statistics.median(r for r, _ in raw)
+            raw_p99 = statistics.median(p for _, p in raw)
+            for name in CONTENDERS:
+                runs = results[(encoding, name, concurrency)]
+                rps = statistics.median(r for r, _ in runs)
+                p99 = statistics.median(p for _, p in runs)
+                lines.append(
+                    f"| {encoding} | {concurrency} | {name} | {rps:,.0f} | {rps / raw_rps:.2f} | "
+                    f"{p99 * 1e3:.2f} | {p99 / raw_p99:.2f} |"
+                )
+    return "\n".join(lines)
+
+
+def run_loop(loop_name: str, args: argparse.Namespace) -> str:
+    """Starts a server and the responders on ``loop_name``, measures, and returns the table."""
     with natsrpc.NatsServer() as server:
         responders = subprocess.Popen(
-            [sys.executable, __file__, "--serve", server.url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, "--serve", server.url, "--loops", loop_name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert responders.stdin is not None
         assert responders.stdout is not None
         try:
             if responders.stdout.readline().strip() != "ready":
                 raise SystemExit("the responders did not start")
-            asyncio.run(measure(server.url, args))
+            with runner(loop_name) as loop:
+                results = loop.run(measure(server.url, args))
         finally:
             responders.stdin.close()
             responders.wait(10)
+    return table(results, loop_name, args)
 
 
-async def measure(url: str, args: argparse.Namespace) -> None:
-    """Interleaves natsrpc and raw runs at each concurrency and prints medians and ratios."""
-    raw_nc = await nats.connect(url)
-    body = natsrpc.codec.encode([PAYLOAD])
-    async with natsrpc.connect(url) as client:
-        echo = client.call_service["echo"].echo
+def runner(loop_name: str) -> asyncio.Runner:
+    """Returns an asyncio runner on the named loop."""
+    if loop_name == "uvloop":
+        import uvloop
 
-        async def rpc_call() -> object:
-            return await echo(PAYLOAD)
-
-        async def raw_call() -> object:
-            return await raw_nc.request(RAW_SUBJECT, body, timeout=5)
-
-        contenders = {"natsrpc": rpc_call, "raw nats-py": raw_call}
-        for call in contenders.values():  # warm up both paths
-            await closed_loop(call, 10, 0.3)
-        results: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        for round_no in range(args.rounds):
-            for concurrency in args.concurrency:
-                order = list(contenders.items()) if round_no % 2 == 0 else list(contenders.items())[::-1]
-                for name, call in order:
-                    results.setdefault((name, concurrency), []).append(
-                        await closed_loop(call, concurrency, args.duration)
-                    )
-            print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
-    await raw_nc.drain()
-    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    rounds = f"median of {args.rounds} interleaved rounds of {args.duration}s"
-    print(f"\necho, 64-byte string, JSON, {loop_name} loop, {rounds}\n")
-    columns = ["concurrency", "natsrpc calls/s", "raw calls/s", "ratio", "p99 natsrpc", "p99 raw", "p99 ratio"]
-    print(" | ".join(f"{c:>11}" for c in columns))
-    print("-" * 98)
-    for concurrency in args.concurrency:
-        ours = results[("natsrpc", concurrency)]
-        raw = results[("raw nats-py", concurrency)]
-        rps_ours, rps_raw = statistics.median(r for r, _ in ours), statistics.median(r for r, _ in raw)
-        p99_ours, p99_raw = statistics.median(p for _, p in ours), statistics.median(p for _, p in raw)
-        cells = [
-            f"{concurrency}",
-            f"{rps_ours:,.0f}",
-            f"{rps_raw:,.0f}",
-            f"{rps_ours / rps_raw:.2f}",
-            f"{p99_ours * 1e3:.2f}ms",
-            f"{p99_raw * 1e3:.2f}ms",
-            f"{p99_ours / p99_raw:.2f}",
-        ]
-        print(" | ".join(f"{c:>11}" for c in cells))
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Parses the arguments and runs the comparison on each loop."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 100])
-    parsed = parser.parse_args()
-    if parsed.serve:
-        asyncio.run(serve(parsed.serve))
-    else:
-        main(parsed)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--encodings", nargs="+", choices=["json", "msgpack"], default=["json", "msgpack"])
+    parser.add_argument("--loops", nargs="+", choices=["asyncio", "uvloop"], default=["asyncio", "uvloop"])
+    args = parser.parse_args()
+    if args.serve:
+        with runner(args.loops[0]) as loop:
+            loop.run(serve(args.serve))
+        return
+    loops = [name for name in args.loops if name != "uvloop" or importlib.util.find_spec("uvloop")]
+    for loop_name in loops:
+        print(run_loop(loop_name, args), end="\n\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
