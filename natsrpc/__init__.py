@@ -8,6 +8,7 @@ from natsrpc.client import Client, connect
 from natsrpc.context import CallContext, current_call
 from natsrpc.embedded import NatsServer
 from natsrpc.errors import (
+    AuthenticationFailed,
     BadGateway,
     BadRequest,
     CallError,
@@ -36,6 +37,7 @@ from natsrpc.service import Service, ServiceContext, rpc
 from natsrpc.sync import SyncClient
 
 __all__ = [
+    "AuthenticationFailed",
     "BadGateway",
     "BadRequest",
     "CallContext",

@@ -212,6 +212,8 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._alive: bool | None = None  # None until the registry says anything
         self._consecutive = 0
+        self._issued = 0  # tickets handed out by allow(), in issue order
+        self._last_success = 0  # the ticket of the latest-issued call that succeeded
         self._window = _Window(self.config.window, self.config.window_buckets)
         self._probes_started = 0
         self._probes_in_flight = 0
@@ -229,17 +231,21 @@ class CircuitBreaker:
         """Why the circuit last opened (``"5 consecutive failures"``); empty while closed."""
         return self._reason
 
-    def allow(self) -> None:
+    def allow(self) -> int:
         """Lets a call go out, or refuses it; in half-open, takes one of the probe slots.
+
+        Returns:
+            The call's ticket (its place in issue order), to pass to :meth:`record`.
 
         Raises:
             CircuitOpen: the circuit is open, or half-open with every probe slot taken.
         """
+        self._issued += 1
         if self._state is State.CLOSED:  # the hot path
-            return
+            return self._issued
         state = self.state
         if state is State.CLOSED:
-            return
+            return self._issued
         if state is State.OPEN:
             wait = max(0.0, self._opened_at + self.config.open_wait - self._clock())
             raise CircuitOpen(f"circuit for {self.name} is open: {self._reason} (half-open in {wait:.1f} s)")
@@ -250,22 +256,30 @@ class CircuitBreaker:
             )
         self._probes_started += 1
         self._probes_in_flight += 1
+        return self._issued
 
-    def record(self, exc: BaseException | None) -> None:
+    def record(self, exc: BaseException | None, ticket: int = 0) -> None:
         """Learns from the outcome of an allowed call.
+
+        "Consecutive" failures are counted in issue order: a failure of a call issued before a call
+        that has since succeeded does not count towards ``consecutive_failures`` (it still counts in
+        the failure rate). When a replica dies, the calls it held time out together one timeout
+        later, long after the other replicas answered newer calls; counted in the order they end,
+        they opened the circuit of a healthy service (RELIABILITY F2/F3).
 
         Args:
             exc: the exception the call raised, or None if it returned (see :func:`counts_as_failure`).
+            ticket: what :meth:`allow` returned for the call; 0 = unknown (counted as it ends).
         """
         if exc is None and self._state is State.CLOSED:  # the hot path: a success while closed
-            self._record_closed(False)
+            self._record_closed(False, ticket)
             return
         failed = _classify(exc)
         state = self.state
         if state is State.HALF_OPEN:
             self._record_probe(failed, exc)
         elif state is State.CLOSED and failed is not None:
-            self._record_closed(failed)
+            self._record_closed(failed, ticket)
 
     def _record_probe(self, failed: bool | None, exc: BaseException | None) -> None:
         if self._probes_in_flight == 0:
@@ -280,11 +294,15 @@ class CircuitBreaker:
             if self._probe_successes >= self.config.successes_to_close:
                 self._close()
 
-    def _record_closed(self, failed: bool) -> None:
+    def _record_closed(self, failed: bool, ticket: int) -> None:
         cfg = self.config
         window = self._window
         window.add(self._clock(), failed)
-        self._consecutive = self._consecutive + 1 if failed else 0
+        if not failed:
+            self._consecutive = 0
+            self._last_success = max(self._last_success, ticket)
+        elif not 0 < ticket < self._last_success:  # a newer call has succeeded since this one went out
+            self._consecutive += 1
         if self._consecutive >= cfg.consecutive_failures:
             self._open(f"{self._consecutive} consecutive failures")
         elif window.calls >= cfg.min_calls and window.failures / window.calls >= cfg.failure_rate:
@@ -321,6 +339,15 @@ class CircuitBreaker:
         per heartbeat interval, and one that was gone recovers on its first beat.
         """
         self._alive = True
+        if self.state is State.OPEN:
+            self._half_open()
+
+    def probe_now(self) -> None:
+        """Turns an open circuit half-open at once, so the next calls probe the service.
+
+        The client calls it when its connection comes back: failures seen through a broken
+        connection may have been the connection's, not the service's.
+        """
         if self.state is State.OPEN:
             self._half_open()
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
-from natsrpc import discovery, logs, protocol
+from natsrpc import auth, bench, discovery, logs, protocol
 from natsrpc.client import DEFAULT_URL, connect
-from natsrpc.errors import CallError, ConnectionLost, RemoteError
+from natsrpc.errors import CallError, ConfigurationError, ConnectionLost, RemoteError
 from natsrpc.proxy import CallOptions
 
 
@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("NATS_URL", DEFAULT_URL),
         help="NATS server URL(s), comma-separated (env NATS_URL; default %(default)s)",
     )
+    auth.add_arguments(p)
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     call = commands.add_parser(
         "call",
@@ -52,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("service", metavar="SERVICE", nargs="?", default="")
         sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sp.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies (default %(default)s)")
+    bench.add_parser(commands)
     return p
 
 
@@ -78,7 +80,7 @@ async def _call(args: argparse.Namespace) -> int:
         print("error: --timeout must be positive", file=sys.stderr)
         return 2
     try:
-        async with connect(args.url.split(","), name="natsrpc-cli") as client:
+        async with connect(args.url, name="natsrpc-cli", **auth.from_args(args)) as client:
             options = CallOptions(timeout=args.timeout, headers=headers or None)
             msg = await client.request(protocol.endpoint_subject(service, method, client.prefix), body, options)
     except RemoteError as exc:
@@ -106,7 +108,7 @@ async def _inspect(args: argparse.Namespace) -> int:
         print(f"error: {service!r} is not a service name", file=sys.stderr)
         return 2
     try:
-        async with connect(args.url.split(","), name="natsrpc-cli") as client:
+        async with connect(args.url, name="natsrpc-cli", **auth.from_args(args)) as client:
             replies = await discovery.survey(client.nc, verb, service, args.wait)
     except CallError as exc:
         print(f"error {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -166,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m natsrpc``; returns the process exit code."""
     args = parser().parse_args(argv)
     logs.configure("console", os.environ.get("NATSRPC_LOG_LEVEL", "error"))
-    if args.command == "call":
-        return asyncio.run(_call(args))
-    return asyncio.run(_inspect(args))
+    try:
+        if args.command == "bench":
+            return bench.run(args)
+        if args.command == "call":
+            return asyncio.run(_call(args))
+        return asyncio.run(_inspect(args))
+    except ConfigurationError as exc:  # e.g. a credentials or TLS file that does not exist
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -144,6 +145,19 @@ class Client:
         if self.circuits is None:
             raise ConfigurationError("circuit breaking is off for this client (circuit=None)")
         return self.circuits.get(service)
+
+    def probe_open_circuits(self) -> None:
+        """Restarts heartbeat expiry and half-opens every open circuit; called on reconnect.
+
+        Calls that timed out and beats that were missed through a hung connection (SIGSTOPped
+        server, RELIABILITY F5) open circuits, though the failure was the connection's: probe the
+        services through the new one at once rather than wait for a heartbeat or the open wait.
+        """
+        if self.registry is not None:
+            self.registry.restart_expiry()
+        if self.circuits is not None:
+            for service in self.circuits:
+                self.circuits.get(service).probe_now()
 
     def _on_registry_change(self, service: str, instance: InstanceState, event: str) -> None:
         """Opens a service's circuit when its last live instance goes; a live instance's beat half-opens it."""
@@ -333,19 +347,18 @@ class Client:
                 limit = self.nc.max_payload
                 raise PayloadTooLarge(f"request to {subject} is {size} bytes with headers, over max_payload {limit}")
             started = self._loop_time()
-            if breaker is not None:
-                breaker.allow()
+            ticket = breaker.allow() if breaker is not None else 0
             try:
                 msg = await self._attempt(subject, body, headers, _attempt_wait(timeout, opts))
             except BaseException as exc:
                 if breaker is not None:
-                    breaker.record(exc)
+                    breaker.record(exc, ticket)
                 if not isinstance(exc, CallError) or opts.retry.max_attempts == 1:
                     raise
                 first_error: CallError = exc
             else:
                 if breaker is not None:
-                    breaker.record(None)
+                    breaker.record(None, ticket)
                 bucket = self._buckets.get(service)
                 if bucket is not None:
                     bucket.record_success()
@@ -375,16 +388,15 @@ class Client:
             idempotent = self.registry is not None and len(parts) > 2 and self.registry.idempotent(service, parts[2])
 
         async def attempt(remaining: float) -> Msg:
-            if breaker is not None:
-                breaker.allow()
+            ticket = breaker.allow() if breaker is not None else 0
             try:
                 msg = await self._attempt(subject, body, headers, _attempt_wait(remaining, opts))
             except BaseException as exc:
                 if breaker is not None:
-                    breaker.record(exc)
+                    breaker.record(exc, ticket)
                 raise
             if breaker is not None:
-                breaker.record(None)
+                breaker.record(None, ticket)
             return msg
 
         return await run_with_retries(
@@ -540,12 +552,12 @@ class connect:
         inbox_prefix: str | None = None,
         **nats_options: Any,
     ) -> None:
+        if "tls" in nats_options and (tls_ca or tls_cert or tls_key):
+            raise ConfigurationError("give tls (an SSLContext) or tls_ca/tls_cert/tls_key, not both")
         security = auth.nats_options(
             user=user, password=password, token=token, nkeys_seed=nkeys_seed, creds=creds,
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, inbox_prefix=inbox_prefix,
         )  # fmt: skip
-        if "tls" in security and "tls" in nats_options:
-            raise ConfigurationError("give tls (an SSLContext) or tls_ca/tls_cert/tls_key, not both")
         self._servers = auth.split_servers(servers)
         self._name = name
         self._nats_options = {**security, **nats_options}
@@ -619,6 +631,10 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
     async def error_cb(exc: Exception) -> None:
         if not client_ref:
             refusals.append(exc)
+            if isinstance(exc, ssl.SSLError):
+                # nats-py 2.16 hangs for good closing a connection whose TLS handshake failed (it
+                # waits for a close the swapped-out protocol never sees): give up this connect now.
+                raise ConnectionLost(f"TLS handshake with the NATS server failed: {exc}") from exc
         violation = permission_violation(exc)
         if violation is not None:
             log.warning("nats permission denied", operation=violation[0], subject=violation[1])
@@ -631,6 +647,11 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
             log.error("nats server refused the credentials on reconnect", error=repr(exc))
             for client in client_ref:
                 client.fail_pending(AuthenticationFailed(f"the NATS server refused the credentials: {exc}"))
+                # nats-py opens the next attempt's socket without closing this refused one (a leak
+                # and a ResourceWarning): close it, the server has hung up anyway.
+                transport: Any = client.nc._transport  # Any: nats-py's Transport.close() is untyped
+                if transport:
+                    transport.close()
             return
         log.warning("nats error", error=repr(exc))
 
@@ -647,6 +668,8 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
 
     async def reconnected_cb() -> None:
         log.info("nats reconnected")
+        for client in client_ref:
+            client.probe_open_circuits()
 
     async def closed_cb() -> None:
         (log.debug if closing() else log.warning)("nats connection closed")

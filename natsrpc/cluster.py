@@ -1,7 +1,7 @@
 """A nats-server cluster on loopback for fault tests: N :class:`~natsrpc.NatsServer` nodes in a full mesh.
 
 Each node gets free client, cluster and monitoring ports, explicit routes to every other node and a
-server-side ping of 1 s × 2, so the routes of a hung (SIGSTOPped) node die in ~3 s rather than ~4 min
+server-side ping of 1 s x 2, so the routes of a hung (SIGSTOPped) node die in ~3 s rather than ~4 min
 (RELIABILITY.md fact 3). :meth:`NatsCluster.start` returns once every node's ``/routez`` lists every
 other node, polling (a cluster forms in 25-50 ms, sometimes ~1 s)::
 
@@ -185,7 +185,11 @@ class NatsCluster:
         Path(self.config_path).unlink(missing_ok=True)
 
     def __enter__(self) -> NatsCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

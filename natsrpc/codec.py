@@ -141,7 +141,7 @@ class Signature:
             return msgspec.structs.astuple(js.decode(body))
         except msgspec.ValidationError as exc:
             raise BadRequest(f"{self.where}: invalid arguments: {self._name_fields(str(exc))}") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for bad UTF-8
             kind = "MessagePack" if msgpack else "JSON"
             raise BadRequest(f"{self.where}: body is not valid {kind}: {exc}") from None
 

@@ -220,14 +220,15 @@ class Announcer:
         self._subs = []
 
     async def beat(self) -> None:
-        """Publishes one heartbeat per instance now."""
-        for inst in self.instances:
+        """Publishes one heartbeat per instance now.
+
+        The health hooks run concurrently, each bounded by one interval, so a slow or hung hook
+        delays no other instance's beat (run one after another, three hung hooks stretched a healthy
+        instance's beats past the 3-interval expiry).
+        """
+        health = await asyncio.gather(*(self._health(inst) for inst in self.instances))
+        for inst, healthy in zip(self.instances, health, strict=True):
             svc = inst.service
-            try:
-                healthy = bool(await asyncio.wait_for(svc.health(), self.interval))
-            except Exception as exc:
-                log.warning("health check failed", service=svc.name, error=repr(exc))
-                healthy = False
             idempotent = sorted(name for name, route in inst.routes.items() if route.endpoint.idempotent)
             beat = Heartbeat(
                 svc.name,
@@ -245,9 +246,22 @@ class Announcer:
             except nats.errors.Error as exc:
                 log.warning("heartbeat not sent", service=svc.name, error=repr(exc))
 
+    async def _health(self, inst: Instance) -> bool:
+        svc = inst.service
+        try:
+            return bool(await asyncio.wait_for(svc.health(), self.interval))
+        except Exception as exc:
+            log.warning("health check failed", service=svc.name, error=repr(exc))
+            return False
+
     async def _beat_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval * random.uniform(0.8, 1.0))
+        # Paced from the start of each beat, so time spent in health hooks does not stretch the
+        # period; ends with the connection (a closed nats-py connection never reconnects).
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not self.nc.is_closed:
+            await asyncio.sleep(max(0.0, started + self.interval * random.uniform(0.8, 1.0) - loop.time()))
+            started = loop.time()
             await self.beat()
 
     async def _answer(self, verb: str, inst: Instance, msg: Msg) -> None:
@@ -359,6 +373,18 @@ class Registry:
         else:
             self._emit(beat.name, state, "beat")
 
+    def restart_expiry(self) -> None:
+        """Counts every known instance as seen now; the client calls it when its connection comes back.
+
+        Beats missed while this client was cut off (a hung server takes seconds to detect) say
+        nothing about the instances: without this, they expired right after the reconnect, before
+        their next beat could arrive, and opened circuits of services that answer (RELIABILITY F5).
+        """
+        now = self.clock()
+        for instances in self._services.values():
+            for state in instances.values():
+                state.last_seen = now
+
     def sweep(self) -> None:
         """Removes the instances that missed 3 intervals, telling the callbacks."""
         now = self.clock()
@@ -395,7 +421,7 @@ class Registry:
     async def _on_beat(self, msg: Msg) -> None:
         try:
             self.observe(heartbeat_decoder.decode(msg.data))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             log.warning("bad heartbeat ignored", subject=msg.subject, error=str(exc))
 
     async def _sweep_forever(self) -> None:

@@ -20,16 +20,19 @@ The tree::
         ├── CallTimeout            no reply before the deadline (also a TimeoutError)
         ├── CircuitOpen            the circuit breaker refuses the call
         ├── PayloadTooLarge        headers + body exceed the server's max_payload
-        ├── PermissionDenied       the server refused the publish or subscribe
+        ├── PermissionDenied       the server refused a publish or subscribe of this connection
+        │   └── AuthenticationFailed   the server refused the connection's credentials
         ├── ConnectionLost         the connection broke while the call was pending
         └── ClientClosed           the client was closed by its owner
 
-nats-py exceptions are translated in one place, :func:`translate_nats_errors`, and never reach
-callers.
+nats-py exceptions are translated in one place, :func:`translate_nats_errors` (with
+:func:`permission_violation` and :func:`is_authentication_failure` reading what nats-py reports on
+``error_cb``), and never reach callers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -187,6 +190,10 @@ class PermissionDenied(CallError):
     """Raised when the server refused to let this connection publish or subscribe a subject."""
 
 
+class AuthenticationFailed(PermissionDenied):
+    """Raised when the server refused the connection's credentials (user/password, token, NKey, creds, certificate)."""
+
+
 class ConnectionLost(CallError):
     """Raised when the connection broke (or was closed underneath) while the call was pending."""
 
@@ -253,7 +260,7 @@ def error_from_reply(headers: dict[str, str], body: bytes) -> RemoteError:
     """Returns the RemoteError an error reply carries (body preferred, headers as fallback)."""
     try:
         envelope = _envelope_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         code_text = headers.get(protocol.ERROR_CODE, "500")
         code = int(code_text) if code_text.isdigit() else protocol.INTERNAL
         return remote_error(code, headers.get(protocol.ERROR, ""))
@@ -276,7 +283,7 @@ def translate_nats_errors(subject: str = "") -> Iterator[None]:
     except nats.errors.MaxPayloadError as exc:
         raise PayloadTooLarge(f"message to {subject} exceeds the server's max_payload") from exc
     except nats.errors.AuthorizationError as exc:
-        raise PermissionDenied(f"not authorized: {exc}") from exc
+        raise AuthenticationFailed(f"not authorized: the server refused this connection's credentials ({exc})") from exc
     except nats.errors.ConnectionClosedError as exc:
         raise ClientClosed("the connection is closed") from exc
     except (nats.errors.ConnectionDrainingError, nats.errors.OutboundBufferLimitError) as exc:
@@ -285,3 +292,22 @@ def translate_nats_errors(subject: str = "") -> Iterator[None]:
         raise ConnectionLost(f"connection lost: {exc!r}") from exc
     except nats.errors.Error as exc:
         raise ConnectionLost(f"nats error: {exc}") from exc
+
+
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"')
+_AUTH_FAILURE = re.compile(r"authorization violation|authorization failed|authentication (?:expired|revoked)")
+
+
+def permission_violation(exc: BaseException) -> tuple[str, str] | None:
+    """Returns ``(operation, subject)`` when ``exc`` is a permissions violation nats-py reported on error_cb.
+
+    ``operation`` is ``"publish"`` or ``"subscription"``. nats-py lower-cases the server's message, so
+    ``subject`` comes back lower-cased: compare it with ``subject.lower()``.
+    """
+    match = _VIOLATION.search(str(exc).lower())
+    return (match[1], match[2]) if match else None
+
+
+def is_authentication_failure(exc: BaseException) -> bool:
+    """Returns whether ``exc`` (from nats-py, on connect or on error_cb) says the server refused the credentials."""
+    return isinstance(exc, nats.errors.AuthorizationError) or _AUTH_FAILURE.search(str(exc).lower()) is not None

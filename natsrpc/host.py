@@ -180,7 +180,7 @@ class Host:
         self._started = False
         for inst in self.instances:
             inst.draining = True
-        if self._announcer is not None and not self.nc.is_closed:
+        if self._announcer is not None:
             await self._announcer.stop()  # a last beat says "draining", so callers stop routing here
         subs, self._subs = self._subs, []
         if not self.nc.is_closed:
@@ -248,10 +248,10 @@ class Host:
         endpoint = route.endpoint
         headers = msg.headers
         msgpack = codec.content_is_msgpack(headers)
+        started = time.perf_counter_ns()
         try:
             if time.time() >= deadline:
                 raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
-            started = time.perf_counter_ns()
             mixed = headers is not None and headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
             values = endpoint.signature.decode_arguments(msg.data, msgpack, mixed)
             headers = headers or {}
@@ -277,7 +277,6 @@ class Host:
                 raise InternalError(
                     f"{route.where}: cannot encode the return value: {exc}", type="EncodeError"
                 ) from exc
-            route.stats.processing_time_ns += time.perf_counter_ns() - started
             if msg.reply:
                 await self._reply(msg, route, body)
         except RemoteError as exc:
@@ -287,6 +286,8 @@ class Host:
         except Exception as exc:
             log.exception("handler raised", where=route.where)
             await self._reply_error(msg, route, InternalError(str(exc), type=type(exc).__name__))
+        finally:  # every request served counts, errors too (as Go's micro library counts them)
+            route.stats.processing_time_ns += time.perf_counter_ns() - started
 
     async def _reply(self, msg: Msg, route: Route, body: bytes, headers: dict[str, str] | None = None) -> None:
         size = len(body) + protocol.headers_size(headers)

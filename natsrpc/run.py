@@ -20,8 +20,8 @@ from typing import Any
 import anyio.to_thread
 import structlog
 
+from natsrpc import auth, discovery, logs
 from natsrpc import host as host_module
-from natsrpc import logs
 from natsrpc.client import DEFAULT_URL, connect
 from natsrpc.embedded import NatsServer, free_port, is_listening
 from natsrpc.errors import ConfigurationError, NatsRpcError
@@ -104,7 +104,26 @@ def parser() -> argparse.ArgumentParser:
         default=host_module.DEFAULT_DRAIN_TIMEOUT,
         help="seconds to wait for in-flight handlers on stop (default %(default)s)",
     )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=_positive_seconds,
+        default=os.environ.get("NATSRPC_HEARTBEAT_INTERVAL", str(discovery.DEFAULT_HEARTBEAT_INTERVAL)),
+        help="seconds between heartbeats; clients expire an instance after 3 missed ones "
+        "(env NATSRPC_HEARTBEAT_INTERVAL; default %(default)s)",
+    )
+    auth.add_arguments(p)
     return p
+
+
+def _positive_seconds(text: str) -> float:
+    """Parses a positive number of seconds (an argparse ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -120,13 +139,14 @@ async def serve(args: argparse.Namespace) -> int:
         embedded = await anyio.to_thread.run_sync(NatsServer(port=port, host=EMBEDDED_HOST).start)
         url = embedded.url
         print(f"natsrpc: started an embedded nats-server at {url} (it stops when this process exits)", file=sys.stderr)
-    servers = (url or DEFAULT_URL).split(",")
+    servers = auth.split_servers(url or DEFAULT_URL)
+    security = auth.from_args(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with connect(servers, name="natsrpc-run") as client:
+        async with connect(servers, name="natsrpc-run", **security) as client:
             services = [cls() for cls in classes]
             async with Host(
                 client,
@@ -135,8 +155,9 @@ async def serve(args: argparse.Namespace) -> int:
                 max_queue=args.max_queue,
                 drain_timeout=args.drain_timeout,
                 config=config,
+                heartbeat_interval=args.heartbeat_interval,
             ):
-                log.info("ready", url=",".join(servers), services=[s.name for s in services])
+                log.info("ready", url=auth.redacted(servers), services=[s.name for s in services])
                 await stop.wait()
                 log.info("stopping: draining in-flight requests")
     finally:

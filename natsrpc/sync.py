@@ -29,8 +29,9 @@ class SyncClient:
     ``c.call_service_async[...]`` returns a :class:`concurrent.futures.Future` instead.
 
     Args:
-        servers: NATS URL or list of URLs.
-        **options: as for :func:`natsrpc.connect` (timeout, encoding, user, password, tls, ...).
+        servers: NATS URL, comma-separated URLs, or a list of URLs.
+        **options: as for :func:`natsrpc.connect` (timeout, encoding, user, password, creds,
+            tls_ca, tls_cert, tls_key, inbox_prefix, ...).
 
     Raises:
         ConnectionLost: the first connect failed.

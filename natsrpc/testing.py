@@ -1,11 +1,15 @@
-"""pytest helpers: a real nats-server per test session, a client per test, and hosting services.
+"""pytest helpers: a real nats-server per test session, a client per test, a cluster, and hosting services.
 
 Registered as a pytest plugin (entry point ``natsrpc``), so any project that installs natsrpc gets
-the fixtures ``nats_server``, ``nats_url`` and ``client``::
+the fixtures ``nats_server``, ``nats_url``, ``client`` and ``nats_cluster``::
 
     async def test_get(client, nats_url):
         async with natsrpc.testing.serve(client, KV()):
             assert await client.call_service["kv"].get("a") is None
+
+    async def test_failover(nats_cluster):   # a fresh 3-node cluster (natsrpc.cluster.NatsCluster)
+        async with natsrpc.connect(nats_cluster.urls) as c:
+            nats_cluster.nodes[0].kill()      # pause()/resume(), restart(); then wait_for_routes()
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import pytest
 
 from natsrpc.client import Client, connect
+from natsrpc.cluster import NatsCluster
 from natsrpc.embedded import NatsServer
 from natsrpc.host import Host
 from natsrpc.service import Service
@@ -46,6 +51,16 @@ def nats_server() -> Iterator[NatsServer]:
 def nats_url(nats_server: NatsServer) -> str:
     """The URL of the session's nats-server."""
     return nats_server.url
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[NatsCluster]:
+    """A 3-node nats-server cluster of this test alone, its routes formed; stopped after the test.
+
+    Its nodes may be killed, paused or restarted freely: stopping resumes paused nodes first.
+    """
+    with NatsCluster(3) as cluster:
+        yield cluster
 
 
 try:

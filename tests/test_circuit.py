@@ -98,7 +98,7 @@ class TestCountsAsFailure:
             (None, False),
             (CallTimeout("t"), True),
             (NoResponders("n"), True),
-            (ConnectionLost("c"), True),
+            (ConnectionLost("c"), False),
             (InternalError("i"), True),
             (Unavailable("draining"), True),
             (DeadlineExceeded("late"), True),
@@ -296,6 +296,18 @@ class TestConsecutiveFailures:
         b.feed(history)
         assert b.cb.state is expected
 
+    def test_failures_of_calls_issued_before_a_success_do_not_count(self) -> None:
+        """Timeouts of calls issued before a newer call succeeded (a dead replica's) do not open the circuit."""
+        b = Breaker(**CONSECUTIVE_ONLY)
+        lost = [b.cb.allow() for _ in range(10)]  # held by a replica that dies
+        newer = b.cb.allow()  # answered by another replica
+        b.cb.record(None, newer)
+        for ticket in lost:
+            b.cb.record(CallTimeout("no reply"), ticket)
+        assert b.cb.state is State.CLOSED
+        b.feed("FFFFF")  # failures of calls issued after the success still count
+        assert b.cb.state is State.OPEN
+
     def test_open_fails_fast_with_reason(self) -> None:
         """An open circuit refuses calls with CircuitOpen naming the service, state, cause and wait."""
         b = Breaker()
@@ -330,6 +342,15 @@ class TestOpenWait:
         b.clock.advance(b.cb.config.open_wait)
         assert b.cb.state is State.HALF_OPEN
         b.cb.allow()  # a full set of probe slots is available
+
+    def test_probe_now_skips_the_wait(self) -> None:
+        """probe_now (called by the client on reconnect) half-opens an open circuit at once, not a closed one."""
+        b = Breaker(open_wait=5.0)
+        b.cb.probe_now()
+        assert b.cb.state is State.CLOSED
+        b.open()
+        b.cb.probe_now()
+        assert b.cb.state is State.HALF_OPEN
 
 
 class TestHalfOpen:

@@ -13,6 +13,7 @@ import structlog.testing
 
 import natsrpc
 from natsrpc import NatsServer, Service, ServiceError, rpc
+from natsrpc.circuit import State
 from natsrpc.embedded import free_port
 from natsrpc.testing import serve
 from services.kv import KV
@@ -274,6 +275,21 @@ class TestConnectionBreaks:
             await host_client.close()
         assert host_client.closed
         assert host_client.nc.is_closed
+
+    async def test_reconnect_half_opens_open_circuits(self, own_server: NatsServer) -> None:
+        """After a reconnect, open circuits turn half-open at once: failures seen through a broken link say little."""
+        async with natsrpc.connect(own_server.url) as caller:
+            breaker = caller.circuit("kv")
+            for _ in range(breaker.config.consecutive_failures):
+                breaker.record(natsrpc.CallTimeout("through the dying connection"), breaker.allow())
+            assert breaker.state is State.OPEN
+            restarted = time.monotonic()
+            await asyncio.to_thread(own_server.restart)
+            await eventually(lambda: breaker.state is not State.OPEN)
+            elapsed = time.monotonic() - restarted
+            assert caller.nc.is_connected
+            assert breaker.state is State.HALF_OPEN
+        assert elapsed < MARGIN < breaker.config.open_wait, f"half-open {elapsed:.2f} s after the restart"
 
     async def test_calls_after_close_raise_client_closed(self, nats_url: str) -> None:
         """A call made on a closed client raises ClientClosed without touching the connection."""

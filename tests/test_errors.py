@@ -11,6 +11,7 @@ import pytest
 import natsrpc
 from natsrpc import protocol
 from natsrpc.errors import (
+    AuthenticationFailed,
     BadRequest,
     CallError,
     CallTimeout,
@@ -30,6 +31,8 @@ from natsrpc.errors import (
     Unavailable,
     error_from_reply,
     error_reply,
+    is_authentication_failure,
+    permission_violation,
     remote_error,
     translate_nats_errors,
 )
@@ -65,6 +68,7 @@ class TestHierarchy:
             natsrpc.CircuitOpen,
             PayloadTooLarge,
             PermissionDenied,
+            AuthenticationFailed,
             ConnectionLost,
             ClientClosed,
         ],
@@ -259,7 +263,7 @@ class TestTranslateNatsErrors:
             (nats.errors.TimeoutError(), CallTimeout, "svc.kv.get"),
             (TimeoutError(), CallTimeout, "svc.kv.get"),
             (nats.errors.MaxPayloadError(), PayloadTooLarge, "max_payload"),
-            (nats.errors.AuthorizationError(), PermissionDenied, "not authorized"),
+            (nats.errors.AuthorizationError(), AuthenticationFailed, "refused this connection's credentials"),
             (nats.errors.ConnectionClosedError(), ClientClosed, "closed"),
             (nats.errors.ConnectionDrainingError(), ConnectionLost, "ConnectionDrainingError"),
             (nats.errors.OutboundBufferLimitError(), ConnectionLost, "OutboundBufferLimitError"),
@@ -307,3 +311,52 @@ class TestTranslateNatsErrors:
         with translate_nats_errors("svc.kv.get"):
             done = True
         assert done
+
+
+class TestErrorCallbackReports:
+    """permission_violation() and is_authentication_failure() read what nats-py reports on error_cb."""
+
+    @pytest.mark.parametrize(
+        ("reported", "expected"),
+        [
+            (
+                nats.errors.Error('nats: permissions violation for publish to "svc.billing.charge"'),
+                ("publish", "svc.billing.charge"),
+            ),
+            (
+                nats.errors.Error('nats: permissions violation for subscription to "_inbox.abc.*"'),
+                ("subscription", "_inbox.abc.*"),
+            ),
+            (
+                nats.errors.Error('nats: permissions violation for subscription to "svc.kv.get" using queue "q"'),
+                ("subscription", "svc.kv.get"),
+            ),
+            (nats.errors.Error("nats: 'Authorization Violation'"), None),
+            (nats.errors.StaleConnectionError(), None),
+            (ConnectionResetError(), None),
+        ],
+        ids=["publish", "subscription", "queue-subscription", "authorization", "stale", "reset"],
+    )
+    def test_permission_violation(self, reported: Exception, expected: tuple[str, str] | None) -> None:
+        """A permissions violation yields (operation, subject); anything else None."""
+        assert permission_violation(reported) == expected
+
+    @pytest.mark.parametrize(
+        ("reported", "expected"),
+        [
+            (nats.errors.Error("nats: 'Authorization Violation'"), True),
+            (nats.errors.AuthorizationError(), True),
+            (nats.errors.Error("nats: 'User Authentication Expired'"), True),
+            (nats.errors.Error("nats: 'User Authentication Revoked'"), True),
+            (nats.errors.Error('nats: permissions violation for publish to "x"'), False),
+            (ConnectionRefusedError(), False),
+        ],
+        ids=["violation", "nats-py-class", "expired", "revoked", "permission", "refused"],
+    )
+    def test_is_authentication_failure(self, reported: Exception, expected: bool) -> None:
+        """Refused, expired or revoked credentials are authentication failures; subject permissions are not."""
+        assert is_authentication_failure(reported) is expected
+
+    def test_authentication_failed_is_a_permission_denied(self) -> None:
+        """Catching PermissionDenied catches refused credentials too (neither is retried nor opens a circuit)."""
+        assert issubclass(AuthenticationFailed, PermissionDenied)

@@ -1,0 +1,524 @@
+"""Resilience against a real nats-server: killed instances, circuit breaking, retries, per-instance routing.
+
+The SIGKILL scenario runs the example kv service as separate ``python -m natsrpc.run`` processes and
+prints its figures (registry drop time, CircuitOpen latency, recovery time) so they can be quoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+import natsrpc
+from natsrpc import Service, ServiceError, rpc
+from natsrpc.circuit import CircuitConfig, State
+from natsrpc.discovery import EXPIRY_INTERVALS, InstanceState
+from natsrpc.retry import RetryPolicy
+from natsrpc.testing import serve
+from services.kv import KV
+
+REPO = Path(__file__).resolve().parents[1]
+HEARTBEAT = 0.1  # the kv processes' heartbeat interval (--heartbeat-interval)
+STARTUP = 20.0  # the longest a process may take to start beating
+FAST = 0.010  # the most a refused call may take (no timeout wait)
+SLACK = 0.25  # scheduling delay allowed on top of protocol times (the test machine is shared and loaded)
+
+# --------------------------------------------------------------------------------------------------
+# Services (module level, names unique in the test session: the server is shared).
+# --------------------------------------------------------------------------------------------------
+
+
+class Late(Service):
+    """Started only after a call to it has already failed with NoResponders."""
+
+    name = "reslate"
+
+    @rpc
+    async def echo(self, text: str) -> str:
+        """Returns ``text``."""
+        return text
+
+
+class FirstCallHangs(Service):
+    """The first run of each method hangs until released; later runs return at once. Counts runs."""
+
+    name = "resslow"
+
+    def __init__(self) -> None:
+        self.runs: Counter[str] = Counter()
+        self.release = asyncio.Event()
+
+    async def _run(self, method: str) -> int:
+        self.runs[method] += 1
+        run = self.runs[method]
+        if run == 1:
+            await self.release.wait()
+        return run
+
+    @rpc
+    async def write(self) -> int:
+        """Not idempotent: returns the run number."""
+        return await self._run("write")
+
+    @rpc(idempotent=True)
+    async def read(self) -> int:
+        """Idempotent: returns the run number."""
+        return await self._run("read")
+
+
+class Busy(Service):
+    """Answers 429 while ``busy``; counts runs."""
+
+    name = "resbusy"
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.busy = True
+
+    @rpc
+    async def take(self) -> str:
+        """Raises 429 while busy, else returns ``"ok"``."""
+        self.runs += 1
+        if self.busy:
+            raise ServiceError(429, "busy, try later")
+        return "ok"
+
+
+class Mute(Service):
+    """Never answers until released; counts runs."""
+
+    name = "resmute"
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.release = asyncio.Event()
+
+    @rpc(idempotent=True)
+    async def wait(self) -> None:
+        """Returns once released."""
+        self.runs += 1
+        await self.release.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers.
+# --------------------------------------------------------------------------------------------------
+
+
+async def poll(condition: Callable[[], bool], what: str, limit: float = 5.0) -> float:
+    """Waits until ``condition()`` holds (failing after ``limit`` s); returns the seconds it took."""
+    start = time.monotonic()
+    # The conditions are fed by other processes and connections, with no event to wait on: poll.
+    while not condition():
+        if time.monotonic() - start > limit:
+            pytest.fail(f"{what}: not true after {limit} s")
+        await asyncio.sleep(0.001)
+    return time.monotonic() - start
+
+
+def child_env() -> dict[str, str]:
+    """The environment of child processes: this one without NATS and natsrpc settings."""
+    drop = ("NATS_URL", "PYTHONPATH", "NATSRPC_LOG_FORMAT", "NATSRPC_LOG_LEVEL", "NATSRPC_HEARTBEAT_INTERVAL")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@dataclass
+class Runner:
+    """One ``python -m natsrpc.run services.kv`` process."""
+
+    proc: asyncio.subprocess.Process
+    started: float
+    stderr: bytes = b""
+
+    def kill(self) -> float:
+        """Sends SIGKILL; returns the monotonic time it was sent."""
+        killed = time.monotonic()
+        self.proc.send_signal(signal.SIGKILL)
+        return killed
+
+
+@asynccontextmanager
+async def kv_process(url: str) -> AsyncIterator[Runner]:
+    """Runs the kv example service in its own process (heartbeat every HEARTBEAT s); killed on the way out."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "natsrpc.run",
+        "services.kv",
+        "--url",
+        url,
+        "--heartbeat-interval",
+        str(HEARTBEAT),
+        "--log-level",
+        "warning",
+        cwd=REPO,
+        env=child_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    runner = Runner(proc, time.monotonic())
+    assert proc.stderr is not None
+    reader = asyncio.create_task(proc.stderr.read())
+    try:
+        yield runner
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+        runner.stderr = await reader
+
+
+@dataclass
+class Outcome:
+    """One call: when it started (monotonic), how long it took, and what it raised (None: success)."""
+
+    started: float
+    seconds: float
+    error: BaseException | None
+
+
+@dataclass
+class Caller:
+    """Calls ``kv.get`` back to back (1 ms apart) and records every outcome."""
+
+    call: Callable[[], Awaitable[object]]
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.call()
+                error = None
+            except natsrpc.CallError as exc:
+                error = exc
+            self.outcomes.append(Outcome(started, time.monotonic() - started, error))
+            await asyncio.sleep(0.001)  # a refused call never yields: leave the loop room to run
+
+    def since(self, moment: float) -> list[Outcome]:
+        """Returns the outcomes of the calls started at or after ``moment``."""
+        return [o for o in self.outcomes if o.started >= moment]
+
+
+@dataclass
+class RegistryLog:
+    """The registry's events for one service, each with the circuit state the client's callback left."""
+
+    client: natsrpc.Client
+    service: str
+    events: list[tuple[float, str, str, State]] = field(default_factory=list)
+
+    def __call__(self, service: str, instance: InstanceState, event: str) -> None:
+        # Registered after the client's own callback, so the state read here is the one it left.
+        if service == self.service:
+            self.events.append((time.monotonic(), instance.id, event, self.client.circuit(service).state))
+
+    def last_beat(self, instance_id: str) -> float:
+        """Returns when the last heartbeat of ``instance_id`` arrived."""
+        return max(t for t, i, e, _ in self.events if i == instance_id and e != "removed")
+
+    def first(self, event: str, after: float) -> tuple[float, str, str, State] | None:
+        """Returns the first ``event`` seen after ``after``, if any."""
+        return next((e for e in self.events if e[2] == event and e[0] >= after), None)
+
+
+def ms(seconds: float) -> str:
+    """Formats seconds as milliseconds."""
+    return f"{seconds * 1e3:.1f} ms"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests.
+# --------------------------------------------------------------------------------------------------
+
+
+class TestInstanceKilled:
+    """SIGKILLed kv processes drop out of the registry within 3 heartbeats; the circuit fails fast, then recovers."""
+
+    async def test_kill_one_then_all_then_restart(self, nats_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """Calls survive one kill, fail fast with CircuitOpen after the last, and succeed again on a fresh beat."""
+        window = EXPIRY_INTERVALS * HEARTBEAT
+        async with AsyncExitStack() as stack:
+            # open_wait far beyond the test: only a heartbeat can half-open the circuit here.
+            client = await stack.enter_async_context(natsrpc.connect(nats_url, circuit=CircuitConfig(open_wait=60)))
+            assert client.registry is not None
+            registry = client.registry
+            log = RegistryLog(client, "kv")
+            registry.on_change(log)
+            assert client.circuits is not None
+            assert "kv" not in client.circuits  # so the "kv" breaker reports its changes below
+            changes: list[tuple[float, State]] = []
+            client.circuits.on_state_change = lambda name, old, new: (
+                changes.append((time.monotonic(), new)) if name == "kv" else None
+            )
+            first = await stack.enter_async_context(kv_process(nats_url))
+            second = await stack.enter_async_context(kv_process(nats_url))
+            await poll(lambda: len(registry.live("kv")) == 2, "two kv processes beating", limit=STARTUP)
+            kv = client.call_service["kv"].options(timeout=1.0, attempt_timeout=0.2)
+            caller = Caller(lambda: kv.get("k"))
+            calls = asyncio.create_task(caller.run())
+            try:
+                await poll(lambda: len(caller.outcomes) >= 100, "100 calls")
+
+                # 1. Kill one of two: the registry drops it, calls keep succeeding.
+                killed_one = first.kill()
+                await poll(lambda: log.first("removed", killed_one) is not None, "the killed instance removed")
+                removed = log.first("removed", killed_one)
+                assert removed is not None
+                drop_one = removed[0] - killed_one
+                silent_one = removed[0] - log.last_beat(removed[1])
+                survivors = [i.id for i in registry.live("kv")]
+                assert len(survivors) == 1
+                assert removed[1] not in survivors
+                count = len(caller.outcomes)
+                await poll(lambda: len(caller.outcomes) >= count + 200, "200 more calls")
+                during_one = caller.since(killed_one)
+                failed_one = [o for o in during_one if o.error is not None]
+                assert failed_one == [], [repr(o.error) for o in failed_one]
+                assert client.circuit("kv").state is State.CLOSED
+
+                # 2. Kill the last one: within 3 intervals every call is refused at once with CircuitOpen.
+                killed_all = second.kill()
+                await poll(lambda: not registry.instances("kv"), "no kv instance left", limit=2 * window)
+                await poll(lambda: log.first("removed", killed_all) is not None, "the last instance removed")
+                removed = log.first("removed", killed_all)
+                assert removed is not None
+                drop_all = removed[0] - killed_all
+                silent_all = removed[0] - log.last_beat(removed[1])
+                assert client.circuit("kv").state is State.OPEN
+                opened = next(t for t, state in changes if t >= killed_all and state is State.OPEN)
+                await poll(
+                    lambda: any(isinstance(o.error, natsrpc.CircuitOpen) for o in caller.since(killed_all)),
+                    "a call refused with CircuitOpen",
+                )
+                first_refusal = next(o for o in caller.since(killed_all) if isinstance(o.error, natsrpc.CircuitOpen))
+                count = len(caller.outcomes)
+                await poll(lambda: len(caller.outcomes) >= count + 200, "200 refused calls")
+                dead = caller.since(killed_all)
+                assert all(isinstance(o.error, natsrpc.NoResponders | natsrpc.CircuitOpen) for o in dead), Counter(
+                    type(o.error).__name__ for o in dead
+                )
+                refused = caller.since(opened)
+                assert all(isinstance(o.error, natsrpc.CircuitOpen) for o in refused)
+                refusal_times = sorted(o.seconds for o in refused)
+                assert refusal_times[-1] < FAST, refusal_times[-5:]
+
+                # 3. Start a fresh instance: its first beat half-opens the circuit, and calls succeed again.
+                third = await stack.enter_async_context(kv_process(nats_url))
+                await poll(lambda: log.first("added", killed_all) is not None, "the new instance's beat", STARTUP)
+                added = log.first("added", killed_all)
+                assert added is not None
+                assert added[3] is State.HALF_OPEN  # the state the client's callback left on that first beat
+                await poll(lambda: any(o.error is None for o in caller.since(added[0])), "a successful call")
+                recovered = next(o for o in caller.since(added[0]) if o.error is None)
+                await poll(lambda: client.circuit("kv").state is State.CLOSED, "the circuit closed")
+                count = len(caller.outcomes)
+                await poll(lambda: len(caller.outcomes) >= count + 50, "50 more calls")
+                after = caller.since(recovered.started)
+                assert all(o.error is None for o in after), Counter(type(o.error).__name__ for o in after)
+            finally:
+                caller.stop.set()
+                await calls
+
+        ok_one = [o.seconds for o in during_one]
+        figures = {
+            "heartbeat interval": ms(HEARTBEAT),
+            "expiry window (3 intervals)": ms(window),
+            "kill 1 of 2 -> registry drop": ms(drop_one),
+            "  (its last beat -> registry drop)": ms(silent_one),
+            "calls after kill 1 of 2": f"{len(during_one)} sent, {len(failed_one)} failed, "
+            f"p50 {ms(statistics.median(ok_one))}, max {ms(max(ok_one))}",
+            "kill last -> circuit open": ms(opened - killed_all),
+            "kill last -> registry drop": ms(drop_all),
+            "  (last beat -> registry drop)": ms(silent_all),
+            "kill last -> first CircuitOpen raised": ms(first_refusal.started + first_refusal.seconds - killed_all),
+            "calls failed before it (NoResponders)": str(
+                sum(o.error is not None for o in dead if o.started < first_refusal.started)
+            ),
+            "CircuitOpen latency": f"{len(refused)} calls, p50 {ms(statistics.median(refusal_times))}, "
+            f"p99 {ms(refusal_times[int(len(refusal_times) * 0.99)])}, max {ms(refusal_times[-1])}",
+            "restart: spawn -> first beat": ms(added[0] - third.started),
+            "restart: first beat -> first success": ms(recovered.started + recovered.seconds - added[0]),
+        }
+        with capsys.disabled():
+            print("\nSIGKILL scenario (2 kv processes, sequential kv.get calls 1 ms apart):")
+            for name, value in figures.items():
+                print(f"  {name:38} {value}")
+        sweep = HEARTBEAT / 4  # the registry sweeps 4 times per interval
+        for silent in (silent_one, silent_all):
+            assert window <= silent <= window + sweep + SLACK  # expired after 3 silent intervals
+        assert drop_one <= window + sweep + SLACK  # the last beat came before the kill
+        assert drop_all <= window + sweep + SLACK
+        assert opened - killed_all <= window + sweep + SLACK
+
+
+class TestRetries:
+    """Retries against a real server: what is retried, the token bucket, and one deadline over all attempts."""
+
+    async def test_no_responders_in_a_restart_window_is_retried(self, client: natsrpc.Client) -> None:
+        """A call that meets NoResponders succeeds on a retry once the service has started."""
+        pauses: list[float] = []
+        failed_once = asyncio.Event()
+
+        def pause(low: float, high: float) -> float:
+            pauses.append(high)  # called when an attempt failed and a retry is coming
+            failed_once.set()
+            return high
+
+        policy = RetryPolicy(max_attempts=5, initial_backoff=0.3, max_backoff=0.3, random=pause)
+        call = client.call_service_async["reslate"].options(timeout=5, retry=policy).echo("hi")
+        await asyncio.wait_for(failed_once.wait(), 5)  # the first attempt met NoResponders
+        async with serve(client, Late()) as host:
+            assert await call == "hi"
+        assert len(pauses) >= 1  # at least two attempts
+        assert host.instances[0].routes["echo"].stats.num_requests == 1  # only the retry reached it
+
+    @pytest.mark.parametrize(
+        ("method", "runs"),
+        [("write", 1), ("read", 2)],
+        ids=["not-idempotent-runs-once", "idempotent-is-retried"],
+    )
+    async def test_timeout_retried_only_when_idempotent(self, client: natsrpc.Client, method: str, runs: int) -> None:
+        """A timed-out attempt is retried for ``@rpc(idempotent=True)`` only; otherwise the handler ran once."""
+        assert client.registry is not None
+        registry = client.registry
+        service = FirstCallHangs()
+        async with serve(client, service, heartbeat_interval=0.1):
+            await poll(lambda: registry.idempotent("resslow", "read"), "the beat declaring read idempotent")
+            proxy = client.call_service["resslow"].options(timeout=3, attempt_timeout=0.15)
+            start = time.monotonic()
+            try:
+                result: int | BaseException = await proxy[method]()
+            except natsrpc.CallTimeout as exc:
+                result = exc
+            took = time.monotonic() - start
+            assert service.runs[method] == runs
+            service.release.set()
+        if runs == 1:
+            assert isinstance(result, natsrpc.CallTimeout)
+            assert 0.15 <= took < 0.5  # the attempt timeout, not the 3 s call timeout
+        else:
+            assert result == 2
+            assert took < 0.6
+
+    async def test_token_bucket_stops_retries_and_successes_refill_it(self, client: natsrpc.Client) -> None:
+        """429s drain the service's retry budget: 5 attempts, then 1 per call, until successes refill it."""
+        busy = Busy()
+        policy = RetryPolicy(max_attempts=5, initial_backoff=0.001, max_backoff=0.001, jitter=False)
+        take = client.call_service["resbusy"].options(timeout=5, retry=policy).take
+        async with serve(client, busy):
+            attempts: list[int] = []
+            for _ in range(3):
+                with pytest.raises(natsrpc.Overloaded):
+                    await take()
+                attempts.append(busy.runs - sum(attempts))
+            assert attempts == [5, 1, 1]  # 10 tokens, 1 per failed attempt; retries need more than 5 left
+            busy.busy = False
+            for _ in range(40):  # each success gives back 0.1 token: 3 + 4 = 7
+                assert await take() == "ok"
+            busy.busy, before = True, busy.runs
+            with pytest.raises(natsrpc.Overloaded):
+                await take()
+            assert busy.runs - before == 2  # 7 - 1 = 6 tokens: one retry allowed again
+
+    @pytest.mark.parametrize(
+        ("service", "policy", "attempt_timeout", "error", "at_least"),
+        [
+            ("resnobody", RetryPolicy(), None, natsrpc.NoResponders, 0.0),
+            (
+                "resnobody",
+                RetryPolicy(max_attempts=5, initial_backoff=0.14, max_backoff=0.14, jitter=False),
+                None,
+                natsrpc.NoResponders,
+                0.4,
+            ),
+            ("resmute", RetryPolicy(max_attempts=5), 0.2, natsrpc.CallTimeout, 0.39),
+        ],
+        ids=["no-responders-default-policy", "no-responders-long-backoff", "idempotent-timeouts"],
+    )
+    async def test_one_deadline_covers_every_attempt(
+        self,
+        nats_url: str,
+        service: str,
+        policy: RetryPolicy,
+        attempt_timeout: float | None,
+        error: type[Exception],
+        at_least: float,
+    ) -> None:
+        """With timeout=0.5 the call gives up within 0.5 s (+ small margin), however many attempts it made."""
+        mute = Mute()
+        async with (
+            natsrpc.connect(nats_url, circuit=None) as client,  # no breaker: see every attempt fail
+            serve(client, mute),
+        ):
+            proxy = client.call_service[service].options(timeout=0.5, retry=policy)
+            if attempt_timeout is not None:
+                proxy = proxy.options(attempt_timeout=attempt_timeout, idempotent=True)
+            start = time.monotonic()
+            with pytest.raises(error):
+                await proxy.wait()
+            took = time.monotonic() - start
+            mute.release.set()
+        assert at_least <= took <= 0.5 + 0.05, took
+        if service == "resmute":
+            assert mute.runs >= 2  # retried after a timeout, inside the deadline
+
+
+class TestInstanceCalls:
+    """``call_service[name].instance(id)`` reaches exactly that instance, bypassing load balancing."""
+
+    @pytest_asyncio.fixture
+    async def two_kvs(self, client: natsrpc.Client, nats_url: str) -> AsyncIterator[dict[str, str]]:
+        """Two KV instances holding different data under the key ``who``; yields {instance id: value}."""
+        a, b = KV(), KV()
+        a.data["who"], b.data["who"] = "a", "b"
+        async with (
+            natsrpc.connect(nats_url) as other,
+            serve(client, a) as host_a,
+            serve(other, b) as host_b,
+        ):
+            yield {host_a.instances[0].id: "a", host_b.instances[0].id: "b"}
+
+    async def test_instance_proxy_reaches_that_instance(self, client: natsrpc.Client, two_kvs: dict[str, str]) -> None:
+        """Twenty calls to each instance id all read that instance's own data."""
+        for instance_id, value in two_kvs.items():
+            kv = client.call_service["kv"].instance(instance_id)
+            assert [await kv.get("who") for _ in range(20)] == [value] * 20
+
+    async def test_typed_proxy_with_instance_option(self, client: natsrpc.Client, two_kvs: dict[str, str]) -> None:
+        """A typed proxy made with ``instance=`` routes the same way."""
+        for instance_id, value in two_kvs.items():
+            assert await client.proxy(KV, instance=instance_id).get("who") == value
+
+    async def test_load_balanced_calls_reach_both(self, client: natsrpc.Client, two_kvs: dict[str, str]) -> None:
+        """Without an instance, the queue group spreads calls over both instances."""
+        seen = {await client.call_service["kv"].get("who") for _ in range(60)}
+        assert seen == {"a", "b"}
+
+    async def test_unknown_instance_is_no_responders(self, client: natsrpc.Client, two_kvs: dict[str, str]) -> None:
+        """An id no instance has gets a fast NoResponders, not a timeout."""
+        start = time.monotonic()
+        with pytest.raises(natsrpc.NoResponders):
+            await (
+                client.call_service["kv"]
+                .instance("nosuchinstance")
+                .options(retry=RetryPolicy(max_attempts=1))
+                .get("who")
+            )
+        assert time.monotonic() - start < 0.5

@@ -1,0 +1,630 @@
+"""Security tests (RELIABILITY.md A1-A6) against nats-server.conf and TLS servers: permissions, credentials, TLS.
+
+The permission tests start one node from the repository's ``nats-server.conf`` with the passwords in
+its environment, as compose.yaml does, and connect as each identity the file defines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from nats.aio.client import Client as NatsConnection
+from nats.aio.msg import Msg
+
+import natsrpc
+from natsrpc import NatsServer, Service, rpc
+from natsrpc.embedded import find_binary
+from natsrpc.errors import permission_violation
+from natsrpc.host import _sync_with_server
+from natsrpc.proxy import CallOptions
+from natsrpc.testing import serve
+from services.kv import KV
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "nats-server.conf"
+# One node from the production file: no monitoring port, a random route port (others run tests too).
+SINGLE_NODE = ["-m", "0", "--cluster_listen", "nats://127.0.0.1:-1"]
+PASSWORD_ENV = {"kv": "KV_PASS", "vdb": "VDB_PASS", "memory": "MEMORY_PASS", "app": "APP_PASS", "route": "ROUTE_PASS"}
+# Budgets with room for a shared 2-core machine; the failures they guard against take seconds.
+DENIED_BUDGET = 0.05  # A1: a refused publish fails the call in well under 50 ms (a timeout would be 5 s)
+REFUSED_CONNECT_BUDGET = 2.0  # A5 and A6: a refused connection fails within 2 s, no reconnect loop
+
+
+def start_with_env(server: NatsServer, env: dict[str, str]) -> NatsServer:
+    """Starts ``server`` with ``env`` added to the environment it inherits (its config reads secrets there)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return server.start()
+
+
+@pytest.fixture(scope="module")
+def passwords() -> dict[str, str]:
+    """A fresh password per identity (letters first, so the config parser keeps them strings)."""
+    return {name: "p" + secrets.token_hex(12) for name in PASSWORD_ENV}
+
+
+@pytest.fixture(scope="module")
+def secured(passwords: dict[str, str]) -> Iterator[NatsServer]:
+    """One nats-server started from nats-server.conf, its passwords in its environment."""
+    server = NatsServer(config=CONFIG, args=SINGLE_NODE)
+    start_with_env(server, {PASSWORD_ENV[name]: password for name, password in passwords.items()})
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def as_identity(server: NatsServer, passwords: dict[str, str], name: str, **options: object) -> natsrpc.connect:
+    """Returns a natsrpc connect() as ``name``, with that identity's own inbox prefix."""
+    return natsrpc.connect(server.url, user=name, password=passwords[name], inbox_prefix=f"_INBOX_{name}", **options)  # type: ignore[arg-type]
+
+
+@dataclass
+class Raw:
+    """A plain nats-py connection as one identity, recording the permission violations the server reports."""
+
+    nc: NatsConnection
+    violations: list[tuple[str, str]]
+
+    async def refused(self, operation: str, subject: str, queue: str = "") -> bool:
+        """Subscribes or publishes once, waits until the server processed it, and says whether it refused."""
+        before = len(self.violations)
+        if operation == "sub":
+            await self.nc.subscribe(subject, queue=queue)
+        else:
+            await self.nc.publish(subject, b"{}")
+        await _sync_with_server(self.nc)
+        return len(self.violations) > before
+
+
+@asynccontextmanager
+async def raw_as(server: NatsServer, passwords: dict[str, str], name: str) -> AsyncIterator[Raw]:
+    """Yields a :class:`Raw` connection as ``name`` (inbox prefix ``_INBOX_<name>``)."""
+    violations: list[tuple[str, str]] = []
+
+    async def error_cb(exc: Exception) -> None:
+        violation = permission_violation(exc)
+        if violation is not None:
+            violations.append(violation)
+
+    nc = await nats.connect(
+        server.url, user=name, password=passwords[name], inbox_prefix=f"_INBOX_{name}", error_cb=error_cb
+    )
+    try:
+        yield Raw(nc, violations)
+    finally:
+        await nc.close()
+
+
+class Billing(Service):
+    """A service no identity in nats-server.conf may call or serve."""
+
+    name = "billing"
+
+    @rpc
+    async def charge(self, cents: int) -> int:
+        """Returns ``cents``."""
+        return cents
+
+
+class Relay(Service):
+    """A service, hosted as kv, whose handler tries a call kv's permissions do not allow."""
+
+    name = "kv"
+
+    @rpc
+    async def relay(self) -> int:
+        """Calls billing (kv may publish only heartbeats and replies)."""
+        result: int = await self.call_service["billing"].charge(1)
+        return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The permission matrix of nats-server.conf.
+# --------------------------------------------------------------------------------------------------
+
+ALLOW, DENY = True, False
+MATRIX: dict[str, list[tuple[str, str, str, bool]]] = {
+    "kv": [
+        ("sub", "svc.kv.get", "q", ALLOW),
+        ("sub", "svc.kv.get", "", DENY),  # no plain subscription: it would see every request
+        ("sub", "svc.kv.get", "spy", DENY),
+        ("sub", "svc.kv.*.INSTANCE1", "", ALLOW),
+        ("sub", "svc.vdb.get", "q", DENY),
+        ("sub", "$SRV.PING", "", ALLOW),
+        ("sub", "$SRV.INFO.kv", "", ALLOW),
+        ("sub", "$SRV.STATS.kv.INSTANCE1", "", ALLOW),
+        ("sub", "$SRV.INFO.vdb", "", DENY),
+        ("sub", "svc._hb.>", "", ALLOW),
+        ("sub", "_INBOX_kv.X.*", "", ALLOW),
+        ("sub", "_INBOX_app.>", "", DENY),
+        ("sub", "_INBOX.>", "", DENY),
+        ("pub", "svc._hb.kv.INSTANCE1", "", ALLOW),
+        ("pub", "svc._hb.vdb.INSTANCE1", "", DENY),
+        ("pub", "svc.vdb.get", "", DENY),
+        ("pub", "svc.kv.get", "", DENY),
+        ("pub", "$SRV.PING", "", DENY),
+    ],
+    "vdb": [
+        ("sub", "svc.vdb.search", "q", ALLOW),
+        ("sub", "svc.vdb.search", "", DENY),
+        ("sub", "svc.kv.get", "q", DENY),
+        ("sub", "_INBOX_vdb.X.*", "", ALLOW),
+        ("pub", "svc._hb.vdb.INSTANCE1", "", ALLOW),
+        ("pub", "svc.kv.put", "", DENY),
+    ],
+    "memory": [
+        ("sub", "svc.memory.remember", "q", ALLOW),
+        ("sub", "svc.memory.remember", "", DENY),
+        ("sub", "svc.kv.get", "q", DENY),
+        ("sub", "_INBOX_memory.X.*", "", ALLOW),
+        ("sub", "_INBOX_kv.>", "", DENY),
+        ("pub", "svc.kv.put", "", ALLOW),
+        ("pub", "svc.kv.get.INSTANCE1", "", ALLOW),
+        ("pub", "svc.vdb.upsert", "", ALLOW),
+        ("pub", "svc.billing.charge", "", DENY),
+        ("pub", "svc._hb.memory.INSTANCE1", "", ALLOW),
+        ("pub", "svc._hb.kv.INSTANCE1", "", DENY),
+    ],
+    "app": [
+        ("pub", "svc.kv.get", "", ALLOW),
+        ("pub", "svc.memory.recall", "", ALLOW),
+        ("pub", "$SRV.PING", "", ALLOW),
+        ("pub", "svc._hb.kv.INSTANCE1", "", DENY),  # no forged heartbeats
+        ("pub", "elsewhere", "", DENY),
+        ("sub", "_INBOX_app.X.*", "", ALLOW),
+        ("sub", "svc._hb.>", "", ALLOW),
+        ("sub", "svc.kv.get", "q", DENY),
+        ("sub", "svc.>", "", DENY),
+        ("sub", "_INBOX_memory.>", "", DENY),
+        ("sub", "_INBOX.>", "", DENY),
+        ("sub", "$SRV.PING", "", DENY),
+    ],
+}
+
+
+class TestConfigFile:
+    """nats-server.conf is a valid, single-node-startable config whose secrets must come from the environment."""
+
+    def test_refuses_to_start_without_its_secrets(self) -> None:
+        """Without KV_PASS and the others in the environment, the server rejects the file (no empty passwords)."""
+        env = {"PATH": "/usr/bin:/bin"}
+        result = subprocess.run(
+            [find_binary(), "-c", str(CONFIG), "-t"], env=env, capture_output=True, text=True, timeout=10, check=False
+        )
+        assert result.returncode != 0
+        assert "_PASS" in result.stdout + result.stderr
+
+    @pytest.mark.parametrize("identity", sorted(MATRIX), ids=sorted(MATRIX))
+    async def test_permission_matrix(self, secured: NatsServer, passwords: dict[str, str], identity: str) -> None:
+        """Each identity may subscribe and publish exactly what the matrix allows (least privilege)."""
+        expected = {(op, subject, queue): allowed for op, subject, queue, allowed in MATRIX[identity]}
+        async with raw_as(secured, passwords, identity) as raw:
+            actual = {
+                (op, subject, queue): not await raw.refused(op, subject, queue)
+                for op, subject, queue, _ in MATRIX[identity]
+            }
+        assert actual == expected
+
+
+class TestDeniedPublish:
+    """A1: a call the server refuses raises PermissionDenied at once, not a timeout."""
+
+    async def test_denied_call_fails_fast(self, secured: NatsServer, passwords: dict[str, str]) -> None:
+        """memory may not call billing: each of 20 calls raises PermissionDenied in < 50 ms; the connection stays up."""
+        async with as_identity(secured, passwords, "memory", timeout=5.0) as client:
+            elapsed = []
+            for _ in range(20):
+                started = time.perf_counter()
+                with pytest.raises(natsrpc.PermissionDenied, match=r"svc\.billing\.charge") as info:
+                    await client.call_service["billing"].charge(1)
+                elapsed.append(time.perf_counter() - started)
+                assert not isinstance(info.value, natsrpc.CallTimeout)
+                assert info.value.hop == "billing.charge"
+            assert max(elapsed) < DENIED_BUDGET, f"slowest refusal took {max(elapsed) * 1e3:.1f} ms"
+            assert client.nc.is_connected
+            assert client.pending_calls == 0
+            assert client.circuit("billing").state is natsrpc.circuit.State.CLOSED  # a refusal is not an outage
+            with pytest.raises(natsrpc.NoResponders):  # an allowed subject still goes out
+                await client.call_service["kv"].get("a")
+
+    async def test_only_the_refused_calls_fail(self, secured: NatsServer, passwords: dict[str, str]) -> None:
+        """A refusal fails the calls to that subject only: a call pending on an allowed subject still gets its reply."""
+        async with (
+            raw_as(secured, passwords, "kv") as kv,
+            as_identity(secured, passwords, "memory", timeout=5.0) as client,
+        ):
+            requests: list[Msg] = []
+            arrived = asyncio.Event()
+
+            async def hold(msg: Msg) -> None:
+                requests.append(msg)
+                arrived.set()
+
+            await kv.nc.subscribe("svc.kv.get", queue="q", cb=hold)
+            await _sync_with_server(kv.nc)
+            allowed = asyncio.ensure_future(client.request("svc.kv.get", b'{"key": "a"}'))
+            await asyncio.wait_for(arrived.wait(), 5)
+            denied = [asyncio.ensure_future(client.call_service["billing"].charge(i)) for i in range(3)]
+            results = await asyncio.gather(*denied, return_exceptions=True)
+            assert all(isinstance(r, natsrpc.PermissionDenied) for r in results), results
+            assert not allowed.done()
+            assert requests[0].reply.startswith("_INBOX_memory.")  # the client's inbox uses its prefix
+            await requests[0].respond(b'"1"')
+            assert (await asyncio.wait_for(allowed, 5)).data == b'"1"'
+
+    async def test_refused_reply_inbox_fails_calls(self, secured: NatsServer, passwords: dict[str, str]) -> None:
+        """app without its inbox prefix may not subscribe _INBOX.>: calls fail at once, naming inbox_prefix."""
+        async with natsrpc.connect(secured.url, user="app", password=passwords["app"], timeout=5.0) as client:
+            started = time.perf_counter()
+            with pytest.raises(natsrpc.PermissionDenied, match="inbox_prefix"):
+                await client.call_service["kv"].get("a")
+            assert time.perf_counter() - started < DENIED_BUDGET
+            assert client.nc.is_connected
+
+    async def test_handler_call_refused_is_a_fast_502(self, secured: NatsServer, passwords: dict[str, str]) -> None:
+        """A handler hosted as kv calling billing fails fast; its caller gets 502 naming PermissionDenied."""
+        async with (
+            as_identity(secured, passwords, "kv") as kv,
+            as_identity(secured, passwords, "app", timeout=5.0) as app,
+            serve(kv, Relay()),
+        ):
+            started = time.perf_counter()
+            with pytest.raises(natsrpc.BadGateway, match="PermissionDenied") as info:
+                await app.call_service["kv"].relay()
+            assert time.perf_counter() - started < 1.0
+            assert "billing.charge" in info.value.message
+
+
+class TestQueueGroups:
+    """A2: only the service's own identity can join its queue group; impostors get nothing."""
+
+    async def test_impostors_cannot_join_or_listen(self, secured: NatsServer, passwords: dict[str, str]) -> None:
+        """vdb and app cannot join kv's group q, and kv cannot listen outside it; every call reaches the real kv."""
+        async with (
+            raw_as(secured, passwords, "vdb") as vdb,
+            raw_as(secured, passwords, "app") as app_raw,
+            raw_as(secured, passwords, "kv") as kv_raw,
+            as_identity(secured, passwords, "kv") as kv_client,
+            as_identity(secured, passwords, "app", timeout=5.0) as app,
+        ):
+            stolen: list[Msg] = []
+
+            async def steal(msg: Msg) -> None:
+                stolen.append(msg)
+
+            for raw, queue in ((vdb, "q"), (app_raw, "q"), (kv_raw, "")):
+                before = len(raw.violations)
+                await raw.nc.subscribe("svc.kv.get", queue=queue, cb=steal)
+                await _sync_with_server(raw.nc)
+                assert raw.violations[before:] == [("subscription", "svc.kv.get")]
+            async with serve(kv_client, KV()):
+                await app.call_service["kv"].put("a", "1")
+                values = [await app.call_service["kv"].get("a") for _ in range(20)]
+            assert values == ["1"] * 20
+            for raw in (vdb, app_raw, kv_raw):
+                await _sync_with_server(raw.nc)
+            assert stolen == []
+
+
+class TestResponses:
+    """A3: a service sends at most one reply per request and publishes nothing else."""
+
+    async def test_second_reply_and_other_publishes_refused(
+        self, secured: NatsServer, passwords: dict[str, str]
+    ) -> None:
+        """kv answering twice, calling vdb and forging vdb's heartbeat: only the first reply goes out."""
+        async with raw_as(secured, passwords, "kv") as kv, raw_as(secured, passwords, "app") as app:
+            answered = asyncio.Event()
+
+            async def misbehave(msg: Msg) -> None:
+                await msg.respond(b'"first"')
+                await msg.respond(b'"second"')
+                await kv.nc.publish("svc.vdb.upsert", b"{}")
+                await kv.nc.publish("svc._hb.vdb.FORGED", b"{}")
+                answered.set()
+
+            await kv.nc.subscribe("svc.kv.get", queue="q", cb=misbehave)
+            await _sync_with_server(kv.nc)
+            replies: list[bytes] = []
+            got_one = asyncio.Event()
+
+            async def collect(msg: Msg) -> None:
+                replies.append(msg.data)
+                got_one.set()
+
+            await app.nc.subscribe("_INBOX_app.a3", cb=collect)
+            await app.nc.publish("svc.kv.get", b"{}", reply="_INBOX_app.a3")
+            await asyncio.wait_for(asyncio.gather(answered.wait(), got_one.wait()), 5)
+            await _sync_with_server(kv.nc)  # the server has judged all four publishes ...
+            await _sync_with_server(app.nc)  # ... and anything it let through has reached app
+            assert replies == [b'"first"']
+            assert kv.violations == [
+                ("publish", "_inbox_app.a3"),  # nats-py lower-cases the server's message
+                ("publish", "svc.vdb.upsert"),
+                ("publish", "svc._hb.vdb.forged"),
+            ]
+
+
+class TestInboxes:
+    """A4: one identity cannot read another's replies (per-identity inbox prefixes)."""
+
+    async def test_app_cannot_read_memory_replies(self, secured: NatsServer, passwords: dict[str, str]) -> None:
+        """app's subscriptions to other inboxes are refused and see nothing while memory calls kv."""
+        async with (
+            raw_as(secured, passwords, "app") as spy,
+            as_identity(secured, passwords, "kv") as kv_client,
+            as_identity(secured, passwords, "memory", timeout=5.0) as memory,
+            serve(kv_client, KV()),
+        ):
+            seen: list[Msg] = []
+
+            async def read(msg: Msg) -> None:
+                seen.append(msg)
+
+            for subject in ("_INBOX_memory.>", "_INBOX.>", "_INBOX_kv.>", ">"):
+                await spy.nc.subscribe(subject, cb=read)
+            await _sync_with_server(spy.nc)
+            assert [subject for _, subject in spy.violations] == ["_inbox_memory.>", "_inbox.>", "_inbox_kv.>", ">"]
+            await memory.call_service["kv"].put("secret", "s3cr3t")
+            assert await memory.call_service["kv"].get("secret") == "s3cr3t"
+            await _sync_with_server(spy.nc)
+            assert seen == []
+
+
+class TestBadCredentials:
+    """A5: refused credentials fail connect within 2 s with AuthenticationFailed, without a reconnect loop."""
+
+    @pytest.mark.parametrize(
+        "credentials",
+        [
+            {"user": "app", "password": "wrong"},
+            {"user": "nobody", "password": "x"},
+            {"token": "not-a-token"},
+            {},
+        ],
+        ids=["wrong-password", "unknown-user", "token", "none"],
+    )
+    async def test_connect_fails_fast(self, secured: NatsServer, credentials: dict[str, str]) -> None:
+        """connect() raises AuthenticationFailed naming who was refused (never the secret), in < 2 s."""
+        refusals_before = secured.read_log().count("authentication error")
+        started = time.perf_counter()
+        with pytest.raises(natsrpc.AuthenticationFailed, match="refused the credentials") as info:
+            await asyncio.wait_for(natsrpc.connect(secured.url, **credentials), 10)  # type: ignore[arg-type]
+        elapsed = time.perf_counter() - started
+        assert elapsed < REFUSED_CONNECT_BUDGET
+        assert isinstance(info.value, natsrpc.PermissionDenied)
+        message = str(info.value)
+        assert "wrong" not in message
+        assert "not-a-token" not in message
+        if "user" in credentials:
+            assert repr(credentials["user"]) in message
+        # nats-py tried the server at most twice (FIRST_CONNECT_RETRIES), then gave up for good.
+        assert secured.read_log().count("authentication error") - refusals_before <= 2
+
+    async def test_several_servers_fail_fast(self, secured: NatsServer) -> None:
+        """With a comma-separated list of URLs, each refusing, connect still fails in < 2 s."""
+        urls = f"{secured.url},nats://localhost:{secured.port}"
+        started = time.perf_counter()
+        with pytest.raises(natsrpc.AuthenticationFailed):
+            await asyncio.wait_for(natsrpc.connect(urls, user="app", password="wrong"), 10)
+        assert time.perf_counter() - started < REFUSED_CONNECT_BUDGET
+
+    async def test_reconnect_refused_fails_calls_then_recovers(self, tmp_path: Path) -> None:
+        """When a restarted server refuses the credentials, calls fail fast; once it accepts them again, calls work."""
+        config = tmp_path / "auth.conf"
+        config.write_text('authorization { users: [ { user: app, password: "one" } ] }\n')
+        with NatsServer(config=config) as server:
+            async with natsrpc.connect(server.url, user="app", password="one", timeout=10.0) as client:
+                async with serve(client, Billing()):
+                    assert await client.call_service["billing"].charge(1) == 1
+                config.write_text('authorization { users: [ { user: app, password: "two" } ] }\n')
+                server.restart()
+                async with asyncio.timeout(5):
+                    while not client.nc.is_reconnecting:  # noqa: ASYNC110 - nats-py offers no event for it
+                        await asyncio.sleep(0.005)
+                started = time.perf_counter()
+                with pytest.raises(natsrpc.AuthenticationFailed):
+                    await client.request("svc.billing.charge", b"[2]", CallOptions(timeout=10.0))
+                assert time.perf_counter() - started < REFUSED_CONNECT_BUDGET
+                config.write_text('authorization { users: [ { user: app, password: "one" } ] }\n')
+                server.restart()
+                async with asyncio.timeout(5):
+                    while not client.nc.is_connected:  # noqa: ASYNC110 - nats-py offers no event for it
+                        await asyncio.sleep(0.005)
+                async with serve(client, Billing()):
+                    assert await client.call_service["billing"].charge(3) == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# TLS: certificates made here, servers with client verification.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Certificate files: a trusted CA and a stranger CA, a server certificate, and client certificates."""
+
+    ca: Path
+    other_ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path  # a client certificate signed by the other CA
+    stranger_key: Path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "natsrpc"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    usage: str,
+) -> x509.Certificate:
+    """Returns a certificate for ``key``: a self-signed CA when ``issuer`` is None, else a server or client leaf."""
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name = issuer[0].subject if issuer else _name(subject)
+    signing_key = issuer[1] if issuer else key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False)
+    )
+    if issuer is None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+    else:
+        purpose = ExtendedKeyUsageOID.SERVER_AUTH if usage == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+        if usage == "server":
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def _write(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Makes the certificates of the TLS tests (P-256 keys: fast to generate)."""
+    directory = tmp_path_factory.mktemp("pki")
+    keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in ("ca", "other", "server", "app", "stranger")}
+    ca = _certificate("natsrpc test CA", keys["ca"], None, "ca")
+    other = _certificate("stranger CA", keys["other"], None, "ca")
+    ca_path, _ = _write(directory, "ca", ca, keys["ca"])
+    other_path, _ = _write(directory, "other-ca", other, keys["other"])
+    server = _write(
+        directory, "server", _certificate("server", keys["server"], (ca, keys["ca"]), "server"), keys["server"]
+    )
+    app = _write(directory, "app", _certificate("app", keys["app"], (ca, keys["ca"]), "client"), keys["app"])
+    stranger_cert = _certificate("app", keys["stranger"], (other, keys["other"]), "client")
+    stranger = _write(directory, "stranger", stranger_cert, keys["stranger"])
+    return Pki(ca_path, other_path, *server, *app, *stranger)
+
+
+def tls_config(pki: Pki, directory: Path, extra: str = "") -> Path:
+    """Writes a server config requiring TLS with verified client certificates; returns its path."""
+    path = directory / "tls.conf"
+    path.write_text(
+        "tls {\n"
+        f'  cert_file: "{pki.server_cert}"\n  key_file: "{pki.server_key}"\n  ca_file: "{pki.ca}"\n'
+        f"  {'verify_and_map' if extra else 'verify'}: true\n  timeout: 2\n"
+        "}\n" + extra
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server that requires TLS and a client certificate signed by the test CA (verify: true)."""
+    with NatsServer(config=tls_config(pki, tmp_path_factory.mktemp("tls"))) as server:
+        yield server
+
+
+class TestTls:
+    """A6: the TLS server takes only clients with a certificate from its CA, over TLS."""
+
+    async def test_mutual_tls_call_succeeds(self, tls_server: NatsServer, pki: Pki) -> None:
+        """With the CA, a client certificate and its key, a service is hosted and called over mTLS."""
+        files = {"tls_ca": str(pki.ca), "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)}
+        async with natsrpc.connect(tls_server.url, **files) as host, natsrpc.connect(tls_server.url, **files) as caller:
+            assert host.nc._server_info["tls_required"]
+            async with serve(host, Billing()):
+                assert await caller.call_service["billing"].charge(7) == 7
+
+    @pytest.mark.parametrize(
+        "case",
+        ["no-client-cert", "client-cert-from-other-ca", "server-not-trusted", "no-tls-options"],
+    )
+    async def test_rejected(self, tls_server: NatsServer, pki: Pki, case: str) -> None:
+        """A missing or foreign client certificate, or an untrusted server, fails connect within 2 s."""
+        options = {
+            "no-client-cert": {"tls_ca": str(pki.ca)},
+            "client-cert-from-other-ca": {
+                "tls_ca": str(pki.ca), "tls_cert": str(pki.stranger_cert), "tls_key": str(pki.stranger_key),
+            },
+            "server-not-trusted": {
+                "tls_ca": str(pki.other_ca), "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key),
+            },
+            "no-tls-options": {},  # nats-py upgrades anyway and checks the server against the system CAs
+        }[case]  # fmt: skip
+        started = time.perf_counter()
+        with pytest.raises(natsrpc.ConnectionLost):
+            await asyncio.wait_for(natsrpc.connect(tls_server.url, **options), 10)
+        assert time.perf_counter() - started < REFUSED_CONNECT_BUDGET
+
+    def test_plaintext_client_rejected(self, tls_server: NatsServer) -> None:
+        """A client speaking plain NATS to the TLS port is cut off without a PONG."""
+        with socket.create_connection((tls_server.host, tls_server.port), timeout=2) as sock:
+            info = sock.recv(4096)
+            assert info.startswith(b"INFO")
+            assert b'"tls_required":true' in info
+            sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+            answer = b""
+            try:
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+            assert b"PONG" not in answer
+
+    async def test_tls_options_refuse_a_plaintext_server(self, nats_url: str, pki: Pki) -> None:
+        """TLS options against a server without TLS raise ConfigurationError instead of going on in the clear."""
+        with pytest.raises(natsrpc.ConfigurationError, match="does not use TLS"):
+            await natsrpc.connect(nats_url, tls_ca=str(pki.ca))
+
+    async def test_verify_and_map_picks_the_user(self, pki: Pki, tmp_path: Path) -> None:
+        """With verify_and_map, the certificate's subject selects the user and its permissions."""
+        users = (
+            'authorization { users: [ { user: "CN=app,O=natsrpc", '
+            'permissions: { publish: ["svc.kv.>"], subscribe: ["_INBOX_app.>"] } } ] }\n'
+        )
+        with NatsServer(config=tls_config(pki, tmp_path, users)) as server:
+            files = {"tls_ca": str(pki.ca), "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)}
+            async with natsrpc.connect(server.url, inbox_prefix="_INBOX_app", **files) as client:
+                with pytest.raises(natsrpc.NoResponders):
+                    await client.call_service["kv"].get("a")
+                with pytest.raises(natsrpc.PermissionDenied):
+                    await client.call_service["billing"].charge(1)
