@@ -443,6 +443,8 @@ async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> li
     sent = time.perf_counter()
 
     async def collect(msg: Msg) -> None:
+        if not msg.data:  # the server's "no responders" status: nobody answers, which is no reply
+            return
         try:
             replies.append((msgspec.json.decode(msg.data), time.perf_counter() - sent))
         except msgspec.DecodeError:
