@@ -9,6 +9,7 @@ request still runs in a fresh copy of the context, as a task of its own would (s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
@@ -99,7 +100,8 @@ class Pool(Generic[T]):
                     try:
                         await run_in_context(self._serve(item))
                     except Exception:
-                        log.exception("request handling failed")
+                        with contextlib.suppress(Exception):  # a broken log sink must not kill the worker
+                            log.exception("request handling failed")
                     finally:
                         self.active -= 1
                         if self.active == 0 and self._done is not None:

@@ -284,8 +284,8 @@ class Host:
         except CallError as exc:  # a call this handler made failed without a reply
             await self._reply_error(msg, route, _downstream(route, exc))
         except Exception as exc:
-            log.exception("handler raised", where=route.where)
             await self._reply_error(msg, route, InternalError(str(exc), type=type(exc).__name__))
+            log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
             route.stats.processing_time_ns += time.perf_counter_ns() - started
 
