@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import re
 import secrets
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -231,7 +234,7 @@ async def stack(node: NatsServer, passwords: dict[str, str]) -> AsyncIterator[No
         for name in SERVICES:
             args = run.parser().parse_args(services[name]["command"][3:])
             security = identity(name, passwords, services[name]["environment"])
-            client = await exits.enter_async_context(natsrpc.connect(node.url, **security))  # type: ignore[arg-type]
+            client = await exits.enter_async_context(natsrpc.connect(node.url, **security))
             await exits.enter_async_context(serve(client, *(cls() for cls in run.load_services(args.services))))
         yield
 
@@ -242,7 +245,7 @@ class TestStack:
     async def test_memory_round_trip_without_violations(self, node: NatsServer, passwords: dict[str, str]) -> None:
         """app calls memory, which calls kv and vdb; discovery works; the server reports no violation."""
         app = {"user": "app", "password": passwords["APP_PASS"], "inbox_prefix": "_INBOX_app"}
-        async with stack(node, passwords), natsrpc.connect(node.url, timeout=5.0, **app) as client:  # type: ignore[arg-type]
+        async with stack(node, passwords), natsrpc.connect(node.url, timeout=5.0, **app) as client:
             memory = client.call_service["memory"]
             key = await memory.remember("the cat sat on the mat")
             await memory.remember("stock prices fell")
@@ -252,6 +255,38 @@ class TestStack:
             await asyncio.to_thread(self._cli_ls_as_app, node, passwords)
         assert "Violation" not in node.read_log()
 
+    async def test_runner_as_compose_starts_it(self, node: NatsServer, passwords: dict[str, str]) -> None:
+        """``python -m natsrpc.run services.kv`` with compose's environment serves app; SIGTERM stops it cleanly."""
+        kv = load_compose()["services"]["kv"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "NATSRPC_")) and k != "PYTHONPATH"}
+        env.update(kv["environment"])
+        env["NATS_PASSWORD"] = passwords[compose_variable(kv["environment"]["NATS_PASSWORD"])]
+        command = [*kv["command"][3:]]
+        command[command.index("--url") + 1] = node.url  # the compose network's n1..n3 is this one node
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "natsrpc.run", *command, cwd=REPO, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            app = {"user": "app", "password": passwords["APP_PASS"], "inbox_prefix": "_INBOX_app"}
+            async with natsrpc.connect(node.url, timeout=2.0, circuit=None, **app) as client:
+                async with asyncio.timeout(20):
+                    while True:  # poll until the child serves (its start-up time varies with load)
+                        try:
+                            await client.call_service["kv"].put("a", "1")
+                            break
+                        except natsrpc.NoResponders:
+                            await asyncio.sleep(0.05)
+                assert await client.call_service["kv"].get("a") == "1"
+            proc.send_signal(signal.SIGTERM)
+            output, _ = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, output.decode(errors="replace")
+        assert passwords["KV_PASS"] not in output.decode(errors="replace")
+
     @staticmethod
     def _cli_ls_as_app(node: NatsServer, passwords: dict[str, str]) -> None:
         """Runs ``python -m natsrpc ls --json`` in-process with the security flags, as the app user."""
@@ -259,5 +294,6 @@ class TestStack:
             flags = ["--url", node.url, "--user", "app", "--password", passwords["APP_PASS"]]
             code = cli.main([*flags, "--inbox-prefix", "_INBOX_app", "ls", "--json", "--wait", "0.3"])
         assert code == 0
-        names = {reply["name"] for reply in msgspec.json.decode(output.getvalue())}
+        printed = next(line for line in output.getvalue().splitlines() if line.startswith("["))  # past log lines
+        names = {reply["name"] for reply in msgspec.json.decode(printed)}
         assert names == set(SERVICES)

@@ -299,7 +299,7 @@ class TestServerFailure:
     """A nats-server node dies or hangs under load; clients and replicas fail over to the others."""
 
     async def test_f1_killing_the_clients_server_fails_only_calls_in_flight(self, nats_cluster: NatsCluster) -> None:
-        """F1: SIGKILL of the client's node fails only calls already sent to it; reconnect < 1 s."""
+        """F1: SIGKILL of the client's node fails only calls sent before the client noticed; reconnect < 1 s."""
         node = nats_cluster.nodes[0]
         async with (
             replicas(nats_cluster.urls[1], nats_cluster.urls[2], modules=["services.kv"]) as reps,
