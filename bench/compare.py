@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--encodings", nargs="+", choices=["json", "msgpack"], default=["json", "msgpack"])
     parser.add_argument("--loops", nargs="+", choices=["asyncio", "uvloop"], default=["asyncio", "uvloop"])
     args = parser.parse_args()
+    natsrpc.logs.configure("console", "warning")
     if args.serve:
         with runner(args.loops[0]) as loop:
             loop.run(serve(args.serve))

@@ -10,6 +10,7 @@ from natsrpc.embedded import NatsServer
 from natsrpc.errors import (
     AuthenticationFailed,
     BadGateway,
+    BadReply,
     BadRequest,
     CallError,
     CallTimeout,
@@ -39,6 +40,7 @@ from natsrpc.sync import SyncClient
 __all__ = [
     "AuthenticationFailed",
     "BadGateway",
+    "BadReply",
     "BadRequest",
     "CallContext",
     "CallError",

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+import msgspec
 import nats
 import nats.errors
 import structlog
@@ -27,6 +28,7 @@ from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
 from natsrpc.discovery import InstanceState, Registry
 from natsrpc.errors import (
     AuthenticationFailed,
+    BadReply,
     CallError,
     CallTimeout,
     ClientClosed,
@@ -308,9 +310,14 @@ class Client:
             subject = protocol.endpoint_subject(service, method, self.prefix)
             breaker = self.circuits.get(service) if self.circuits is not None else None
         msg = await self.request(subject, body, opts, headers, service=service, breaker=breaker)
-        if result is not None:
-            return result.decode(msg.data)
-        return codec.decode(msg.data, opts.msgpack) if msg.data else None
+        try:
+            if result is not None:
+                return result.decode(msg.data)
+            return codec.decode(msg.data, opts.msgpack) if msg.data else None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            error = BadReply(f"the reply of {service}.{method} does not decode: {exc}")
+            error.hop = f"{service}.{method}"
+            raise error from exc
 
     async def request(
         self,

@@ -19,6 +19,7 @@ The tree::
         ├── NoResponders           nobody subscribes to the subject
         ├── CallTimeout            no reply before the deadline (also a TimeoutError)
         ├── CircuitOpen            the circuit breaker refuses the call
+        ├── BadReply               a success reply does not decode as the return type
         ├── PayloadTooLarge        headers + body exceed the server's max_payload
         ├── PermissionDenied       the server refused a publish or subscribe of this connection
         │   └── AuthenticationFailed   the server refused the connection's credentials
@@ -176,6 +177,10 @@ class NoResponders(CallError):
 
 class CallTimeout(CallError, TimeoutError):
     """Raised when no reply arrived before the call's deadline (the request may still have run)."""
+
+
+class BadReply(CallError):
+    """Raised when a successful reply cannot be decoded (as the method's declared return type)."""
 
 
 class CircuitOpen(CallError):

@@ -319,3 +319,39 @@ class TestConnectionLogging:
         assert events.index("nats disconnected") < events.index("nats reconnected")
         disconnected = next(e for e in logs if e["event"] == "nats disconnected")
         assert disconnected["log_level"] == "warning"
+
+
+class Liar(Service):
+    """Answers with a string where its callers' view of it declares an int."""
+
+    name = "tc-liar"
+    version = "1.0.0"
+
+    @rpc
+    async def number(self) -> str:
+        """Returns a string, not a number."""
+        return "not a number"
+
+
+class LiarView(Service):
+    """The callers' (stale) view of tc-liar: ``number`` returns an int."""
+
+    name = "tc-liar"
+    version = "1.0.0"
+
+    @rpc
+    async def number(self) -> int:
+        """Returns a number."""
+        return 0
+
+
+class TestBadReplies:
+    """A success reply that does not decode raises a natsrpc error, never a msgspec one."""
+
+    async def test_typed_proxy_reply_of_the_wrong_type_is_bad_reply(self, client: natsrpc.Client) -> None:
+        """A typed proxy whose return type does not match the reply raises BadReply naming the method."""
+        async with serve(client, Liar()):
+            with pytest.raises(natsrpc.BadReply, match=r"tc-liar\.number") as info:
+                await client.proxy(LiarView).number()
+        assert info.value.hop == "tc-liar.number"
+        assert isinstance(info.value, natsrpc.NatsRpcError)
