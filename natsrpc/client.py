@@ -53,7 +53,6 @@ log = structlog.get_logger("natsrpc.client")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_CIRCUIT = CircuitConfig()
-_CONNECTED = NatsConnection.CONNECTED
 
 # Connection defaults from RELIABILITY.md: detect a hung server within seconds (F5), reconnect
 # forever once connected, and fail the first connect quickly.
@@ -428,7 +427,7 @@ class Client:
         timer = loop.call_later(wait, _expire, future, subject)
         try:
             try:
-                await self._publish(subject, body, self._inbox + token, headers)
+                await delivery.publish(self.nc, subject, body, self._inbox + token, headers)
             except nats.errors.Error as exc:
                 with translate_nats_errors(subject):
                     raise exc from None
@@ -444,18 +443,6 @@ class Client:
             if protocol.ERROR_CODE in reply_headers:
                 raise error_from_reply(reply_headers, msg.data)
         return msg
-
-    async def _publish(self, subject: str, body: bytes, reply: str, headers: dict[str, str]) -> None:
-        """Publishes a request whose subject, reply and size natsrpc already checked.
-
-        While connected it goes straight to nats-py's sender, skipping ``publish()``'s checks (a
-        visible cost per call); otherwise ``publish()`` decides (reconnect buffer, closed, draining).
-        """
-        nc = self.nc
-        if nc._status == _CONNECTED:
-            await nc._send_publish(subject, reply, body, len(body), headers)
-        else:
-            await nc.publish(subject, body, reply=reply, headers=headers)
 
     def _headers(self, subject: str, opts: CallOptions, extra: dict[str, str] | None) -> tuple[dict[str, str], float]:
         """Returns the request headers and timeout, the deadline shrunk to what the handler has left."""

@@ -296,7 +296,7 @@ class Host:
             await self._reply_error(msg, route, error)
             return
         try:
-            await self.nc.publish(msg.reply, body, headers=headers)
+            await delivery.publish(self.nc, msg.reply, body, headers=headers)
         except nats.errors.Error as exc:
             log.warning("reply not sent", where=route.where, error=repr(exc))
 
@@ -310,7 +310,7 @@ class Host:
         if len(body) + protocol.headers_size(headers) > self.nc.max_payload:
             headers, body = error_reply(remote_error(error.code, error.message[:1024], error.type))
         try:
-            await self.nc.publish(msg.reply, body, headers=headers)
+            await delivery.publish(self.nc, msg.reply, body, headers=headers)
         except nats.errors.Error as exc:
             log.warning("error reply not sent", error=repr(exc))
 
