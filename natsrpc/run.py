@@ -132,20 +132,27 @@ async def serve(args: argparse.Namespace) -> int:
     config: dict[str, Any] = {}
     if args.config:
         config = tomllib.loads(await anyio.Path(args.config).read_text())
-    embedded: NatsServer | None = None
-    url: str | None = args.url
-    if args.embedded or (url is None and not is_listening(EMBEDDED_HOST, EMBEDDED_PORT)):
-        port = EMBEDDED_PORT if not is_listening(EMBEDDED_HOST, EMBEDDED_PORT) else free_port()
-        embedded = await anyio.to_thread.run_sync(NatsServer(port=port, host=EMBEDDED_HOST).start)
-        url = embedded.url
-        print(f"natsrpc: started an embedded nats-server at {url} (it stops when this process exits)", file=sys.stderr)
-    servers = auth.split_servers(url or DEFAULT_URL)
     security = auth.from_args(args)
+    # Signals are handled from here on, so one that arrives while an embedded server starts still
+    # stops it on the way out (the finally below) instead of orphaning it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    embedded: NatsServer | None = None
+    url: str | None = args.url
     try:
+        if args.embedded or (url is None and not is_listening(EMBEDDED_HOST, EMBEDDED_PORT)):
+            port = EMBEDDED_PORT if not is_listening(EMBEDDED_HOST, EMBEDDED_PORT) else free_port()
+            embedded = NatsServer(port=port, host=EMBEDDED_HOST)
+            await anyio.to_thread.run_sync(embedded.start)
+            url = embedded.url
+            print(
+                f"natsrpc: started an embedded nats-server at {url} (it stops when this process exits)", file=sys.stderr
+            )
+        if stop.is_set():
+            return 0
+        servers = auth.split_servers(url or DEFAULT_URL)
         async with connect(servers, name="natsrpc-run", **security) as client:
             services = [cls() for cls in classes]
             async with Host(
