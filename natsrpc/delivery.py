@@ -10,7 +10,7 @@ there, and callers fall back to ordinary callbacks when not.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -107,16 +107,57 @@ def fast_headers(nc: Any) -> bool:
         if not headers.startswith(_HEADER_START):
             result: dict[str, str] | None = await original(headers)
             return result
-        out: dict[str, str] = {}
-        for line in headers[len(_HEADER_START) :].split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            name = name.strip()
-            if not name or not name.isascii() or b" " in name or b"\t" in name:
-                continue
-            out[name.decode()] = value.strip().decode("utf-8", "replace")
-        return out or None
+        return _parse_headers(headers)
 
     nc._process_headers = process_headers
+    original_process_msg = getattr(nc, "_process_msg", None)
+    if original_process_msg is not None and hasattr(nc, "_subs") and hasattr(nc, "stats"):
+        nc._process_msg = _fast_process_msg(nc, original_process_msg)
     return True
+
+
+def _parse_headers(headers: bytes) -> dict[str, str] | None:
+    """Parses a header block without a status line (the same dict nats-py's parser returns)."""
+    out: dict[str, str] = {}
+    for line in headers[len(_HEADER_START) :].split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip()
+        if not name or not name.isascii() or b" " in name or b"\t" in name:
+            continue
+        out[name.decode()] = value.strip().decode("utf-8", "replace")
+    return out or None
+
+
+def _fast_process_msg(nc: Any, original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Returns nats-py's per-message step, shortened for directly delivered subscriptions.
+
+    For those it counts the message, parses headers in line, builds the ``Msg`` and hands it to
+    the handler: none of the JetStream, old-style-request or slow-consumer branches apply to them.
+    Every other subscription goes through nats-py's own code.
+    """
+    subs = nc._subs
+    stats = nc.stats
+    msg_class = nc.msg_class
+
+    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        sub = subs.get(sid)
+        direct = getattr(sub, "_pending_queue", None)
+        if type(direct) is not _Direct or sub._max_msgs > 0:
+            await original(sid, subject, reply, data, headers)
+            return
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        sub._received += 1
+        if headers:
+            hdr = _parse_headers(headers) if headers.startswith(_HEADER_START) else await nc._process_headers(headers)
+        else:
+            hdr = None
+        msg = msg_class(_client=nc, subject=subject.decode(), reply=reply.decode(), data=data, headers=hdr, _sid=sid)
+        try:
+            direct._handler(msg)
+        except Exception:  # a handler bug must not break the connection's read loop
+            log.exception("message handler failed", subject=msg.subject)
+
+    return process_msg
