@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -34,12 +34,20 @@ class _Step:
         return (yield self.value)
 
 
-async def run_in_context(coro: Coroutine[Any, Any, T]) -> T:
+class _Watcher(Protocol):
+    """Told when the coroutine run by :func:`run_in_context` suspends and resumes."""
+
+    def suspended(self) -> None: ...
+
+    def resumed(self) -> None: ...
+
+
+async def run_in_context(coro: Coroutine[Any, Any, T], watcher: _Watcher | None = None) -> T:
     """Runs ``coro`` to completion in a fresh copy of the current context, inside the calling task.
 
     Each step of ``coro`` runs under ``Context.run``, exactly as ``asyncio.Task`` drives a coroutine,
     so context variables it sets stay in its own context. Cancellation of the calling task reaches
-    ``coro`` as usual.
+    ``coro`` as usual. ``watcher`` hears each time ``coro`` suspends and resumes.
     """
     ctx = contextvars.copy_context()
     send, throw = coro.send, coro.throw
@@ -51,14 +59,23 @@ async def run_in_context(coro: Coroutine[Any, Any, T]) -> T:
         except StopIteration as stop:
             result: T = stop.value
             return result
+        if watcher is not None:
+            watcher.suspended()
         try:
             value, error = await _Step(yielded), None
         except BaseException as exc:  # thrown in by the task (e.g. cancellation): pass it on
             value, error = None, exc
+        finally:
+            if watcher is not None:
+                watcher.resumed()
 
 
 class Pool(Generic[T]):
     """Up to ``size`` worker tasks running ``serve(item)`` for submitted items, in order.
+
+    Only as many workers are awake as the queue needs: one drains a burst back to back, and another
+    is woken (or started) when the running handler suspends with items still queued. So a burst of
+    quick requests costs one wake-up, and slow ones still run ``size`` at a time.
 
     Args:
         size: the most items served at once (the concurrency limit).
@@ -74,31 +91,49 @@ class Pool(Generic[T]):
         self._idle: list[asyncio.Future[None]] = []
         self._workers: set[asyncio.Task[None]] = set()
         self._done: asyncio.Event | None = None
+        self._awake = 0  # workers that will look at the queue again before they sleep
         self.active = 0
         """Items submitted and not finished: queued plus running."""
 
     def submit(self, item: T) -> None:
-        """Queues ``item``; an idle worker takes it, or a new one while fewer than ``size`` run."""
+        """Queues ``item``; wakes a worker unless one that will take it is already awake."""
         self.active += 1
         self._queue.append(item)
+        if self._awake == 0:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Makes one more worker drain the queue: an idle one, or a new one while fewer than ``size``."""
         while self._idle:
             waiter = self._idle.pop()
             if not waiter.done():
                 waiter.set_result(None)
+                self._awake += 1
                 return
         if len(self._workers) < self.size:
-            task = asyncio.get_running_loop().create_task(self._work())
-            self._workers.add(task)
+            self._awake += 1
+            self._workers.add(asyncio.get_running_loop().create_task(self._work()))
+
+    def suspended(self) -> None:
+        """A worker's handler waits: wake another if items are queued and no one else will take them."""
+        self._awake -= 1
+        if self._queue and self._awake == 0:
+            self._wake()
+
+    def resumed(self) -> None:
+        """A worker's handler runs again (and will drain the queue when it is done)."""
+        self._awake += 1
 
     async def _work(self) -> None:
         queue, idle = self._queue, self._idle
         loop = asyncio.get_running_loop()
+        counted = True  # _wake counted this worker as awake
         try:
             while True:
                 while queue:
                     item = queue.popleft()
                     try:
-                        await run_in_context(self._serve(item))
+                        await run_in_context(self._serve(item), self)
                     except Exception:
                         with contextlib.suppress(Exception):  # a broken log sink must not kill the worker
                             log.exception("request handling failed")
@@ -108,8 +143,15 @@ class Pool(Generic[T]):
                             self._done.set()
                 waiter: asyncio.Future[None] = loop.create_future()
                 idle.append(waiter)
-                await waiter
+                self._awake -= 1
+                counted = False
+                try:
+                    await waiter
+                finally:
+                    counted = waiter.done() and not waiter.cancelled()  # woken: _wake counted us
         finally:
+            if counted:
+                self._awake -= 1
             self._workers.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
 
     async def join(self, wait: float) -> int:
