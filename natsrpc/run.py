@@ -20,7 +20,7 @@ from typing import Any
 import anyio.to_thread
 import structlog
 
-from natsrpc import auth, discovery, logs
+from natsrpc import auth, discovery, logs, loop
 from natsrpc import host as host_module
 from natsrpc.client import DEFAULT_URL, connect
 from natsrpc.embedded import NatsServer, free_port, is_listening
@@ -99,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
         help="requests waiting per instance before 429 Overloaded (default %(default)s)",
     )
     p.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run on uvloop (default: when installed; pip install 'natsrpc[speed]')",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=host_module.DEFAULT_DRAIN_TIMEOUT,
@@ -136,9 +142,9 @@ async def serve(args: argparse.Namespace) -> int:
     # Signals are handled from here on, so one that arrives while an embedded server starts still
     # stops it on the way out (the finally below) instead of orphaning it.
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    event_loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        event_loop.add_signal_handler(sig, stop.set)
     embedded: NatsServer | None = None
     url: str | None = args.url
     try:
@@ -177,8 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m natsrpc.run``; returns the process exit code."""
     args = parser().parse_args(argv)
     logs.configure(args.log_format, args.log_level)
+    if args.uvloop and not loop.uvloop_available():
+        print("natsrpc.run: error: --uvloop needs uvloop: pip install 'natsrpc[speed]'", file=sys.stderr)
+        return 2
     try:
-        return asyncio.run(serve(args))
+        with loop.runner(args.uvloop) as event_loop:
+            return event_loop.run(serve(args))
     except NatsRpcError as exc:
         print(f"natsrpc.run: error: {exc}", file=sys.stderr)
         return 1

@@ -58,12 +58,12 @@ from natsrpc.bench.load import (
     WorkerFailed,
     generate,
     run_processes,
-    runner,
 )
 from natsrpc.bench.report import Progress, plot, render, summary
 from natsrpc.bench.stats import Stats, percentiles
 from natsrpc.client import DEFAULT_TIMEOUT
 from natsrpc.errors import CallError, ConfigurationError
+from natsrpc.loop import runner
 
 __all__ = ["Plan", "Stats", "add_parser", "percentiles", "plan_from_args", "run"]
 

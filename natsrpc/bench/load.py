@@ -25,6 +25,7 @@ from typing import Any, Final
 from natsrpc import logs, protocol
 from natsrpc.bench.stats import Soak, Stats, other_tasks, rss_mb
 from natsrpc.client import DEFAULT_TIMEOUT, Client, connect
+from natsrpc.loop import runner
 from natsrpc.proxy import CallOptions
 from natsrpc.retry import NO_RETRIES
 
@@ -244,15 +245,6 @@ async def generate(
             soak.pending_calls_end = client.pending_calls
             soak.tasks_end = other_tasks()
         return stats
-
-
-def runner(use_uvloop: bool) -> asyncio.Runner:
-    """Returns an asyncio runner, on uvloop when asked (``natsrpc[speed]``)."""
-    if use_uvloop:
-        import uvloop  # optional: natsrpc[speed]
-
-        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    return asyncio.Runner()
 
 
 class WorkerFailed(Exception):
