@@ -4,7 +4,8 @@ Define a :class:`Service` with ``@rpc`` methods, host it with ``python -m natsrp
 :class:`Host`), and call it with ``await client.call_service["kv"].get("a")``.
 """
 
-from natsrpc.client import Client, connect
+from natsrpc.client import Client
+from natsrpc.connection import connect
 from natsrpc.context import CallContext, current_call
 from natsrpc.embedded import NatsServer
 from natsrpc.errors import (

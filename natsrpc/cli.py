@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from natsrpc import auth, bench, discovery, logs, protocol
-from natsrpc.client import DEFAULT_URL, connect
+from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.errors import CallError, ConfigurationError, ConnectionLost, RemoteError
 from natsrpc.proxy import CallOptions
 

@@ -1,18 +1,17 @@
 """The client: one NATS connection, one reply subscription, and the calls made over it.
 
-``natsrpc.connect()`` opens it; :class:`Client` sends requests with a deadline header and waits
-for replies on a single wildcard inbox, failing pending calls promptly when the connection breaks.
+``natsrpc.connect()`` (:mod:`natsrpc.connection`) opens it; :class:`Client` sends requests with
+a deadline header and waits for replies on a single wildcard inbox, failing pending calls promptly
+when the connection breaks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import ssl
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Generator, Mapping
-from types import TracebackType
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -23,24 +22,20 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from natsrpc import auth, codec, context, delivery, protocol
+from natsrpc import codec, context, delivery, protocol
 from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
 from natsrpc.discovery import InstanceState, Registry
 from natsrpc.errors import (
-    AuthenticationFailed,
     BadReply,
     CallError,
     CallTimeout,
     ClientClosed,
     ConfigurationError,
-    ConnectionLost,
     DeadlineExceeded,
     NoResponders,
     PayloadTooLarge,
     PermissionDenied,
     error_from_reply,
-    is_authentication_failure,
-    permission_violation,
     translate_nats_errors,
 )
 from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy
@@ -50,25 +45,8 @@ S = TypeVar("S")
 
 log = structlog.get_logger("natsrpc.client")
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_CIRCUIT = CircuitConfig()
-
-# Connection defaults from RELIABILITY.md: detect a hung server within seconds (F5), reconnect
-# forever once connected, and fail the first connect quickly.
-CONNECTION_DEFAULTS: dict[str, Any] = {
-    "ping_interval": 2,
-    "max_outstanding_pings": 2,
-    "max_reconnect_attempts": -1,
-    "reconnect_time_wait": 0.25,
-    "connect_timeout": 2,
-    "allow_reconnect": True,
-}
-
-# nats-py retries the *first* connect as it reconnects: forever with max_reconnect_attempts=-1
-# (or 0). The first connect retries each server this many times, then raises; the configured
-# value applies once connected.
-FIRST_CONNECT_RETRIES = 1
 
 
 class Client:
@@ -489,198 +467,3 @@ def _attempt_wait(remaining: float, opts: CallOptions) -> float:
 def _expire(future: asyncio.Future[Msg], subject: str) -> None:
     if not future.done():
         future.set_exception(CallTimeout(f"no reply from {subject} before the deadline"))
-
-
-class connect:
-    """Connects to NATS and returns a :class:`Client`; await it or use it with ``async with``.
-
-    Args:
-        servers: a URL, a comma-separated string of URLs, or a list of URLs (``nats://host:4222``).
-        timeout: default call timeout in seconds.
-        encoding: ``"json"`` or ``"msgpack"``.
-        prefix: subject prefix.
-        name: connection name shown by the server.
-        caller: the ``Natsrpc-Caller`` of calls made outside handlers.
-        discovery: follow heartbeats (``client.registry``), feeding the circuit breakers.
-        circuit: circuit-breaker settings (:class:`natsrpc.circuit.CircuitConfig`); None = off.
-        retry: default retry policy (:class:`natsrpc.retry.RetryPolicy`).
-        user: user name, with ``password``.
-        password: password.
-        token: authentication token.
-        nkeys_seed: path of a file holding an NKey seed.
-        creds: path of a user credentials file (JWT and NKey seed).
-        tls_ca: CA file that signs the server's certificate; any ``tls_*`` option requires TLS.
-        tls_cert: client certificate file, for mutual TLS.
-        tls_key: private key file of ``tls_cert``.
-        inbox_prefix: prefix of this connection's reply subjects (default ``_INBOX``): give each
-            identity its own (``_INBOX_app``) and allow it only that, so no one reads others' replies.
-        **nats_options: passed to ``nats.connect`` over natsrpc's defaults (``ping_interval``,
-            ``tls`` as a ready SSLContext, ...).
-
-    Raises:
-        ConnectionLost: the first connect failed (no server, refused, timed out, TLS handshake).
-        AuthenticationFailed: the server refused the credentials (after one retry per server, no loop).
-        ConfigurationError: unusable options (a missing file, or TLS asked for and the server has none).
-    """
-
-    def __init__(
-        self,
-        servers: str | list[str] = DEFAULT_URL,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        encoding: str = "json",
-        prefix: str = protocol.DEFAULT_PREFIX,
-        name: str = "natsrpc-client",
-        caller: str = "client",
-        discovery: bool = True,
-        circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        user: str | None = None,
-        password: str | None = None,
-        token: str | None = None,
-        nkeys_seed: str | None = None,
-        creds: str | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        inbox_prefix: str | None = None,
-        **nats_options: Any,
-    ) -> None:
-        if "tls" in nats_options and (tls_ca or tls_cert or tls_key):
-            raise ConfigurationError("give tls (an SSLContext) or tls_ca/tls_cert/tls_key, not both")
-        security = auth.nats_options(
-            user=user, password=password, token=token, nkeys_seed=nkeys_seed, creds=creds,
-            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, inbox_prefix=inbox_prefix,
-        )  # fmt: skip
-        self._servers = auth.split_servers(servers)
-        self._name = name
-        self._nats_options = {**security, **nats_options}
-        self._client_options: dict[str, Any] = {
-            "timeout": timeout, "encoding": encoding, "prefix": prefix, "caller": caller,
-            "discovery": discovery, "circuit": circuit, "retry": retry,
-        }  # fmt: skip
-        self._client: Client | None = None
-
-    async def _connect(self) -> Client:
-        servers, name, nats_options = self._servers, self._name, self._nats_options
-        client_ref: list[Client] = []
-        refusals: list[Exception] = []  # what went wrong in each failed attempt of the first connect
-        options = {**CONNECTION_DEFAULTS, **_callbacks(client_ref, refusals), "name": name, **nats_options}
-        reconnect_attempts = options["max_reconnect_attempts"]
-        if not 0 < reconnect_attempts <= FIRST_CONNECT_RETRIES:
-            options["max_reconnect_attempts"] = FIRST_CONNECT_RETRIES
-        try:
-            nc = await nats.connect(servers, **options)
-            nc.options["max_reconnect_attempts"] = reconnect_attempts
-        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
-            refused = next((e for e in refusals if is_authentication_failure(e)), None)
-            if refused is not None:
-                who = _credentials(options)
-                raise AuthenticationFailed(
-                    f"the NATS server at {auth.redacted(servers)} refused the credentials ({who}): {refused}"
-                ) from exc
-            why = f"{refusals[-1]!r}" if refusals else f"{exc!r}"
-            raise ConnectionLost(f"cannot connect to {auth.redacted(servers)}: {why}") from exc
-        except nats.errors.Error as exc:
-            with translate_nats_errors():
-                raise
-            raise AssertionError("unreachable") from exc  # pragma: no cover
-        if "tls" in options and not nc._server_info.get("tls_required"):
-            await nc.close()
-            raise ConfigurationError(f"TLS options given, but the server at {auth.redacted(servers)} does not use TLS")
-        client = Client(nc, **self._client_options)
-        client_ref.append(client)
-        await client.start()
-        return client
-
-    def __await__(self) -> Generator[Any, None, Client]:
-        return self._connect().__await__()
-
-    async def __aenter__(self) -> Client:
-        self._client = await self._connect()
-        return self._client
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._client is not None:
-            await self._client.close()
-
-
-def _credentials(options: Mapping[str, Any]) -> str:
-    """Returns which credentials a connection presented, for error messages (never the secrets)."""
-    if options.get("user") is not None:
-        return f"user {options['user']!r}"
-    kinds = {"token": "a token", "nkeys_seed": "an NKey seed", "user_credentials": "a creds file", "tls": "TLS"}
-    presented = [label for key, label in kinds.items() if options.get(key) is not None]
-    return ", ".join(presented) or "none: the server requires some"
-
-
-def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str, Callable[..., Awaitable[None]]]:
-    """Returns nats-py callbacks that log every event and fail pending calls on disconnect or refusal.
-
-    ``refusals`` collects the errors of the first connect (before ``client_ref`` holds the client).
-    """
-
-    async def error_cb(exc: Exception) -> None:
-        if not client_ref:
-            refusals.append(exc)
-            if isinstance(exc, ssl.SSLError):
-                # nats-py 2.16 hangs for good closing a connection whose TLS handshake failed (it
-                # waits for a close the swapped-out protocol never sees): give up this connect now.
-                raise ConnectionLost(f"TLS handshake with the NATS server failed: {exc}") from exc
-        violation = permission_violation(exc)
-        if violation is not None:
-            log.warning("nats permission denied", operation=violation[0], subject=violation[1])
-            for client in client_ref:
-                client.refuse(*violation)
-            return
-        if client_ref and is_authentication_failure(exc):
-            # A reconnect whose credentials the server now refuses: nats-py keeps trying (the server
-            # may be fixed), but calls fail at once instead of waiting out their timeout.
-            log.error("nats server refused the credentials on reconnect", error=repr(exc))
-            for client in client_ref:
-                client.fail_pending(AuthenticationFailed(f"the NATS server refused the credentials: {exc}"))
-                # nats-py opens the next attempt's socket without closing this refused one (a leak
-                # and a ResourceWarning): close it, the server has hung up anyway.
-                transport: Any = client.nc._transport  # Any: nats-py's Transport.close() is untyped
-                if transport:
-                    transport.close()
-            return
-        log.warning("nats error", error=repr(exc))
-
-    def closing() -> bool:
-        return any(client.closed for client in client_ref)
-
-    async def disconnected_cb() -> None:
-        if closing():
-            log.debug("nats disconnected (client closing)")
-            return
-        log.warning("nats disconnected")
-        for client in client_ref:
-            client.fail_pending(ConnectionLost("the connection to the NATS server broke while the call was pending"))
-
-    async def reconnected_cb() -> None:
-        log.info("nats reconnected")
-        for client in client_ref:
-            client.probe_open_circuits()
-
-    async def closed_cb() -> None:
-        (log.debug if closing() else log.warning)("nats connection closed")
-        for client in client_ref:
-            client.fail_pending(ConnectionLost("the NATS connection closed while the call was pending"))
-
-    async def discovered_server_cb() -> None:
-        log.info("nats server discovered")
-
-    async def lame_duck_mode_cb() -> None:
-        log.warning("nats server entered lame duck mode")
-
-    return {
-        "error_cb": error_cb,
-        "disconnected_cb": disconnected_cb,
-        "reconnected_cb": reconnected_cb,
-        "closed_cb": closed_cb,
-        "discovered_server_cb": discovered_server_cb,
-        "lame_duck_mode_cb": lame_duck_mode_cb,
-    }

@@ -22,7 +22,7 @@ import structlog
 
 from natsrpc import auth, discovery, logs, loop
 from natsrpc import host as host_module
-from natsrpc.client import DEFAULT_URL, connect
+from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.embedded import NatsServer, free_port, is_listening
 from natsrpc.errors import ConfigurationError, NatsRpcError
 from natsrpc.host import Host

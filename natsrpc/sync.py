@@ -13,7 +13,8 @@ from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from natsrpc.client import DEFAULT_URL, Client, connect
+from natsrpc.client import Client
+from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.errors import ClientClosed
 from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy
 from natsrpc.service import Service

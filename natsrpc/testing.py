@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from natsrpc.client import Client, connect
+from natsrpc.client import Client
 from natsrpc.cluster import NatsCluster
+from natsrpc.connection import connect
 from natsrpc.embedded import NatsServer
 from natsrpc.host import Host
 from natsrpc.service import Service

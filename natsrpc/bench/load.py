@@ -24,7 +24,8 @@ from typing import Any, Final
 
 from natsrpc import logs, protocol
 from natsrpc.bench.stats import Soak, Stats, other_tasks, rss_mb
-from natsrpc.client import DEFAULT_TIMEOUT, Client, connect
+from natsrpc.client import DEFAULT_TIMEOUT, Client
+from natsrpc.connection import connect
 from natsrpc.loop import runner
 from natsrpc.proxy import CallOptions
 from natsrpc.retry import NO_RETRIES
