@@ -80,7 +80,8 @@ class Instance:
         self.capacity = max_concurrency + max_queue
         self.max_concurrency = max_concurrency
         self.pool: Pool[tuple[Route, Msg, float]] | None = None  # made by the Host, on its loop
-        self.draining = False
+        self.draining = False  # announced in heartbeats: callers should stop routing here
+        self.closed = False  # unsubscribed: anything that still reaches it is refused with 503
         self.started = time.time()
         self.routes = {name: Route(self, ep) for name, ep in service.endpoints.items()}
 
@@ -182,9 +183,13 @@ class Host:
             inst.draining = True
         if self._announcer is not None:
             await self._announcer.stop()  # a last beat says "draining", so callers stop routing here
+        # Requests delivered until the subscriptions are drained are still served: refusing them
+        # (503) while the unsubscribe travels would turn a graceful stop into lost calls.
         subs, self._subs = self._subs, []
         if not self.nc.is_closed:
             await asyncio.gather(*(_drain(sub) for sub in subs))
+        for inst in self.instances:
+            inst.closed = True
         pools = [inst.pool for inst in self.instances if inst.pool is not None]
         abandoned = sum(await asyncio.gather(*(pool.join(self.drain_timeout) for pool in pools)))
         if abandoned:
@@ -217,11 +222,11 @@ class Host:
         self._admit(route, msg)
 
     def _admit(self, route: Route, msg: Msg) -> None:
-        """Admits a request as it arrives: starts its task, or refuses it at once (503 draining, 429 full)."""
+        """Admits a request as it arrives: starts its task, or refuses it at once (503 stopped, 429 full)."""
         inst = route.instance
         route.stats.num_requests += 1
-        if inst.draining:
-            self._spawn(self._reply_error(msg, route, Unavailable(f"{inst.label} is draining")))
+        if inst.closed:
+            self._spawn(self._reply_error(msg, route, Unavailable(f"{inst.label} has stopped")))
         elif inst.active >= inst.capacity:
             self._spawn(
                 self._reply_error(msg, route, Overloaded(f"{inst.label} is at its concurrency limit and queue"))
