@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
 
 import msgspec
 import nats
 import pytest
+from children import poll
 
 import natsrpc
 from natsrpc import Service, context, protocol, rpc
@@ -262,13 +262,6 @@ def route_stats(host: Host, service: Service, method: str) -> natsrpc.host.Endpo
     """Returns the host's counters of one endpoint of ``service``."""
     inst = next(i for i in host.instances if i.service is service)
     return inst.routes[method].stats
-
-
-async def poll(condition: Callable[[], bool]) -> None:
-    """Waits (at most 5 s) until ``condition()`` holds, yielding to the loop."""
-    async with asyncio.timeout(5):
-        while not condition():  # noqa: ASYNC110 - host counters have no event to wait on
-            await asyncio.sleep(0.001)
 
 
 # --------------------------------------------------------------------------------------------------

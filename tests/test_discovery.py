@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import nats
 import pytest
 import pytest_asyncio
+from children import poll
 from micro_schemas import VALIDATORS, validate
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
@@ -110,17 +111,6 @@ def nulls(value: Any, path: str = "") -> list[str]:
     if isinstance(value, list):
         return [p for i, v in enumerate(value) for p in nulls(v, f"{path}/{i}")]
     return []
-
-
-async def poll(condition: Callable[[], bool], what: str, limit: float = WAIT) -> float:
-    """Waits until ``condition()`` holds (failing after ``limit`` s); returns the seconds it took."""
-    start = time.monotonic()
-    # The conditions are fed by messages from other connections, with no event to wait on: poll.
-    while not condition():
-        if time.monotonic() - start > limit:
-            pytest.fail(f"{what}: not true after {limit} s")
-        await asyncio.sleep(0.002)
-    return time.monotonic() - start
 
 
 async def ask(nc: NatsConnection, subject: str, expect: set[str], window: float = 0.05) -> list[dict[str, Any]]:

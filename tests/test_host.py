@@ -10,7 +10,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from children import poll
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 
@@ -216,14 +217,6 @@ async def timed(awaitable: Awaitable[Any]) -> tuple[Any, float]:
     except Exception as exc:
         result = exc
     return result, time.perf_counter() - start
-
-
-async def poll(condition: Callable[[], bool]) -> None:
-    """Waits (at most 5 s) until ``condition()`` is true, yielding to the loop (never sleeping blind)."""
-    async with asyncio.timeout(5):
-        # The host's counters expose no event to wait on, so poll them (1 ms steps).
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
 
 
 def past_deadline_ms(seconds_ago: float = 1.0) -> str:

@@ -7,24 +7,21 @@ services.vdb services.memory`` process on the session's nats-server.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from children import REPO, child_env
 from micro_schemas import validate
 
 import natsrpc
 from natsrpc import run
 from natsrpc.discovery import DEFAULT_HEARTBEAT_INTERVAL
 from natsrpc.embedded import NatsServer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class TestRunnerHeartbeatOption:
@@ -70,12 +67,6 @@ CLI_COMMANDS: dict[str, tuple[str, ...]] = {  # run at once, so keep the list sh
     "info-unknown": ("info", "nosuchsvc"),
     "stats-unknown": ("stats", "nosuchsvc"),
 }
-
-
-def child_env() -> dict[str, str]:
-    """The environment of child processes: this one without NATS and natsrpc settings."""
-    drop = ("NATS_URL", "PYTHONPATH", "NATSRPC_LOG_FORMAT", "NATSRPC_LOG_LEVEL", "NATSRPC_HEARTBEAT_INTERVAL")
-    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
 @pytest.fixture(scope="class")

@@ -7,17 +7,15 @@ The same scenario runs with the three services hosted in this process and with e
 from __future__ import annotations
 
 import asyncio
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 import structlog.testing
+from children import STARTUP_TIMEOUT, Child, child
 
 import natsrpc
 import natsrpc.logs
@@ -26,10 +24,6 @@ from natsrpc.testing import serve
 from services.kv import KV
 from services.memory import KEY_PREFIX, Memory, MemoryItem, hashed_bag_of_words
 from services.vdb import VDB
-
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT = 15.0
-EXIT_TIMEOUT = 15.0
 
 TEXTS = [
     "the cat sat on the warm mat",
@@ -120,62 +114,14 @@ async def check_remember_recall_forget(client: natsrpc.Client) -> None:
     assert await memory.forget(ids[0]) is False
 
 
-class Runner:
-    """A ``python -m natsrpc.run`` child whose stderr is collected while it runs."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-
-    @property
-    def stderr(self) -> str:
-        """What the child wrote to stderr so far."""
-        return "\n".join(self.lines)
-
-    async def stop(self) -> int:
-        """Sends SIGTERM (graceful drain) and returns the exit code."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await self.wait()
-
-    async def wait(self) -> int:
-        """Waits for the child to exit and its stderr to be read; returns the exit code."""
-        code = await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT)
-        await self._reader
-        return code
-
-
 @asynccontextmanager
-async def runner(*modules: str, url: str) -> AsyncIterator[Runner]:
-    """Runs ``python -m natsrpc.run *modules --url url``; kills it on the way out if it still runs."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "natsrpc.run",
-        *modules,
-        "--url",
-        url,
-        cwd=REPO,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    child = Runner(proc)
-    try:
-        yield child
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await child.wait()
+async def runner(*modules: str, url: str) -> AsyncIterator[Child]:
+    """Runs ``python -m natsrpc.run *modules --url url``; stops it on the way out if it still runs."""
+    async with child("-m", "natsrpc.run", *modules, "--url", url) as running:
+        yield running
 
 
-async def until_served(runners: list[Runner], call: Callable[[], Awaitable[Any]]) -> Any:
+async def until_served(runners: list[Child], call: Callable[[], Awaitable[Any]]) -> Any:
     """Retries ``call`` while the service is not up yet; returns its result.
 
     Until a runner subscribes, calls fail with NoResponders, or with CircuitOpen once those failures
@@ -192,7 +138,7 @@ async def until_served(runners: list[Runner], call: Callable[[], Awaitable[Any]]
         await asyncio.sleep(0.02)
 
 
-async def until_all_served(client: natsrpc.Client, runners: list[Runner]) -> None:
+async def until_all_served(client: natsrpc.Client, runners: list[Child]) -> None:
     """Waits until kv, vdb and memory each answer a harmless call."""
     await until_served(runners, client.call_service["kv"].keys)
     await until_served(runners, client.call_service["vdb"].count)

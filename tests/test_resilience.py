@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import statistics
 import sys
@@ -17,10 +16,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from children import REPO, child_env, poll
 
 import natsrpc
 from natsrpc import Service, ServiceError, rpc
@@ -30,7 +29,6 @@ from natsrpc.retry import RetryPolicy
 from natsrpc.testing import serve
 from services.kv import KV
 
-REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT = 0.1  # the kv processes' heartbeat interval (--heartbeat-interval)
 STARTUP = 20.0  # the longest a process may take to start beating
 FAST = 0.010  # the most a refused call may take (no timeout wait)
@@ -116,23 +114,6 @@ class Mute(Service):
 # --------------------------------------------------------------------------------------------------
 # Helpers.
 # --------------------------------------------------------------------------------------------------
-
-
-async def poll(condition: Callable[[], bool], what: str, limit: float = 5.0) -> float:
-    """Waits until ``condition()`` holds (failing after ``limit`` s); returns the seconds it took."""
-    start = time.monotonic()
-    # The conditions are fed by other processes and connections, with no event to wait on: poll.
-    while not condition():
-        if time.monotonic() - start > limit:
-            pytest.fail(f"{what}: not true after {limit} s")
-        await asyncio.sleep(0.001)
-    return time.monotonic() - start
-
-
-def child_env() -> dict[str, str]:
-    """The environment of child processes: this one without NATS and natsrpc settings."""
-    drop = ("NATS_URL", "PYTHONPATH", "NATSRPC_LOG_FORMAT", "NATSRPC_LOG_LEVEL", "NATSRPC_HEARTBEAT_INTERVAL")
-    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
 @dataclass

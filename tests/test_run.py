@@ -4,105 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from children import EXIT_TIMEOUT, REPO, STARTUP_TIMEOUT, Child, child, child_env
 from nats.aio.msg import Msg
 
 import natsrpc
 from natsrpc.embedded import is_listening
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT = 15.0
-EXIT_TIMEOUT = 15.0
 EMBEDDED_LINE = re.compile(r"started an embedded nats-server at (nats://\S+)")
-
-
-def child_env() -> dict[str, str]:
-    """The environment of child processes: this one without NATS and natsrpc settings."""
-    env = dict(os.environ)
-    for name in ("NATS_URL", "PYTHONPATH", "NATSRPC_LOG_FORMAT", "NATSRPC_LOG_LEVEL"):
-        env.pop(name, None)
-    return env
-
-
-class Child:
-    """A child process whose stderr is collected line by line while it runs."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self.stdout = b""
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-
-    @property
-    def stderr(self) -> str:
-        """What the child wrote to stderr so far."""
-        return "\n".join(self.lines)
-
-    async def wait_for_line(self, pattern: re.Pattern[str]) -> re.Match[str]:
-        """Returns the first stderr match of ``pattern``, polling for up to STARTUP_TIMEOUT seconds."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            for line in self.lines:
-                if match := pattern.search(line):
-                    return match
-            if self.proc.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"no stderr line matches {pattern.pattern!r}; stderr:\n{self.stderr}")
-            await asyncio.sleep(0.01)
-
-    async def wait(self) -> int:
-        """Waits (up to EXIT_TIMEOUT seconds) for the child to exit and its stderr to be read; returns the exit code."""
-        code = await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT)
-        await self._reader
-        return code
-
-    async def stop(self, sig: signal.Signals) -> int:
-        """Sends ``sig`` and returns the exit code."""
-        self.proc.send_signal(sig)
-        return await self.wait()
-
-
-@asynccontextmanager
-async def child(*args: str) -> AsyncIterator[Child]:
-    """Runs ``python *args`` from the repository root; stops it on the way out if it still runs.
-
-    SIGTERM first, so a runner stops its embedded nats-server (SIGKILL would orphan it on 4222).
-    """
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        cwd=REPO,
-        env=child_env(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    running = Child(proc)
-    try:
-        yield running
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT)
-            except TimeoutError:
-                proc.kill()
-        await running.wait()
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
