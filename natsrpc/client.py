@@ -46,6 +46,9 @@ S = TypeVar("S")
 log = structlog.get_logger("natsrpc.client")
 
 DEFAULT_TIMEOUT = 5.0
+
+Reply = tuple[bytes, "dict[str, str] | None"]
+"""A reply's data and headers."""
 DEFAULT_CIRCUIT = CircuitConfig()
 
 
@@ -93,7 +96,7 @@ class Client:
         if self.registry is not None and self.circuits is not None:
             self.registry.on_change(self._on_registry_change)
         self._owns_connection = owns_connection
-        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._subjects: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
         self._refused = ""  # why the server will not deliver replies (reply subscription refused), if it won't
         self._tokens = itertools.count(1)
@@ -101,7 +104,8 @@ class Client:
         self._inbox = f"{inbox_prefix}.{NUID().next().decode()}."
         self._reply_sub: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._loop_time = asyncio.get_running_loop().time
+        self._loop = asyncio.get_running_loop()
+        self._loop_time = self._loop.time
         self._closed = False
         self.call_service = ServiceDirectory(self, spawn=False)
         self.call_service_async = ServiceDirectory(self, spawn=True)
@@ -286,11 +290,11 @@ class Client:
         else:
             subject = protocol.endpoint_subject(service, method, self.prefix)
             breaker = self.circuits.get(service) if self.circuits is not None else None
-        msg = await self.request(subject, body, opts, headers, service=service, breaker=breaker)
+        data, _ = await self._request(subject, body, opts, headers, service, breaker)
         try:
             if result is not None:
-                return result.decode(msg.data)
-            return codec.decode(msg.data, opts.msgpack) if msg.data else None
+                return result.decode(data)
+            return codec.decode(data, opts.msgpack) if data else None
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             error = BadReply(f"the reply of {service}.{method} does not decode: {exc}")
             error.hop = f"{service}.{method}"
@@ -318,22 +322,39 @@ class Client:
             service: the service called (its retry budget); taken from ``subject`` when empty.
             breaker: the circuit breaker to consult and feed, if any.
 
+        Returns:
+            The reply: ``.data`` and ``.headers`` (``.subject`` is empty).
+
         Raises:
             RemoteError: the reply is an error reply.
             NoResponders, CallTimeout, CircuitOpen, PayloadTooLarge, ConnectionLost, ClientClosed,
             DeadlineExceeded: see their docstrings; ``.hop`` names the subject's service.method.
         """
+        data, reply_headers = await self._request(subject, body, options, headers, service, breaker)
+        return Msg(self.nc, "", "", data, reply_headers)
+
+    async def _request(
+        self,
+        subject: str,
+        body: bytes,
+        options: CallOptions | None,
+        headers: dict[str, str] | None,
+        service: str,
+        breaker: CircuitBreaker | None,
+    ) -> Reply:
+        """:meth:`request`, returning the reply's data and headers."""
         try:
             opts = options or self.default_options
             headers, timeout = self._headers(subject, opts, headers)
-            size = len(body) + protocol.headers_size(headers)
+            block = delivery.header_block(headers)
+            size = len(body) + len(block)
             if size > self.nc.max_payload:
                 limit = self.nc.max_payload
                 raise PayloadTooLarge(f"request to {subject} is {size} bytes with headers, over max_payload {limit}")
             started = self._loop_time()
             ticket = breaker.allow() if breaker is not None else 0
             try:
-                msg = await self._attempt(subject, body, headers, _attempt_wait(timeout, opts))
+                reply = await self._attempt(subject, body, headers, block, _attempt_wait(timeout, opts))
             except BaseException as exc:
                 if breaker is not None:
                     breaker.record(exc, ticket)
@@ -346,8 +367,10 @@ class Client:
                 bucket = self._buckets.get(service)
                 if bucket is not None:
                     bucket.record_success()
-                return msg
-            return await self._retry(subject, body, headers, opts, service, breaker, started + timeout, first_error)
+                return reply
+            return await self._retry(
+                subject, body, (headers, block), opts, service, breaker, started + timeout, first_error
+            )
         except CallError as exc:
             if not exc.hop:
                 exc.hop = subject[len(self.prefix) + 1 :] if subject.startswith(self.prefix + ".") else subject
@@ -357,13 +380,13 @@ class Client:
         self,
         subject: str,
         body: bytes,
-        headers: dict[str, str],
+        headers: tuple[dict[str, str], bytes],
         opts: CallOptions,
         service: str,
         breaker: CircuitBreaker | None,
         deadline: float,
         first_error: CallError,
-    ) -> Msg:
+    ) -> Reply:
         """The slow path: retries after a failed first attempt, as the policy and the retry budget allow."""
         parts = subject.split(".")
         service = service or (parts[1] if len(parts) > 2 else subject)
@@ -371,17 +394,17 @@ class Client:
         if idempotent is None:
             idempotent = self.registry is not None and len(parts) > 2 and self.registry.idempotent(service, parts[2])
 
-        async def attempt(remaining: float) -> Msg:
+        async def attempt(remaining: float) -> Reply:
             ticket = breaker.allow() if breaker is not None else 0
             try:
-                msg = await self._attempt(subject, body, headers, _attempt_wait(remaining, opts))
+                reply = await self._attempt(subject, body, *headers, _attempt_wait(remaining, opts))
             except BaseException as exc:
                 if breaker is not None:
                     breaker.record(exc, ticket)
                 raise
             if breaker is not None:
                 breaker.record(None, ticket)
-            return msg
+            return reply
 
         return await run_with_retries(
             attempt,
@@ -393,34 +416,35 @@ class Client:
             first_error=first_error,
         )
 
-    async def _attempt(self, subject: str, body: bytes, headers: dict[str, str], wait: float) -> Msg:
-        """Sends the request once and waits up to ``wait`` seconds for the reply."""
+    async def _attempt(self, subject: str, body: bytes, headers: dict[str, str], block: bytes, wait: float) -> Reply:
+        """Sends the request once (``block`` is ``headers`` encoded) and waits up to ``wait`` s for the reply."""
         if self._closed or self._refused:
             raise ClientClosed("the client is closed") if self._closed else PermissionDenied(self._refused)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         token = str(next(self._tokens))
-        future: asyncio.Future[Msg] = loop.create_future()
+        future: asyncio.Future[Reply] = loop.create_future()
         self._pending[token] = future
         self._subjects[token] = subject
         timer = loop.call_later(wait, _expire, future, subject)
         try:
-            try:
-                await delivery.publish(self.nc, subject, body, self._inbox + token, headers)
-            except nats.errors.Error as exc:
-                with translate_nats_errors(subject):
-                    raise exc from None
-            msg = await future
+            inbox = self._inbox + token
+            if not delivery.send(self.nc, subject, inbox, body, block):
+                try:
+                    await delivery.publish(self.nc, subject, body, inbox, headers)
+                except nats.errors.Error as exc:
+                    with translate_nats_errors(subject):
+                        raise exc from None
+            data, reply_headers = await future
         finally:
             timer.cancel()
             self._pending.pop(token, None)
             del self._subjects[token]
-        reply_headers = msg.headers
         if reply_headers:
-            if reply_headers.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not msg.data:
+            if reply_headers.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not data:
                 raise NoResponders(f"no instance answers {subject} (service not running, or no such method)")
             if protocol.ERROR_CODE in reply_headers:
-                raise error_from_reply(reply_headers, msg.data)
-        return msg
+                raise error_from_reply(reply_headers, data)
+        return data, reply_headers
 
     def _headers(self, subject: str, opts: CallOptions, extra: dict[str, str] | None) -> tuple[dict[str, str], float]:
         """Returns the request headers and timeout, the deadline shrunk to what the handler has left."""
@@ -448,13 +472,13 @@ class Client:
         return headers, timeout
 
     async def _on_reply(self, msg: Msg) -> None:
-        self._resolve(msg)
+        self._resolve(msg.subject, msg.reply, msg.data, msg.headers)
 
-    def _resolve(self, msg: Msg) -> None:
+    def _resolve(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         """Hands a reply to the call waiting for it (called as nats-py parses the message)."""
-        future = self._pending.pop(msg.subject[len(self._inbox) :], None)
+        future = self._pending.pop(subject[len(self._inbox) :], None)
         if future is not None and not future.done():
-            future.set_result(msg)
+            future.set_result((data, headers))
 
 
 def _attempt_wait(remaining: float, opts: CallOptions) -> float:
@@ -464,6 +488,6 @@ def _attempt_wait(remaining: float, opts: CallOptions) -> float:
     return opts.attempt_timeout
 
 
-def _expire(future: asyncio.Future[Msg], subject: str) -> None:
+def _expire(future: asyncio.Future[Reply], subject: str) -> None:
     if not future.done():
         future.set_exception(CallTimeout(f"no reply from {subject} before the deadline"))

@@ -3,23 +3,30 @@
 nats-py queues every message of a callback subscription and runs the callback from a task of its
 own, one message at a time: a queue put, a get and a task switch per message. The reply inbox and
 the endpoint subscriptions need none of that (their handlers never block), so :func:`deliver`
-replaces the subscription's queue with a shim that calls the handler at once. It relies on
+replaces the subscription's queue with a shim that calls the handler at once, with the message's
+parts (a :data:`Handler`) rather than a ``Msg``, which costs a dataclass per message. It relies on
 nats-py 2.x internals (``Subscription._pending_queue``); :func:`supported` says whether they are
 there, and callers fall back to ordinary callbacks when not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 
+from natsrpc import protocol
+from natsrpc.errors import ConfigurationError
+
 log = structlog.get_logger("natsrpc.delivery")
 
 _CONNECTED = NatsConnection.CONNECTED
+
+Handler = Callable[[str, str, bytes, "dict[str, str] | None"], None]
+"""Takes a message's subject, reply subject, payload and headers; must not block."""
 
 
 class _Direct:
@@ -27,14 +34,14 @@ class _Direct:
 
     __slots__ = ("_handler", "_sub")
 
-    def __init__(self, sub: Any, handler: Callable[[Msg], None]) -> None:
+    def __init__(self, sub: Any, handler: Handler) -> None:
         self._sub = sub
         self._handler = handler
 
     def put_nowait(self, msg: Msg) -> None:
         self._sub._pending_size -= len(msg.data)
         try:
-            self._handler(msg)
+            self._handler(msg.subject, msg.reply, msg.data, msg.headers)
         except Exception:  # a handler bug must not break the connection's read loop
             log.exception("message handler failed", subject=msg.subject)
 
@@ -54,6 +61,86 @@ class _Direct:
         return True
 
 
+class _Kick:
+    """What the flusher is handed to wake it: it only asks whether the waiter is done (nobody waits)."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return True
+
+
+_KICK = _Kick()
+
+
+def send(nc: Any, subject: str, reply: str, body: bytes, header: bytes = b"") -> bool:
+    """Queues one message on the connection's outgoing buffer and wakes its flusher, without awaiting.
+
+    This is what ``nc.publish()`` does while connected, minus its checks and coroutine frames:
+    natsrpc checked the subject and the size already, and ``header`` is a block from
+    :func:`header_block`. Returns False, queueing nothing, when nats-py's own path is needed (not
+    connected, flusher not running, buffer over its limit): then ``await`` :func:`publish`.
+    """
+    try:
+        if nc._status != _CONNECTED or nc._flusher_task is None or nc._flusher_task.done():
+            return False
+        return _queue(nc, subject, reply, body, header)
+    except AttributeError:  # not the nats-py internals this was written against
+        return False
+
+
+def _queue(nc: Any, subject: str, reply: str, body: bytes, header: bytes) -> bool:
+    if header:
+        size = len(header)
+        total = size + len(body)
+        cmd = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (subject.encode(), reply.encode(), size, total, header, body)
+    else:
+        cmd = b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), len(body), body)
+    pending = nc._pending_data_size + len(cmd)
+    if 0 < nc._max_pending_size < pending:
+        return False
+    nc._pending.append(cmd)
+    nc._pending_data_size = pending
+    stats = nc.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(body)
+    queue = nc._flush_queue
+    if queue.empty():
+        queue.put_nowait(_KICK)
+    return True
+
+
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_PROTOCOL_NAMES = frozenset(
+    [protocol.DEADLINE, protocol.CALLER, protocol.ARGS_FORM, protocol.TRACEPARENT, protocol.CONTENT_TYPE]
+)
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+    """Encodes headers as nats-py does (``NATS/1.0``, ``Name: value`` lines), or b"" for none.
+
+    Values of natsrpc's own headers are made by natsrpc and go as they are; other values are
+    stripped and their line breaks become spaces, as nats-py does.
+
+    Raises:
+        ConfigurationError: a name is not an HTTP token.
+    """
+    if not headers:
+        return b""
+    lines = ["NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if name not in _PROTOCOL_NAMES:
+            name = name.strip()
+            if not name:
+                continue
+            if not protocol.HEADER_NAME.fullmatch(name):
+                raise ConfigurationError(f"header name {name!r} is not an HTTP token")
+            value = value.strip().translate(_NEWLINES)
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
+
 async def publish(nc: Any, subject: str, body: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
     """Publishes a message whose subject, reply and size natsrpc already checked.
 
@@ -71,8 +158,10 @@ def supported(sub: Any) -> bool:
     return hasattr(sub, "_pending_queue") and hasattr(sub, "_wait_for_msgs_task") and hasattr(sub, "_pending_size")
 
 
-def deliver(sub: Any, handler: Callable[[Msg], None]) -> bool:
-    """Makes ``sub`` call ``handler(msg)`` synchronously for each message; returns False if unsupported.
+def deliver(sub: Any, handler: Handler) -> bool:
+    """Makes ``sub`` call ``handler(subject, reply, data, headers)`` at once for each message.
+
+    Returns False, changing nothing, when nats-py lacks the internals this replaces.
 
     The subscription must have been made with a callback (so nats-py started its task); that task is
     stopped, and unsubscribe/drain keep working.
@@ -87,6 +176,8 @@ def deliver(sub: Any, handler: Callable[[Msg], None]) -> bool:
 
 
 _HEADER_START = b"NATS/1.0\r\n"
+_HEADER_START_LEN = len(_HEADER_START)
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() would take Unicode spaces too
 
 
 def fast_headers(nc: Any) -> bool:
@@ -94,8 +185,8 @@ def fast_headers(nc: Any) -> bool:
 
     Every natsrpc request carries headers (at least ``Natsrpc-Deadline``), and nats-py's parser is
     a visible cost per message. Blocks with a status line (``NATS/1.0 503``) still go to nats-py's.
-    The result is the same dict: names as sent, values stripped, lines without a colon or with
-    whitespace or non-ASCII in the name skipped.
+    The result is the same dict: names as sent, values stripped, lines without a colon, or with
+    an empty name or whitespace, control characters or non-ASCII in the name, skipped.
     """
     original = getattr(nc, "_process_headers", None)
     if original is None:
@@ -117,29 +208,31 @@ def fast_headers(nc: Any) -> bool:
 
 
 def _parse_headers(headers: bytes) -> dict[str, str] | None:
-    """Parses a header block without a status line (the same dict nats-py's parser returns)."""
+    """Parses a header block without a status line (the same dict nats-py's parser returns).
+
+    The block is decoded once (``\\r\\n`` cannot occur inside a UTF-8 sequence, so this equals
+    decoding each value), then split: one decode instead of one per name and value.
+    """
     out: dict[str, str] = {}
-    for line in headers[len(_HEADER_START) :].split(b"\r\n"):
-        name, sep, value = line.partition(b":")
+    for line in headers[_HEADER_START_LEN:].decode("utf-8", "replace").split("\r\n"):
+        name, sep, value = line.partition(":")
         if not sep:
             continue
-        name = name.strip()
-        if not name or not name.isascii() or b" " in name or b"\t" in name:
-            continue
-        out[name.decode()] = value.strip().decode("utf-8", "replace")
+        name = name.strip(_ASCII_SPACE)
+        if name and name.isascii() and name.isprintable() and " " not in name:
+            out[name] = value.strip(_ASCII_SPACE)
     return out or None
 
 
 def _fast_process_msg(nc: Any, original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """Returns nats-py's per-message step, shortened for directly delivered subscriptions.
 
-    For those it counts the message, parses headers in line, builds the ``Msg`` and hands it to
-    the handler: none of the JetStream, old-style-request or slow-consumer branches apply to them.
-    Every other subscription goes through nats-py's own code.
+    For those it counts the message, parses headers in line and hands the parts to the handler:
+    none of the JetStream, old-style-request or slow-consumer branches apply to them. Every other
+    subscription goes through nats-py's own code.
     """
     subs = nc._subs
     stats = nc.stats
-    msg_class = nc.msg_class
 
     async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         sub = subs.get(sid)
@@ -154,10 +247,9 @@ def _fast_process_msg(nc: Any, original: Callable[..., Awaitable[None]]) -> Call
             hdr = _parse_headers(headers) if headers.startswith(_HEADER_START) else await nc._process_headers(headers)
         else:
             hdr = None
-        msg = msg_class(_client=nc, subject=subject.decode(), reply=reply.decode(), data=data, headers=hdr, _sid=sid)
         try:
-            direct._handler(msg)
+            direct._handler(subject.decode(), reply.decode(), data, hdr)
         except Exception:  # a handler bug must not break the connection's read loop
-            log.exception("message handler failed", subject=msg.subject)
+            log.exception("message handler failed", subject=subject.decode(errors="replace"))
 
     return process_msg

@@ -18,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import structlog
 
 T = TypeVar("T")
+Item = TypeVar("Item", bound=tuple[Any, ...])
 
 log = structlog.get_logger("natsrpc.dispatch")
 
@@ -50,15 +51,18 @@ async def run_in_context(coro: Coroutine[Any, Any, T], watcher: _Watcher | None 
     ``coro`` as usual. ``watcher`` hears each time ``coro`` suspends and resumes.
     """
     ctx = contextvars.copy_context()
+    try:
+        yielded = ctx.run(coro.send, None)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+    return await _finish(coro, ctx, yielded, watcher)
+
+
+async def _finish(coro: Coroutine[Any, Any, T], ctx: contextvars.Context, yielded: Any, watcher: _Watcher | None) -> T:
+    """Drives ``coro``, which suspended with ``yielded`` after running in ``ctx``, to completion."""
     send, throw = coro.send, coro.throw
-    value: Any = None
-    error: BaseException | None = None
     while True:
-        try:
-            yielded = ctx.run(send, value) if error is None else ctx.run(throw, error)
-        except StopIteration as stop:
-            result: T = stop.value
-            return result
         if watcher is not None:
             watcher.suspended()
         try:
@@ -68,10 +72,15 @@ async def run_in_context(coro: Coroutine[Any, Any, T], watcher: _Watcher | None 
         finally:
             if watcher is not None:
                 watcher.resumed()
+        try:
+            yielded = ctx.run(send, value) if error is None else ctx.run(throw, error)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
 
 
-class Pool(Generic[T]):
-    """Up to ``size`` worker tasks running ``serve(item)`` for submitted items, in order.
+class Pool(Generic[Item]):
+    """Up to ``size`` worker tasks running ``serve(*item)`` for submitted items (tuples), in order.
 
     Only as many workers are awake as the queue needs: one drains a burst back to back, and another
     is woken (or started) when the running handler suspends with items still queued. So a burst of
@@ -79,15 +88,16 @@ class Pool(Generic[T]):
 
     Args:
         size: the most items served at once (the concurrency limit).
-        serve: the coroutine function that handles one item; it must not raise (log instead).
+        serve: the coroutine function that handles one item, called with the item's fields; it must
+            not raise (log instead).
     """
 
-    def __init__(self, size: int, serve: Callable[[T], Coroutine[Any, Any, None]]) -> None:
+    def __init__(self, size: int, serve: Callable[..., Coroutine[Any, Any, None]]) -> None:
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
         self.size = size
         self._serve = serve
-        self._queue: deque[T] = deque()
+        self._queue: deque[Item] = deque()
         self._idle: list[asyncio.Future[None]] = []
         self._workers: set[asyncio.Task[None]] = set()
         self._done: asyncio.Event | None = None
@@ -95,7 +105,7 @@ class Pool(Generic[T]):
         self.active = 0
         """Items submitted and not finished: queued plus running."""
 
-    def submit(self, item: T) -> None:
+    def submit(self, item: Item) -> None:
         """Queues ``item``; wakes a worker unless one that will take it is already awake."""
         self.active += 1
         self._queue.append(item)
@@ -125,15 +135,21 @@ class Pool(Generic[T]):
         self._awake += 1
 
     async def _work(self) -> None:
-        queue, idle = self._queue, self._idle
+        queue, idle, serve, copy_context = self._queue, self._idle, self._serve, contextvars.copy_context
         loop = asyncio.get_running_loop()
         counted = True  # _wake counted this worker as awake
         try:
             while True:
                 while queue:
-                    item = queue.popleft()
-                    try:
-                        await run_in_context(self._serve(item), self)
+                    coro = serve(*queue.popleft())
+                    ctx = copy_context()
+                    try:  # run_in_context, with its first step inline: most handlers finish in it
+                        try:
+                            yielded = ctx.run(coro.send, None)
+                        except StopIteration:
+                            pass
+                        else:
+                            await _finish(coro, ctx, yielded, self)
                     except Exception:
                         with contextlib.suppress(Exception):  # a broken log sink must not kill the worker
                             log.exception("request handling failed")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,10 @@ class Route:
         self.where = f"{instance.service.name}.{endpoint.name}"
 
 
+Request = tuple[Route, str, bytes, "dict[str, str] | None", float]
+"""An admitted request: its route, reply subject, body, headers and absolute deadline."""
+
+
 class Instance:
     """One hosted service instance: its routes, concurrency limit and wait queue."""
 
@@ -79,7 +83,7 @@ class Instance:
         self.label = f"{service.name}/{instance_id}"
         self.capacity = max_concurrency + max_queue
         self.max_concurrency = max_concurrency
-        self.pool: Pool[tuple[Route, Msg, float]] | None = None  # made by the Host, on its loop
+        self.pool: Pool[Request] | None = None  # made by the Host, on its loop
         self.draining = False  # announced in heartbeats: callers should stop routing here
         self.closed = False  # unsubscribed: anything that still reaches it is refused with 503
         self.started = time.time()
@@ -150,7 +154,7 @@ class Host:
         """Runs each service's ``setup()``, then subscribes its endpoints."""
         self._loop = asyncio.get_running_loop()
         for inst in self.instances:
-            inst.pool = Pool(inst.max_concurrency, self._serve_item)
+            inst.pool = Pool(inst.max_concurrency, self._serve)
         for inst in self.instances:
             svc = inst.service
             svc._bind(ServiceContext(svc.name, inst.id, self.client, None, self._config.get(svc.name, {})))
@@ -203,62 +207,62 @@ class Host:
                 log.exception("cleanup failed", service=inst.service.name)
         log.info("stopped", services=[i.service.name for i in self.instances])
 
-    async def _subscribe(self, subject: str, queue: str, admit: Callable[[Msg], None]) -> None:
+    async def _subscribe(self, subject: str, queue: str, admit: delivery.Handler) -> None:
         """Subscribes ``admit`` to ``subject``, delivered directly as nats-py parses each message."""
 
         async def cb(msg: Msg) -> None:  # only used when direct delivery is unsupported
-            admit(msg)
+            admit(msg.subject, msg.reply, msg.data, msg.headers)
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
         delivery.deliver(sub, admit)
         self._subs.append(sub)
 
-    def _admit_instance_request(self, inst: Instance, msg: Msg) -> None:
-        method = msg.subject.split(".")[-2]
+    def _admit_instance_request(
+        self, inst: Instance, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
+    ) -> None:
+        method = subject.split(".")[-2]
         route = inst.routes.get(method)
         if route is None:
-            self._spawn(self._reply_error(msg, None, NotFound(f"{inst.service.name} has no method {method!r}")))
+            self._spawn(self._reply_error(reply, None, NotFound(f"{inst.service.name} has no method {method!r}")))
             return
-        self._admit(route, msg)
+        self._admit(route, subject, reply, data, headers)
 
-    def _admit(self, route: Route, msg: Msg) -> None:
+    def _admit(self, route: Route, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         """Admits a request as it arrives: starts its task, or refuses it at once (503 stopped, 429 full)."""
         inst = route.instance
         route.stats.num_requests += 1
         if inst.closed:
-            self._spawn(self._reply_error(msg, route, Unavailable(f"{inst.label} has stopped")))
+            self._spawn(self._reply_error(reply, route, Unavailable(f"{inst.label} has stopped")))
         elif inst.active >= inst.capacity:
             self._spawn(
-                self._reply_error(msg, route, Overloaded(f"{inst.label} is at its concurrency limit and queue"))
+                self._reply_error(reply, route, Overloaded(f"{inst.label} is at its concurrency limit and queue"))
             )
         else:
-            deadline = context.parse_deadline(msg.headers, self.default_timeout)
+            deadline = context.parse_deadline(headers, self.default_timeout)
             if time.time() >= deadline:
                 error = DeadlineExceeded(f"{route.where}: the deadline passed before the request was dispatched")
-                self._spawn(self._reply_error(msg, route, error))
+                self._spawn(self._reply_error(reply, route, error))
                 return
             assert inst.pool is not None
-            inst.pool.submit((route, msg, deadline))
+            inst.pool.submit((route, reply, data, headers, deadline))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _serve_item(self, item: tuple[Route, Msg, float]) -> Coroutine[Any, Any, None]:
-        return self._serve(*item)
-
-    async def _serve(self, route: Route, msg: Msg, deadline: float) -> None:
+    async def _serve(
+        self, route: Route, reply: str, data: bytes, headers: dict[str, str] | None, deadline: float
+    ) -> None:
         inst = route.instance
         endpoint = route.endpoint
-        headers = msg.headers
         msgpack = codec.content_is_msgpack(headers)
         started = time.perf_counter_ns()
         try:
             if time.time() >= deadline:
                 raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
             mixed = headers is not None and headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
-            values = endpoint.signature.decode_arguments(msg.data, msgpack, mixed)
+            values = endpoint.signature.decode_arguments(data, msgpack, mixed)
             headers = headers or {}
             context.enter(
                 context.CallContext(
@@ -282,42 +286,45 @@ class Host:
                 raise InternalError(
                     f"{route.where}: cannot encode the return value: {exc}", type="EncodeError"
                 ) from exc
-            if msg.reply:
-                await self._reply(msg, route, body)
+            if reply and (len(body) > self.nc.max_payload or not delivery.send(self.nc, reply, "", body)):
+                await self._reply(reply, route, body)  # too large, or not connected: the slow path
         except RemoteError as exc:
-            await self._reply_error(msg, route, _downstream(route, exc) if exc.hop else exc)
+            await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc)
         except CallError as exc:  # a call this handler made failed without a reply
-            await self._reply_error(msg, route, _downstream(route, exc))
+            await self._reply_error(reply, route, _downstream(route, exc))
         except Exception as exc:
-            await self._reply_error(msg, route, InternalError(str(exc), type=type(exc).__name__))
+            await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__))
             log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
             route.stats.processing_time_ns += time.perf_counter_ns() - started
 
-    async def _reply(self, msg: Msg, route: Route, body: bytes, headers: dict[str, str] | None = None) -> None:
-        size = len(body) + protocol.headers_size(headers)
-        if size > self.nc.max_payload:
-            error = ReplyTooLarge(f"{route.where}: reply of {size} bytes exceeds max_payload {self.nc.max_payload}")
-            await self._reply_error(msg, route, error)
-            return
-        try:
-            await delivery.publish(self.nc, msg.reply, body, headers=headers)
-        except nats.errors.Error as exc:
-            log.warning("reply not sent", where=route.where, error=repr(exc))
+    async def _reply(self, reply: str, route: Route, body: bytes) -> None:
+        """Sends a reply: an error reply if it is over max_payload, else through nats-py."""
+        if len(body) > self.nc.max_payload:
+            limit = self.nc.max_payload
+            error = ReplyTooLarge(f"{route.where}: reply of {len(body)} bytes exceeds max_payload {limit}")
+            await self._reply_error(reply, route, error)
+        else:
+            await self._publish(reply, body, None)
 
-    async def _reply_error(self, msg: Msg, route: Route | None, error: RemoteError) -> None:
+    async def _reply_error(self, reply: str, route: Route | None, error: RemoteError) -> None:
         if route is not None:
             route.stats.num_errors += 1
             route.stats.last_error = f"{error.code} {error.message}"[:512]
-        if not msg.reply:
+        if not reply:
             return
         headers, body = error_reply(error)
         if len(body) + protocol.headers_size(headers) > self.nc.max_payload:
             headers, body = error_reply(remote_error(error.code, error.message[:1024], error.type))
+        if not delivery.send(self.nc, reply, "", body, delivery.header_block(headers)):
+            await self._publish(reply, body, headers)
+
+    async def _publish(self, reply: str, body: bytes, headers: dict[str, str] | None) -> None:
+        """Sends a reply through nats-py (while reconnecting, say); a reply it cannot send is logged."""
         try:
-            await delivery.publish(self.nc, msg.reply, body, headers=headers)
+            await self.nc.publish(reply, body, headers=headers)
         except nats.errors.Error as exc:
-            log.warning("error reply not sent", error=repr(exc))
+            log.warning("reply not sent", error=repr(exc))
 
 
 def _downstream(route: Route, exc: CallError) -> RemoteError:

@@ -44,6 +44,8 @@ UNAVAILABLE: Final = 503
 DEADLINE_EXCEEDED: Final = 504
 NO_RESPONDERS_STATUS: Final = "503"  # the server's own inline status for "no responders"
 
+HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token, as nats-py checks it
+
 _HEADER_LINE: Final = len(b"NATS/1.0\r\n") + len(b"\r\n")
 
 

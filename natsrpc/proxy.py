@@ -73,7 +73,8 @@ class CallOptions:
         """Returns these options with ``changes`` replacing them (headers are added to the old ones).
 
         Raises:
-            ConfigurationError: a timeout is not positive, or the encoding is unknown.
+            ConfigurationError: a timeout is not positive, the encoding is unknown, or a header name
+                is not an HTTP token.
         """
         fields: dict[str, Any] = dict(changes)
         for key in ("timeout", "attempt_timeout"):
@@ -86,6 +87,9 @@ class CallOptions:
         if "instance" in changes and not protocol.valid_name(changes["instance"]):
             raise ConfigurationError(f"instance id {changes['instance']!r} is not a subject token")
         headers = fields.pop("headers", None)
+        for name in headers or ():
+            if not protocol.HEADER_NAME.fullmatch(name.strip()):
+                raise ConfigurationError(f"header name {name!r} is not an HTTP token")
         return dataclasses.replace(
             self,
             **fields,
