@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import io
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 import pytest_asyncio
+from children import REPO, child_env
 
 import natsrpc
 from natsrpc import bench, cli
@@ -364,3 +367,33 @@ class TestRun:
         code = await run_bench(nats_url, "kv.get", '["a"]', "-n", "200", "--warmup", "0", "-q", "--plot", str(path))
         assert code == 0
         assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+class TestBenchScripts:
+    """``bench/hotpath.py`` and ``bench/compare.py`` still run against the current code (tiny runs)."""
+
+    def run(self, *argv: str) -> str:
+        done = subprocess.run(
+            [sys.executable, *argv], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert "ERROR" not in done.stderr, done.stderr[-2000:]
+        return done.stdout
+
+    def test_hotpath_prints_both_sides_for_both_contenders(self) -> None:
+        out = self.run("bench/hotpath.py", "--rounds", "1", "--calls", "500", "--loop", "asyncio")
+        rows = [line.split() for line in out.splitlines()]
+        assert [(r[0], " ".join(r[1:3]) if r[1] == "raw" else r[1]) for r in rows] == [
+            ("host", "natsrpc"), ("host", "raw nats-py"), ("client", "natsrpc"), ("client", "raw nats-py"),
+        ]  # fmt: skip
+        assert all(float(r[r.index("min") + 1]) > 0 for r in rows)
+
+    def test_compare_prints_a_table_with_every_contender(self) -> None:
+        out = self.run(
+            "bench/compare.py", "--rounds", "1", "--duration", "0.2", "--concurrency", "1",
+            "--encodings", "json", "--loops", "asyncio",
+        )  # fmt: skip
+        rows = [line for line in out.splitlines() if line.startswith("| json | 1 |")]
+        assert [row.split("|")[3].strip() for row in rows] == ["natsrpc", "raw nats-py", "nats.micro"]
+        assert rows[1].split("|")[5].strip() == "1.00"  # raw is the reference
