@@ -14,7 +14,6 @@ from typing import Any, Final
 import msgspec
 import msgspec.inspect
 
-from natsrpc import protocol
 from natsrpc.errors import BadRequest, DefinitionError
 
 json_encoder: Final = msgspec.json.Encoder()
@@ -223,8 +222,3 @@ def _custom_classes(annotation: Any) -> list[type]:
 
     walk(msgspec.inspect.type_info(annotation))
     return found
-
-
-def content_is_msgpack(headers: Mapping[str, str] | None) -> bool:
-    """Returns whether a message's headers ask for MessagePack."""
-    return headers is not None and headers.get(protocol.CONTENT_TYPE) == protocol.MSGPACK

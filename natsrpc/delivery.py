@@ -213,8 +213,9 @@ def _parse_headers(headers: bytes) -> dict[str, str] | None:
     The block is decoded once (``\\r\\n`` cannot occur inside a UTF-8 sequence, so this equals
     decoding each value), then split: one decode instead of one per name and value.
     """
+    end = -4 if headers.endswith(b"\r\n\r\n") else len(headers)  # no empty lines to skip
     out: dict[str, str] = {}
-    for line in headers[_HEADER_START_LEN:].decode("utf-8", "replace").split("\r\n"):
+    for line in headers[_HEADER_START_LEN:end].decode("utf-8", "replace").split("\r\n"):
         name, sep, value = line.partition(":")
         if not sep:
             continue

@@ -256,14 +256,19 @@ class Host:
     ) -> None:
         inst = route.instance
         endpoint = route.endpoint
-        msgpack = codec.content_is_msgpack(headers)
         started = time.perf_counter_ns()
+        if headers is None:
+            headers = {}
+            msgpack = mixed = False
+        elif len(headers) == 1 and protocol.DEADLINE in headers:  # the usual request from a client
+            msgpack = mixed = False
+        else:
+            msgpack = headers.get(protocol.CONTENT_TYPE) == protocol.MSGPACK
+            mixed = headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
         try:
             if time.time() >= deadline:
                 raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
-            mixed = headers is not None and headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
             values = endpoint.signature.decode_arguments(data, msgpack, mixed)
-            headers = headers or {}
             context.enter(
                 context.CallContext(
                     inst.service.name,

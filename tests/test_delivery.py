@@ -52,6 +52,10 @@ class TestParseHeaders:
     def test_no_usable_line_is_none(self) -> None:
         assert delivery._parse_headers(b"NATS/1.0\r\n\r\n") is None
 
+    @pytest.mark.parametrize("raw", [b"NATS/1.0\r\nA: b\r\n", b"NATS/1.0\r\nA: b", b"NATS/1.0\r\nA: b\r\n\r\n\r\n"])
+    def test_a_block_without_its_final_empty_line_still_parses(self, raw: bytes) -> None:
+        assert delivery._parse_headers(raw) == {"A": "b"}
+
 
 class TestHeaderBlock:
     @settings(max_examples=300, deadline=None)
