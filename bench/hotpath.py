@@ -34,26 +34,14 @@ from nats.aio.client import Client as NatsConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from compare import PAYLOAD, Echo  # the same service and value as the network comparison
+
 import natsrpc
 import natsrpc.logs
-from natsrpc import Service, rpc
 
-PAYLOAD = "x" * 64
 BODY = natsrpc.codec.encode([PAYLOAD])
 BATCH = 50  # requests the host side is handed per parser read
 KINDS = ("natsrpc", "raw nats-py")
-
-
-class Echo(Service):
-    """Returns its argument."""
-
-    name = "echo"
-    version = "1.0.0"
-
-    @rpc
-    async def echo(self, value: str) -> str:
-        """Returns ``value``."""
-        return value
 
 
 class FakeTransport:
