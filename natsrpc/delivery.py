@@ -81,30 +81,26 @@ def send(nc: Any, subject: str, reply: str, body: bytes, header: bytes = b"") ->
     :func:`header_block`. Returns False, queueing nothing, when nats-py's own path is needed (not
     connected, flusher not running, buffer over its limit): then ``await`` :func:`publish`.
     """
-    try:
-        if nc._status != _CONNECTED or nc._flusher_task is None or nc._flusher_task.done():
+    try:  # every nats-py internal is read before anything changes, so a missing one queues nothing
+        flusher, commands, queue, stats = nc._flusher_task, nc._pending, nc._flush_queue, nc.stats
+        buffered, limit = nc._pending_data_size, nc._max_pending_size
+        if nc._status != _CONNECTED or flusher is None or flusher.done():
             return False
-        return _queue(nc, subject, reply, body, header)
     except AttributeError:  # not the nats-py internals this was written against
         return False
-
-
-def _queue(nc: Any, subject: str, reply: str, body: bytes, header: bytes) -> bool:
     if header:
         size = len(header)
         total = size + len(body)
-        cmd = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (subject.encode(), reply.encode(), size, total, header, body)
+        command = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (subject.encode(), reply.encode(), size, total, header, body)
     else:
-        cmd = b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), len(body), body)
-    pending = nc._pending_data_size + len(cmd)
-    if 0 < nc._max_pending_size < pending:
+        command = b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), len(body), body)
+    buffered += len(command)
+    if 0 < limit < buffered:
         return False
-    nc._pending.append(cmd)
-    nc._pending_data_size = pending
-    stats = nc.stats
+    commands.append(command)
+    nc._pending_data_size = buffered
     stats["out_msgs"] += 1
     stats["out_bytes"] += len(body)
-    queue = nc._flush_queue
     if queue.empty():
         queue.put_nowait(_KICK)
     return True

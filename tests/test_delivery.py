@@ -20,7 +20,7 @@ from natsrpc.errors import ConfigurationError
 # Header names: HTTP tokens (what nats-py sends), plus names nats-py's parser must skip.
 TOKEN = st.text(alphabet="!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", min_size=1)
 ODD_NAME = st.sampled_from(["bad name", "tab\tname", "naïve", "", "  padded  "])
-VALUE = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40)
+VALUE = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=40)
 
 
 def block(lines: list[tuple[str, str]]) -> bytes:
@@ -109,6 +109,18 @@ class TestSend:
         pending = list(nc._pending)
         assert not delivery.send(nc, "delivery.closed", "", b"x")
         assert nc._pending == pending
+
+    async def test_a_nats_py_without_the_internals_it_uses_gets_nothing_queued(self, nats_url: str) -> None:
+        nc = await nats.connect(nats_url)
+        stats = nc.stats
+        try:
+            del nc.stats  # as if a later nats-py had renamed it
+            pending = list(nc._pending)
+            assert not delivery.send(nc, "delivery.renamed", "", b"x")
+            assert nc._pending == pending
+        finally:
+            nc.stats = stats
+            await nc.close()
 
     async def test_over_the_pending_limit_it_leaves_the_message_to_nats_py(self, nats_url: str) -> None:
         nc = await nats.connect(nats_url, pending_size=64)
