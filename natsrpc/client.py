@@ -46,10 +46,10 @@ S = TypeVar("S")
 log = structlog.get_logger("natsrpc.client")
 
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_CIRCUIT = CircuitConfig()
 
 Reply = tuple[bytes, "dict[str, str] | None"]
 """A reply's data and headers."""
-DEFAULT_CIRCUIT = CircuitConfig()
 
 
 class Client:
@@ -113,8 +113,7 @@ class Client:
     async def start(self) -> None:
         """Subscribes the reply inbox; :func:`connect` calls it."""
         with translate_nats_errors(self._inbox + "*"):
-            self._reply_sub = await self.nc.subscribe(self._inbox + "*", cb=self._on_reply)
-            delivery.deliver(self._reply_sub, self._resolve)
+            self._reply_sub = await delivery.subscribe(self.nc, self._inbox + "*", self._resolve)
             delivery.fast_headers(self.nc)
             if self.registry is not None:
                 await self.registry.start(self.nc, self.prefix)
@@ -470,9 +469,6 @@ class Client:
         if opts.msgpack:
             headers[protocol.CONTENT_TYPE] = protocol.MSGPACK
         return headers, timeout
-
-    async def _on_reply(self, msg: Msg) -> None:
-        self._resolve(msg.subject, msg.reply, msg.data, msg.headers)
 
     def _resolve(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         """Hands a reply to the call waiting for it (called as nats-py parses the message)."""

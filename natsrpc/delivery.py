@@ -149,6 +149,20 @@ async def publish(nc: Any, subject: str, body: bytes, reply: str = "", headers: 
         await nc.publish(subject, body, reply=reply, headers=headers)
 
 
+async def subscribe(nc: Any, subject: str, handler: Handler, queue: str = "") -> Any:
+    """Subscribes ``handler`` to ``subject``, delivered directly (:func:`deliver`) where nats-py allows.
+
+    Where it does not, an ordinary callback hands ``handler`` the same parts. Returns the subscription.
+    """
+
+    async def callback(msg: Msg) -> None:
+        handler(msg.subject, msg.reply, msg.data, msg.headers)
+
+    sub = await nc.subscribe(subject, queue=queue, cb=callback)
+    deliver(sub, handler)
+    return sub
+
+
 def supported(sub: Any) -> bool:
     """Whether ``sub`` has the nats-py internals direct delivery replaces."""
     return hasattr(sub, "_pending_queue") and hasattr(sub, "_wait_for_msgs_task") and hasattr(sub, "_pending_size")

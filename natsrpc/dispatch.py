@@ -2,8 +2,9 @@
 
 A task per request costs a Task object and a trip through the event loop before the handler starts.
 A :class:`Pool` keeps up to ``size`` worker tasks that take requests from a queue back to back; each
-request still runs in a fresh copy of the context, as a task of its own would (see
-:func:`run_in_context`), so contextvars a handler sets never leak into the next request.
+request still runs in a fresh copy of the context, as a task of its own would (each step under
+``Context.run``, see :func:`_finish`), so contextvars a handler sets never leak into the next
+request. A handler's first step runs inline in the worker; most handlers finish in it.
 """
 
 from __future__ import annotations
@@ -36,31 +37,20 @@ class _Step:
 
 
 class _Watcher(Protocol):
-    """Told when the coroutine run by :func:`run_in_context` suspends and resumes."""
+    """Told when the coroutine driven by :func:`_finish` suspends and resumes."""
 
     def suspended(self) -> None: ...
 
     def resumed(self) -> None: ...
 
 
-async def run_in_context(coro: Coroutine[Any, Any, T], watcher: _Watcher | None = None) -> T:
-    """Runs ``coro`` to completion in a fresh copy of the current context, inside the calling task.
-
-    Each step of ``coro`` runs under ``Context.run``, exactly as ``asyncio.Task`` drives a coroutine,
-    so context variables it sets stay in its own context. Cancellation of the calling task reaches
-    ``coro`` as usual. ``watcher`` hears each time ``coro`` suspends and resumes.
-    """
-    ctx = contextvars.copy_context()
-    try:
-        yielded = ctx.run(coro.send, None)
-    except StopIteration as stop:
-        result: T = stop.value
-        return result
-    return await _finish(coro, ctx, yielded, watcher)
-
-
 async def _finish(coro: Coroutine[Any, Any, T], ctx: contextvars.Context, yielded: Any, watcher: _Watcher | None) -> T:
-    """Drives ``coro``, which suspended with ``yielded`` after running in ``ctx``, to completion."""
+    """Drives ``coro``, which suspended with ``yielded`` after its first step in ``ctx``, to completion.
+
+    Each further step runs under ``ctx.run``, exactly as ``asyncio.Task`` drives a coroutine, inside
+    the calling task, so context variables it sets stay in ``ctx``. Cancellation of the calling task
+    reaches ``coro`` as usual. ``watcher`` hears each time ``coro`` suspends and resumes.
+    """
     send, throw = coro.send, coro.throw
     while True:
         if watcher is not None:
@@ -143,7 +133,7 @@ class Pool(Generic[Item]):
                 while queue:
                     coro = serve(*queue.popleft())
                     ctx = copy_context()
-                    try:  # run_in_context, with its first step inline: most handlers finish in it
+                    try:  # the first step inline, in the request's own context; most handlers finish in it
                         try:
                             yielded = ctx.run(coro.send, None)
                         except StopIteration:

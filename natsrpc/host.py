@@ -18,7 +18,6 @@ import anyio.to_thread
 import msgspec
 import nats.errors
 import structlog
-from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from natsrpc import codec, context, delivery, discovery, protocol
@@ -209,13 +208,7 @@ class Host:
 
     async def _subscribe(self, subject: str, queue: str, admit: delivery.Handler) -> None:
         """Subscribes ``admit`` to ``subject``, delivered directly as nats-py parses each message."""
-
-        async def cb(msg: Msg) -> None:  # only used when direct delivery is unsupported
-            admit(msg.subject, msg.reply, msg.data, msg.headers)
-
-        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
-        delivery.deliver(sub, admit)
-        self._subs.append(sub)
+        self._subs.append(await delivery.subscribe(self.nc, subject, admit, queue))
 
     def _admit_instance_request(
         self, inst: Instance, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
@@ -319,15 +312,17 @@ class Host:
         if not reply:
             return
         headers, body = error_reply(error)
-        if len(body) + protocol.headers_size(headers) > self.nc.max_payload:
+        block = delivery.header_block(headers)
+        if len(body) + len(block) > self.nc.max_payload:
             headers, body = error_reply(remote_error(error.code, error.message[:1024], error.type))
-        if not delivery.send(self.nc, reply, "", body, delivery.header_block(headers)):
+            block = delivery.header_block(headers)
+        if not delivery.send(self.nc, reply, "", body, block):
             await self._publish(reply, body, headers)
 
     async def _publish(self, reply: str, body: bytes, headers: dict[str, str] | None) -> None:
         """Sends a reply through nats-py (while reconnecting, say); a reply it cannot send is logged."""
         try:
-            await self.nc.publish(reply, body, headers=headers)
+            await delivery.publish(self.nc, reply, body, headers=headers)
         except nats.errors.Error as exc:
             log.warning("reply not sent", error=repr(exc))
 

@@ -46,8 +46,6 @@ NO_RESPONDERS_STATUS: Final = "503"  # the server's own inline status for "no re
 
 HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token, as nats-py checks it
 
-_HEADER_LINE: Final = len(b"NATS/1.0\r\n") + len(b"\r\n")
-
 
 def valid_name(name: object) -> bool:
     """Returns whether ``name`` may be used as a service or method name (one subject token)."""
@@ -72,17 +70,3 @@ def instance_wildcard(service: str, instance_id: str, prefix: str = DEFAULT_PREF
 def heartbeat_subject(service: str, instance_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Returns the subject an instance publishes its heartbeats on: ``svc._hb.<service>.<id>``."""
     return f"{prefix}._hb.{service}.{instance_id}"
-
-
-def headers_size(headers: dict[str, str] | None) -> int:
-    """Returns the bytes a header block takes on the wire, as nats-py encodes it.
-
-    The server counts headers and payload together against ``max_payload``; nats-py only checks
-    the payload, so callers add this to ``len(body)`` before sending.
-    """
-    if not headers:
-        return 0
-    size = _HEADER_LINE
-    for key, value in headers.items():
-        size += len(key.encode()) + len(value.encode()) + 4  # "k: v\r\n"
-    return size
