@@ -34,7 +34,7 @@ def wait_ready(url: str, instances: int) -> None:
     async def count() -> int:
         nc = await nats.connect(url)
         try:
-            replies = await natsrpc.discovery.survey(nc, "PING", "kv", 0.3)
+            replies = await natsrpc.registry.survey(nc, "PING", "kv", 0.3)
         finally:
             await nc.close()
         return len(replies)

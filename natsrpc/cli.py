@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from natsrpc import auth, bench, discovery, logs, protocol
+from natsrpc import auth, bench, logs, protocol, registry
 from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.errors import CallError, ConfigurationError, ConnectionLost, RemoteError
 from natsrpc.proxy import CallOptions
@@ -109,7 +109,7 @@ async def _inspect(args: argparse.Namespace) -> int:
         return 2
     try:
         async with connect(args.url, name="natsrpc-cli", **auth.from_args(args)) as client:
-            replies = await discovery.survey(client.nc, verb, service, args.wait)
+            replies = await registry.survey(client.nc, verb, service, args.wait)
     except CallError as exc:
         print(f"error {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

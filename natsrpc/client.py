@@ -22,9 +22,8 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from natsrpc import codec, context, delivery, protocol
+from natsrpc import codec, context, protocol, transport
 from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
-from natsrpc.discovery import InstanceState, Registry
 from natsrpc.errors import (
     BadReply,
     CallError,
@@ -39,6 +38,7 @@ from natsrpc.errors import (
     translate_nats_errors,
 )
 from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy
+from natsrpc.registry import InstanceState, Registry
 from natsrpc.retry import DEFAULT_RETRY, RetryPolicy, TokenBucket, run_with_retries
 
 S = TypeVar("S")
@@ -100,8 +100,7 @@ class Client:
         self._subjects: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
         self._refused = ""  # why the server will not deliver replies (reply subscription refused), if it won't
         self._tokens = itertools.count(1)
-        inbox_prefix = nc._inbox_prefix.decode() if isinstance(nc._inbox_prefix, bytearray | bytes) else "_INBOX"
-        self._inbox = f"{inbox_prefix}.{NUID().next().decode()}."
+        self._inbox = f"{transport.inbox_prefix(nc)}.{NUID().next().decode()}."
         self._reply_sub: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.get_running_loop()
@@ -113,8 +112,8 @@ class Client:
     async def start(self) -> None:
         """Subscribes the reply inbox; :func:`connect` calls it."""
         with translate_nats_errors(self._inbox + "*"):
-            self._reply_sub = await delivery.subscribe(self.nc, self._inbox + "*", self._resolve)
-            delivery.fast_headers(self.nc)
+            self._reply_sub = await transport.subscribe(self.nc, self._inbox + "*", self._resolve)
+            transport.fast_headers(self.nc)
             if self.registry is not None:
                 await self.registry.start(self.nc, self.prefix)
 
@@ -204,9 +203,7 @@ class Client:
                     # nats-py flushes its reconnect buffer into the dead socket and stops half-way
                     # (already CLOSED, socket still open): close the socket so nothing leaks.
                     log.warning("close failed, dropping the socket", error=repr(close_exc))
-                    transport: Any = self.nc._transport  # Any: nats-py's Transport.close() is untyped
-                    if transport is not None:
-                        transport.close()
+                    transport.drop_socket(self.nc)
 
     def fail_pending(self, error: Exception) -> None:
         """Fails every pending call with ``error`` (the connection broke or closed)."""
@@ -345,7 +342,10 @@ class Client:
         try:
             opts = options or self.default_options
             headers, timeout = self._headers(subject, opts, headers)
-            block = delivery.header_block(headers)
+            try:
+                block = protocol.encode_headers(headers)
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
             size = len(body) + len(block)
             if size > self.nc.max_payload:
                 limit = self.nc.max_payload
@@ -427,9 +427,9 @@ class Client:
         timer = loop.call_later(wait, _expire, future, subject)
         try:
             inbox = self._inbox + token
-            if not delivery.send(self.nc, subject, inbox, body, block):
+            if not transport.send(self.nc, subject, inbox, body, block):
                 try:
-                    await delivery.publish(self.nc, subject, body, inbox, headers)
+                    await transport.publish(self.nc, subject, body, inbox, headers)
                 except nats.errors.Error as exc:
                     with translate_nats_errors(subject):
                         raise exc from None

@@ -15,7 +15,7 @@ import nats
 import nats.errors
 import structlog
 
-from natsrpc import auth, protocol
+from natsrpc import auth, protocol, transport
 from natsrpc.circuit import CircuitConfig
 from natsrpc.client import DEFAULT_CIRCUIT, DEFAULT_TIMEOUT, Client
 from natsrpc.errors import (
@@ -201,9 +201,7 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
                 client.fail_pending(AuthenticationFailed(f"the NATS server refused the credentials: {exc}"))
                 # nats-py opens the next attempt's socket without closing this refused one (a leak
                 # and a ResourceWarning): close it, the server has hung up anyway.
-                transport: Any = client.nc._transport  # Any: nats-py's Transport.close() is untyped
-                if transport:
-                    transport.close()
+                transport.drop_socket(client.nc)
             return
         log.warning("nats error", error=repr(exc))
 

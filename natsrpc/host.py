@@ -11,7 +11,6 @@ import asyncio
 import functools
 import time
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
@@ -20,7 +19,7 @@ import nats.errors
 import structlog
 from nats.nuid import NUID
 
-from natsrpc import codec, context, delivery, discovery, protocol
+from natsrpc import announce, codec, context, protocol, transport
 from natsrpc.client import Client
 from natsrpc.dispatch import Pool
 from natsrpc.errors import (
@@ -36,7 +35,8 @@ from natsrpc.errors import (
     error_reply,
     remote_error,
 )
-from natsrpc.service import Endpoint, Service, ServiceContext
+from natsrpc.instance import Instance, Route
+from natsrpc.service import Service, ServiceContext
 
 log = structlog.get_logger("natsrpc.host")
 
@@ -44,54 +44,6 @@ DEFAULT_MAX_CONCURRENCY = 100
 DEFAULT_MAX_QUEUE = 100
 DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_HANDLER_TIMEOUT = 30.0
-
-
-@dataclass(slots=True)
-class EndpointStats:
-    """Counters of one endpoint on one instance (served as ``$SRV.STATS``)."""
-
-    num_requests: int = 0
-    num_errors: int = 0
-    processing_time_ns: int = 0
-    last_error: str = ""
-
-
-class Route:
-    """One endpoint of one hosted instance: the bound handler, its codec and its counters."""
-
-    __slots__ = ("endpoint", "handler", "instance", "stats", "where")
-
-    def __init__(self, instance: Instance, endpoint: Endpoint) -> None:
-        self.instance = instance
-        self.endpoint = endpoint
-        self.handler = getattr(instance.service, endpoint.attr)
-        self.stats = EndpointStats()
-        self.where = f"{instance.service.name}.{endpoint.name}"
-
-
-Request = tuple[Route, str, bytes, "dict[str, str] | None", float]
-"""An admitted request: its route, reply subject, body, headers and absolute deadline."""
-
-
-class Instance:
-    """One hosted service instance: its routes, concurrency limit and wait queue."""
-
-    def __init__(self, service: Service, instance_id: str, max_concurrency: int, max_queue: int) -> None:
-        self.service = service
-        self.id = instance_id
-        self.label = f"{service.name}/{instance_id}"
-        self.capacity = max_concurrency + max_queue
-        self.max_concurrency = max_concurrency
-        self.pool: Pool[Request] | None = None  # made by the Host, on its loop
-        self.draining = False  # announced in heartbeats: callers should stop routing here
-        self.closed = False  # unsubscribed: anything that still reaches it is refused with 503
-        self.started = time.time()
-        self.routes = {name: Route(self, ep) for name, ep in service.endpoints.items()}
-
-    @property
-    def active(self) -> int:
-        """Requests accepted and not yet answered: queued plus running."""
-        return self.pool.active if self.pool is not None else 0
 
 
 class Host:
@@ -119,7 +71,7 @@ class Host:
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         default_timeout: float = DEFAULT_HANDLER_TIMEOUT,
         config: Mapping[str, Mapping[str, Any]] | None = None,
-        heartbeat_interval: float = discovery.DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_interval: float = protocol.DEFAULT_HEARTBEAT_INTERVAL,
         discoverable: bool = True,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
@@ -131,7 +83,7 @@ class Host:
         self.instances = [Instance(s, NUID().next().decode(), max_concurrency, max_queue) for s in services]
         self._config = config or {}
         self._announcer = (
-            discovery.Announcer(self.nc, self.instances, client.prefix, heartbeat_interval) if discoverable else None
+            announce.Announcer(self.nc, self.instances, client.prefix, heartbeat_interval) if discoverable else None
         )
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -174,7 +126,7 @@ class Host:
             )
         if self._announcer is not None:
             await self._announcer.start()
-        await _sync_with_server(self.nc)
+        await transport.sync_with_server(self.nc)
         self._started = True
 
     async def stop(self) -> None:
@@ -206,9 +158,9 @@ class Host:
                 log.exception("cleanup failed", service=inst.service.name)
         log.info("stopped", services=[i.service.name for i in self.instances])
 
-    async def _subscribe(self, subject: str, queue: str, admit: delivery.Handler) -> None:
+    async def _subscribe(self, subject: str, queue: str, admit: transport.Handler) -> None:
         """Subscribes ``admit`` to ``subject``, delivered directly as nats-py parses each message."""
-        self._subs.append(await delivery.subscribe(self.nc, subject, admit, queue))
+        self._subs.append(await transport.subscribe(self.nc, subject, admit, queue))
 
     def _admit_instance_request(
         self, inst: Instance, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
@@ -284,7 +236,7 @@ class Host:
                 raise InternalError(
                     f"{route.where}: cannot encode the return value: {exc}", type="EncodeError"
                 ) from exc
-            if reply and (len(body) > self.nc.max_payload or not delivery.send(self.nc, reply, "", body)):
+            if reply and (len(body) > self.nc.max_payload or not transport.send(self.nc, reply, "", body)):
                 await self._reply(reply, route, body)  # too large, or not connected: the slow path
         except RemoteError as exc:
             await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc)
@@ -312,17 +264,17 @@ class Host:
         if not reply:
             return
         headers, body = error_reply(error)
-        block = delivery.header_block(headers)
+        block = protocol.encode_headers(headers)
         if len(body) + len(block) > self.nc.max_payload:
             headers, body = error_reply(remote_error(error.code, error.message[:1024], error.type))
-            block = delivery.header_block(headers)
-        if not delivery.send(self.nc, reply, "", body, block):
+            block = protocol.encode_headers(headers)
+        if not transport.send(self.nc, reply, "", body, block):
             await self._publish(reply, body, headers)
 
     async def _publish(self, reply: str, body: bytes, headers: dict[str, str] | None) -> None:
         """Sends a reply through nats-py (while reconnecting, say); a reply it cannot send is logged."""
         try:
-            await delivery.publish(self.nc, reply, body, headers=headers)
+            await transport.publish(self.nc, reply, body, headers=headers)
         except nats.errors.Error as exc:
             log.warning("reply not sent", error=repr(exc))
 
@@ -351,15 +303,3 @@ async def _drain(sub: Any) -> None:
         await sub.drain()
     except nats.errors.Error as exc:
         log.warning("subscription drain failed", subject=sub.subject, error=repr(exc))
-
-
-async def _sync_with_server(nc: Any) -> None:
-    """Returns once the server has processed every SUB sent so far, so callers see the endpoints.
-
-    nats-py 2.16's ``flush()`` writes its PING straight to the socket while queued SUBs still wait
-    for the flusher task, so the PONG can come back before the SUBs are sent (measured: ~10% of
-    requests from another connection right after ``start()`` got a false "no responders"). Pushing
-    the queued commands out first restores the order.
-    """
-    await nc._flush_pending(force_flush=True)
-    await nc.flush()

@@ -1,15 +1,21 @@
-"""The wire protocol v1: subject names, header names and status codes (DESIGN.md §2).
+"""The wire protocol v1: subjects, headers and their encoding, status codes, heartbeats (DESIGN.md §2).
 
-Everything that both ends of a call must agree on lives here, as constants and pure functions.
+Everything that both ends of a call must agree on lives here, as constants and pure functions:
+the subject of each kind (one builder each, names checked where they enter), the header table with
+its encoder and parser, and the heartbeat message.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Final
+
+import msgspec
 
 DEFAULT_PREFIX: Final = "svc"
 QUEUE_GROUP: Final = "q"
+DEFAULT_HEARTBEAT_INTERVAL: Final = 2.0  # seconds between an instance's heartbeats
 
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 SEMVER_PATTERN: Final = re.compile(
@@ -46,10 +52,24 @@ NO_RESPONDERS_STATUS: Final = "503"  # the server's own inline status for "no re
 
 HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token, as nats-py checks it
 
+# A subject natsrpc publishes to: dot-separated tokens, none empty, no whitespace or control
+# characters (they would end the protocol line: wire-protocol injection), no wildcards.
+PUBLISH_SUBJECT: Final = re.compile(r"[^\s.*>\x00-\x1f\x7f]+(?:\.[^\s.*>\x00-\x1f\x7f]+)*")
+
 
 def valid_name(name: object) -> bool:
     """Returns whether ``name`` may be used as a service or method name (one subject token)."""
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
+
+
+def valid_subject(subject: object) -> bool:
+    """Returns whether ``subject`` may be published to: tokens, no whitespace, control characters or wildcards."""
+    return isinstance(subject, str) and PUBLISH_SUBJECT.fullmatch(subject) is not None
+
+
+def valid_prefix(prefix: object) -> bool:
+    """Returns whether ``prefix`` may start subjects (``svc``, ``acme.svc``): one or more publishable tokens."""
+    return valid_subject(prefix)
 
 
 def endpoint_subject(service: str, method: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -70,3 +90,94 @@ def instance_wildcard(service: str, instance_id: str, prefix: str = DEFAULT_PREF
 def heartbeat_subject(service: str, instance_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Returns the subject an instance publishes its heartbeats on: ``svc._hb.<service>.<id>``."""
     return f"{prefix}._hb.{service}.{instance_id}"
+
+
+def parse_heartbeat_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+    """Returns (service, instance id) of a heartbeat subject ``svc._hb.<service>.<id>``, or None if it is not one."""
+    head = f"{prefix}._hb."
+    if not subject.startswith(head):
+        return None
+    service, dot, instance_id = subject[len(head) :].partition(".")
+    if not dot or not valid_name(service) or not valid_name(instance_id):
+        return None
+    return service, instance_id
+
+
+class Heartbeat(msgspec.Struct, omit_defaults=True):
+    """What an instance publishes every interval on ``svc._hb.<service>.<id>``.
+
+    ``name`` and ``id`` repeat the subject's tokens; a receiver trusts the subject (which the
+    server's permissions guard) and ignores a beat whose body disagrees with it.
+    """
+
+    name: str
+    id: str
+    version: str
+    endpoints: list[str]
+    in_flight: int
+    healthy: bool
+    draining: bool
+    interval: float
+    idempotent: list[str] = []
+
+
+# Header blocks: encoded and parsed here, in one place, for both sides.
+
+_NEWLINES: Final = str.maketrans({"\r": " ", "\n": " "})
+_PROTOCOL_NAMES: Final = frozenset([DEADLINE, CALLER, ARGS_FORM, TRACEPARENT, CONTENT_TYPE])
+
+
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """Encodes headers as nats-py does (``NATS/1.0``, ``Name: value`` lines), or b"" for none.
+
+    Every value, natsrpc's own included, is stripped and has its line breaks turned into spaces
+    (as nats-py does), so no value can add a header line; names other than natsrpc's own must be
+    HTTP tokens.
+
+    Raises:
+        ValueError: a name is not an HTTP token (callers raise ConfigurationError at the options).
+    """
+    if not headers:
+        return b""
+    lines = ["NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if name not in _PROTOCOL_NAMES:
+            name = name.strip()
+            if not name:
+                continue
+            if not HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+        if "\r" in value or "\n" in value:
+            value = value.translate(_NEWLINES)
+        lines.append(f"{name}: {value.strip()}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
+
+def clean_header_value(value: str) -> str:
+    """Returns a header value as it travels: stripped, line breaks turned into spaces."""
+    return value.translate(_NEWLINES).strip()
+
+
+HEADER_START: Final = b"NATS/1.0\r\n"
+_HEADER_START_LEN: Final = len(HEADER_START)
+_ASCII_SPACE: Final = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() would take Unicode spaces too
+
+
+def parse_headers(headers: bytes) -> dict[str, str] | None:
+    """Parses a header block without a status line (the same dict nats-py's parser returns).
+
+    The block is decoded once (``\\r\\n`` cannot occur inside a UTF-8 sequence, so this equals
+    decoding each value), then split: one decode instead of one per name and value. Lines without a
+    colon, or with an empty name or whitespace, control characters or non-ASCII in the name, are skipped.
+    """
+    end = -4 if headers.endswith(b"\r\n\r\n") else len(headers)  # no empty lines to skip
+    out: dict[str, str] = {}
+    for line in headers[_HEADER_START_LEN:end].decode("utf-8", "replace").split("\r\n"):
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        name = name.strip(_ASCII_SPACE)
+        if name and name.isascii() and name.isprintable() and " " not in name:
+            out[name] = value.strip(_ASCII_SPACE)
+    return out or None

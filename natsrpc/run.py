@@ -20,7 +20,7 @@ from typing import Any
 import anyio.to_thread
 import structlog
 
-from natsrpc import auth, discovery, logs, loop
+from natsrpc import auth, logs, loop, protocol
 from natsrpc import host as host_module
 from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.embedded import NatsServer, free_port, is_listening
@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heartbeat-interval",
         type=_positive_seconds,
-        default=os.environ.get("NATSRPC_HEARTBEAT_INTERVAL", str(discovery.DEFAULT_HEARTBEAT_INTERVAL)),
+        default=os.environ.get("NATSRPC_HEARTBEAT_INTERVAL", str(protocol.DEFAULT_HEARTBEAT_INTERVAL)),
         help="seconds between heartbeats; clients expire an instance after 3 missed ones "
         "(env NATSRPC_HEARTBEAT_INTERVAL; default %(default)s)",
     )

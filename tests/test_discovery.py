@@ -29,8 +29,9 @@ from nats.aio.msg import Msg
 import natsrpc
 from natsrpc import Service, ServiceError, rpc
 from natsrpc.circuit import CircuitConfig, State
-from natsrpc.discovery import EXPIRY_INTERVALS, Heartbeat, InstanceState, Registry
 from natsrpc.host import Host
+from natsrpc.protocol import Heartbeat
+from natsrpc.registry import EXPIRY_INTERVALS, InstanceState, Registry
 from natsrpc.testing import serve
 from services.kv import KV
 

@@ -23,7 +23,7 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 
 import natsrpc
-from natsrpc import Service, codec, delivery, protocol, rpc
+from natsrpc import Service, codec, protocol, rpc
 from natsrpc.testing import serve
 from services.kv import KV
 
@@ -494,7 +494,7 @@ class TestPayloadLimits:
             assert caller.nc.max_payload == self.MAX
             async with serve(server_side, Blob()):
                 blob = caller.call_service["th-blob"].options(timeout=2)
-                header_bytes = len(delivery.header_block({protocol.DEADLINE: "1" * 13}))  # what the client adds
+                header_bytes = len(protocol.encode_headers({protocol.DEADLINE: "1" * 13}))  # what the client adds
                 overhead = len(codec.encode({"data": ""}))
 
                 # body + headers exactly at the limit: accepted by the server

@@ -20,8 +20,8 @@ from micro_schemas import validate
 
 import natsrpc
 from natsrpc import run
-from natsrpc.discovery import DEFAULT_HEARTBEAT_INTERVAL
 from natsrpc.embedded import NatsServer
+from natsrpc.protocol import DEFAULT_HEARTBEAT_INTERVAL
 
 
 class TestRunnerHeartbeatOption:

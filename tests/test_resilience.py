@@ -24,7 +24,7 @@ from children import REPO, child_env, poll
 import natsrpc
 from natsrpc import Service, ServiceError, rpc
 from natsrpc.circuit import CircuitConfig, State
-from natsrpc.discovery import EXPIRY_INTERVALS, InstanceState
+from natsrpc.registry import EXPIRY_INTERVALS, InstanceState
 from natsrpc.retry import RetryPolicy
 from natsrpc.testing import serve
 from services.kv import KV

@@ -32,9 +32,9 @@ import natsrpc
 from natsrpc import NatsServer, Service, rpc
 from natsrpc.embedded import find_binary
 from natsrpc.errors import permission_violation
-from natsrpc.host import _sync_with_server
 from natsrpc.proxy import CallOptions
 from natsrpc.testing import serve
+from natsrpc.transport import sync_with_server as _sync_with_server
 from services.kv import KV
 
 REPO = Path(__file__).resolve().parents[1]

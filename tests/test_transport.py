@@ -1,4 +1,4 @@
-"""natsrpc.delivery: the leaner header parser and encoder, direct delivery and the non-awaiting send.
+"""natsrpc.transport: the leaner header parser and encoder, direct delivery and the non-awaiting send.
 
 These replace parts of nats-py on the hot path, so each is checked against what nats-py itself
 does: the parser against nats-py's own header parser (hypothesis), the encoder against nats-py's
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NatsConnection
 
 import natsrpc
-from natsrpc import delivery
+from natsrpc import protocol, transport
 from natsrpc.errors import ConfigurationError
 
 # Header names: HTTP tokens (what nats-py sends), plus names nats-py's parser must skip.
@@ -35,43 +35,43 @@ class TestParseHeaders:
         raw = block(lines)
         theirs = NatsConnection._parse_header_lines(raw[len("NATS/1.0\r\n") :])
         theirs.pop("", None)  # nats-py keeps a header with an empty name; natsrpc skips it
-        assert delivery._parse_headers(raw) == (theirs or None)
+        assert protocol.parse_headers(raw) == (theirs or None)
 
     def test_strips_only_ascii_whitespace_like_nats_py(self) -> None:
         raw = block([("A", "\u00a0x\u0085"), ("B", " \t y \t ")])
-        assert delivery._parse_headers(raw) == {"A": "\u00a0x\u0085", "B": "y"}
+        assert protocol.parse_headers(raw) == {"A": "\u00a0x\u0085", "B": "y"}
 
     def test_invalid_utf8_value_is_replaced_not_dropped(self) -> None:
         raw = b"NATS/1.0\r\nA: \xff\xfeok\r\nB: 2\r\n\r\n"
-        assert delivery._parse_headers(raw) == {"A": "\ufffd\ufffdok", "B": "2"}
+        assert protocol.parse_headers(raw) == {"A": "\ufffd\ufffdok", "B": "2"}
 
     def test_lines_without_a_colon_and_control_characters_in_names_are_skipped(self) -> None:
         raw = b"NATS/1.0\r\ngarbage\r\nX\x01Y: 1\r\nok: 2\r\n\r\n"
-        assert delivery._parse_headers(raw) == {"ok": "2"}
+        assert protocol.parse_headers(raw) == {"ok": "2"}
 
     def test_no_usable_line_is_none(self) -> None:
-        assert delivery._parse_headers(b"NATS/1.0\r\n\r\n") is None
+        assert protocol.parse_headers(b"NATS/1.0\r\n\r\n") is None
 
     @pytest.mark.parametrize("raw", [b"NATS/1.0\r\nA: b\r\n", b"NATS/1.0\r\nA: b", b"NATS/1.0\r\nA: b\r\n\r\n\r\n"])
     def test_a_block_without_its_final_empty_line_still_parses(self, raw: bytes) -> None:
-        assert delivery._parse_headers(raw) == {"A": "b"}
+        assert protocol.parse_headers(raw) == {"A": "b"}
 
 
 class TestHeaderBlock:
     @settings(max_examples=300, deadline=None)
     @given(st.dictionaries(TOKEN, VALUE.map(str.strip), min_size=1, max_size=5))
     def test_round_trips_through_the_parser(self, headers: dict[str, str]) -> None:
-        assert delivery._parse_headers(delivery.header_block(headers)) == headers
+        assert protocol.parse_headers(protocol.encode_headers(headers)) == headers
 
     def test_empty_is_no_block(self) -> None:
-        assert delivery.header_block({}) == b""
+        assert protocol.encode_headers({}) == b""
 
     def test_user_values_are_stripped_and_line_breaks_become_spaces(self) -> None:
-        assert delivery.header_block({"X-A": " a\r\nb "}) == b"NATS/1.0\r\nX-A: a  b\r\n\r\n"
+        assert protocol.encode_headers({"X-A": " a\r\nb "}) == b"NATS/1.0\r\nX-A: a  b\r\n\r\n"
 
     def test_a_name_that_is_not_a_token_is_refused(self) -> None:
-        with pytest.raises(ConfigurationError, match="not an HTTP token"):
-            delivery.header_block({"bad name": "1"})
+        with pytest.raises(ValueError, match="not an HTTP token"):
+            protocol.encode_headers({"bad name": "1"})
 
     async def test_bad_header_name_is_refused_when_the_options_are_made(self, client: natsrpc.Client) -> None:
         with pytest.raises(ConfigurationError, match="'bad: name' is not an HTTP token"):
@@ -82,12 +82,12 @@ class TestSend:
     async def test_a_plain_subscriber_receives_what_send_queued(self, nats_url: str) -> None:
         nc = await nats.connect(nats_url)
         try:
-            sub = await nc.subscribe("delivery.send")
+            sub = await nc.subscribe("transport.send")
             await nc.flush()
             headers = {"Natsrpc-Deadline": "123", "X-Custom": "v"}
-            assert delivery.send(nc, "delivery.send", "reply.to", b"body", delivery.header_block(headers))
+            assert transport.send(nc, "transport.send", "reply.to", b"body", protocol.encode_headers(headers))
             msg = await sub.next_msg(timeout=5)
-            assert (msg.subject, msg.reply, msg.data, msg.headers) == ("delivery.send", "reply.to", b"body", headers)
+            assert (msg.subject, msg.reply, msg.data, msg.headers) == ("transport.send", "reply.to", b"body", headers)
             assert nc.stats["out_msgs"] >= 1
         finally:
             await nc.close()
@@ -97,7 +97,7 @@ class TestSend:
         try:
             sub = await nc.subscribe("delivery.plain")
             await nc.flush()
-            assert delivery.send(nc, "delivery.plain", "", b"x")
+            assert transport.send(nc, "delivery.plain", "", b"x")
             msg = await sub.next_msg(timeout=5)
             assert (msg.data, msg.headers, msg.reply) == (b"x", None, "")
         finally:
@@ -107,7 +107,7 @@ class TestSend:
         nc = await nats.connect(nats_url)
         await nc.close()
         pending = list(nc._pending)
-        assert not delivery.send(nc, "delivery.closed", "", b"x")
+        assert not transport.send(nc, "delivery.closed", "", b"x")
         assert nc._pending == pending
 
     async def test_a_nats_py_without_the_internals_it_uses_gets_nothing_queued(self, nats_url: str) -> None:
@@ -116,7 +116,7 @@ class TestSend:
         try:
             del nc.stats  # as if a later nats-py had renamed it
             pending = list(nc._pending)
-            assert not delivery.send(nc, "delivery.renamed", "", b"x")
+            assert not transport.send(nc, "delivery.renamed", "", b"x")
             assert nc._pending == pending
         finally:
             nc.stats = stats
@@ -125,6 +125,6 @@ class TestSend:
     async def test_over_the_pending_limit_it_leaves_the_message_to_nats_py(self, nats_url: str) -> None:
         nc = await nats.connect(nats_url, pending_size=64)
         try:
-            assert not delivery.send(nc, "delivery.big", "", b"x" * 100)
+            assert not transport.send(nc, "delivery.big", "", b"x" * 100)
         finally:
             await nc.close()
