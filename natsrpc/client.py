@@ -8,7 +8,7 @@ when the connection breaks.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import os
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Mapping
@@ -37,7 +37,7 @@ from natsrpc.errors import (
     error_from_reply,
     translate_nats_errors,
 )
-from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy
+from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy, check_headers, check_timeout
 from natsrpc.registry import InstanceState, Registry
 from natsrpc.retry import DEFAULT_RETRY, RetryPolicy, TokenBucket, run_with_retries
 
@@ -80,10 +80,7 @@ class Client:
         circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
-        if encoding not in ("json", "msgpack"):
-            raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
-        if timeout <= 0:
-            raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
+        check_client_options(timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
         self.nc = nc
         self.prefix = prefix
         self.caller = caller
@@ -98,8 +95,9 @@ class Client:
         self._owns_connection = owns_connection
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._subjects: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
-        self._refused = ""  # why the server will not deliver replies (reply subscription refused), if it won't
-        self._tokens = itertools.count(1)
+        self._broken: CallError | None = None  # why no call can succeed any more (refused inbox, credentials)
+        self.stray_replies = 0
+        """Replies that arrived for no pending call (late, duplicated or forged): dropped and counted."""
         self._inbox = f"{transport.inbox_prefix(nc)}.{NUID().next().decode()}."
         self._reply_sub: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -222,17 +220,37 @@ class Client:
         """
         if operation == "subscription":
             if subject == (self._inbox + "*").lower():
-                self._refused = (
+                self._broken = PermissionDenied(
                     f"the server refused this connection's reply subscription {self._inbox}*: connect with an "
                     "inbox_prefix that its subscribe permission allows (e.g. inbox_prefix='_INBOX_app')"
                 )
-                self.fail_pending(PermissionDenied(self._refused))
+                self.fail_pending(self._broken)
             return
         for token, called in list(self._subjects.items()):
             if called.lower() == subject:
                 future = self._pending.pop(token, None)
                 if future is not None and not future.done():
                     future.set_exception(PermissionDenied(f"the server refused this connection a publish to {called}"))
+
+    def end(self, error: CallError) -> None:
+        """Ends the connection for good (the server refused the credentials on a reconnect, say).
+
+        Pending calls fail with ``error`` now, and so does every later call; the connection is
+        closed, so nats-py stops reconnecting.
+        """
+        if self._broken is None:
+            self._broken = error
+        self.fail_pending(error)
+        if not self.nc.is_closed:
+            self.spawn(self._close_connection())
+
+    async def _close_connection(self) -> None:
+        """Closes the connection without draining (the server is gone or refuses us)."""
+        try:
+            await self.nc.close()
+        except (OSError, nats.errors.Error) as exc:
+            log.debug("close failed, dropping the socket", error=repr(exc))
+            transport.drop_socket(self.nc)
 
     def spawn(self, coro: Awaitable[S]) -> asyncio.Task[S]:
         """Starts ``coro`` as a task the client tracks (awaited on close, where its call fails with ClientClosed)."""
@@ -277,6 +295,8 @@ class Client:
         Raises:
             CallError: a subclass says why (RemoteError, NoResponders, CallTimeout, ...).
         """
+        if not (protocol.valid_name(service) and protocol.valid_name(method)):
+            raise ConfigurationError(f"{service!r}.{method!r}: names must match {protocol.NAME_PATTERN.pattern}")
         opts = options or self.default_options
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         headers = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else None
@@ -326,6 +346,8 @@ class Client:
             NoResponders, CallTimeout, CircuitOpen, PayloadTooLarge, ConnectionLost, ClientClosed,
             DeadlineExceeded: see their docstrings; ``.hop`` names the subject's service.method.
         """
+        if headers:
+            check_headers(headers)
         data, reply_headers = await self._request(subject, body, options, headers, service, breaker)
         return Msg(self.nc, "", "", data, reply_headers)
 
@@ -339,6 +361,8 @@ class Client:
         breaker: CircuitBreaker | None,
     ) -> Reply:
         """:meth:`request`, returning the reply's data and headers."""
+        if not protocol.valid_subject(subject):
+            raise ConfigurationError(f"subject {subject!r} is not a publishable NATS subject")
         try:
             opts = options or self.default_options
             headers, timeout = self._headers(subject, opts, headers)
@@ -417,10 +441,10 @@ class Client:
 
     async def _attempt(self, subject: str, body: bytes, headers: dict[str, str], block: bytes, wait: float) -> Reply:
         """Sends the request once (``block`` is ``headers`` encoded) and waits up to ``wait`` s for the reply."""
-        if self._closed or self._refused:
-            raise ClientClosed("the client is closed") if self._closed else PermissionDenied(self._refused)
+        if self._closed or self._broken:
+            raise ClientClosed("the client is closed") if self._closed or self._broken is None else self._broken
         loop = self._loop
-        token = str(next(self._tokens))
+        token = os.urandom(12).hex()  # unguessable: no one who saw an inbox can aim a reply at the next call
         future: asyncio.Future[Reply] = loop.create_future()
         self._pending[token] = future
         self._subjects[token] = subject
@@ -463,8 +487,12 @@ class Client:
                 timeout = remaining
             headers[protocol.TRACEPARENT] = call.traceparent
             headers[protocol.CALLER] = call.instance
-        elif self.caller != "client":
-            headers[protocol.CALLER] = self.caller
+        else:
+            parent = headers.get(protocol.TRACEPARENT)
+            if parent is not None and not context.valid_traceparent(parent):
+                headers[protocol.TRACEPARENT] = context.new_traceparent()
+            if self.caller != "client":
+                headers[protocol.CALLER] = self.caller
         headers[protocol.DEADLINE] = context.deadline_header(now + timeout)
         if opts.msgpack:
             headers[protocol.CONTENT_TYPE] = protocol.MSGPACK
@@ -475,6 +503,23 @@ class Client:
         future = self._pending.pop(subject[len(self._inbox) :], None)
         if future is not None and not future.done():
             future.set_result((data, headers))
+        else:
+            self.stray_replies += 1
+
+
+def check_client_options(*, timeout: object, encoding: object, prefix: object, caller: object) -> None:
+    """Checks a client's options before anything connects.
+
+    Raises:
+        ConfigurationError: an option is unusable.
+    """
+    check_timeout("timeout", timeout)
+    if encoding not in ("json", "msgpack"):
+        raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
+    if not protocol.valid_prefix(prefix):
+        raise ConfigurationError(f"prefix {prefix!r} is not a subject prefix (e.g. svc)")
+    if not isinstance(caller, str) or not caller or not caller.isprintable():
+        raise ConfigurationError(f"caller {caller!r} must be a printable one-line string")
 
 
 def _attempt_wait(remaining: float, opts: CallOptions) -> float:

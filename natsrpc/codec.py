@@ -143,6 +143,8 @@ class Signature:
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for bad UTF-8
             kind = "MessagePack" if msgpack else "JSON"
             raise BadRequest(f"{self.where}: body is not valid {kind}: {exc}") from None
+        except RecursionError:  # msgspec's own limit on nesting depth
+            raise BadRequest(f"{self.where}: body is nested too deeply") from None
 
     def _decode_mixed(self, body: bytes, msgpack: bool) -> tuple[Any, ...]:
         args, kwargs = (_mixed_msgpack if msgpack else _mixed_json).decode(body)

@@ -6,6 +6,7 @@ It owns the connection defaults (RELIABILITY.md), the security options, the firs
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
@@ -14,10 +15,11 @@ from typing import Any
 import nats
 import nats.errors
 import structlog
+from nats.aio.client import Client as NatsConnection
 
 from natsrpc import auth, protocol, transport
 from natsrpc.circuit import CircuitConfig
-from natsrpc.client import DEFAULT_CIRCUIT, DEFAULT_TIMEOUT, Client
+from natsrpc.client import DEFAULT_CIRCUIT, DEFAULT_TIMEOUT, Client, check_client_options
 from natsrpc.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -47,6 +49,8 @@ CONNECTION_DEFAULTS: dict[str, Any] = {
 # (or 0). The first connect retries each server this many times, then raises; the configured
 # value applies once connected.
 FIRST_CONNECT_RETRIES = 1
+
+ABANDON_TIMEOUT = 0.5  # seconds to close a connection whose connect() failed
 
 
 class connect:
@@ -106,6 +110,7 @@ class connect:
     ) -> None:
         if "tls" in nats_options and (tls_ca or tls_cert or tls_key):
             raise ConfigurationError("give tls (an SSLContext) or tls_ca/tls_cert/tls_key, not both")
+        check_client_options(timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
         security = auth.nats_options(
             user=user, password=password, token=token, nkeys_seed=nkeys_seed, creds=creds,
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, inbox_prefix=inbox_prefix,
@@ -127,28 +132,42 @@ class connect:
         reconnect_attempts = options["max_reconnect_attempts"]
         if not 0 < reconnect_attempts <= FIRST_CONNECT_RETRIES:
             options["max_reconnect_attempts"] = FIRST_CONNECT_RETRIES
+        nc = NatsConnection()
+        tls = "tls" in options or any(url.startswith("tls://") for url in servers)
+        if tls:
+            transport.refuse_plaintext(nc)  # before CONNECT, on every connect and reconnect
         try:
-            nc = await nats.connect(servers, **options)
+            await nc.connect(servers, **options)
             nc.options["max_reconnect_attempts"] = reconnect_attempts
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+            await _abandon(nc)
             refused = next((e for e in refusals if is_authentication_failure(e)), None)
             if refused is not None:
                 who = _credentials(options)
                 raise AuthenticationFailed(
                     f"the NATS server at {auth.redacted(servers)} refused the credentials ({who}): {refused}"
                 ) from exc
+            plaintext = next((e for e in refusals if isinstance(e, transport.PlaintextRefused)), None)
+            if plaintext is not None:
+                raise ConfigurationError(
+                    f"TLS options given, but the server at {auth.redacted(servers)} does not use TLS: "
+                    "nothing was sent to it"
+                ) from exc
             why = f"{refusals[-1]!r}" if refusals else f"{exc!r}"
             raise ConnectionLost(f"cannot connect to {auth.redacted(servers)}: {why}") from exc
-        except nats.errors.Error as exc:
-            with translate_nats_errors():
-                raise
-            raise AssertionError("unreachable") from exc  # pragma: no cover
-        if "tls" in options and not nc._server_info.get("tls_required"):
-            await nc.close()
-            raise ConfigurationError(f"TLS options given, but the server at {auth.redacted(servers)} does not use TLS")
-        client = Client(nc, **self._client_options)
-        client_ref.append(client)
-        await client.start()
+        except BaseException as exc:
+            await _abandon(nc)
+            if isinstance(exc, nats.errors.Error):
+                with translate_nats_errors():
+                    raise
+            raise
+        try:
+            client = Client(nc, **self._client_options)
+            client_ref.append(client)
+            await client.start()
+        except BaseException:
+            await _abandon(nc)
+            raise
         return client
 
     def __await__(self) -> Generator[Any, None, Client]:
@@ -163,6 +182,18 @@ class connect:
     ) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+async def _abandon(nc: NatsConnection) -> None:
+    """Closes a connection whose ``connect()`` failed, so it does not go on reconnecting in the background."""
+    if nc.is_closed:
+        return
+    try:
+        # Bounded: nats-py 2.16 waits for good closing a connection whose TLS handshake failed.
+        await asyncio.wait_for(nc.close(), ABANDON_TIMEOUT)
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        log.debug("closing a failed connection failed", error=repr(exc))
+    transport.drop_socket(nc)
 
 
 def _credentials(options: Mapping[str, Any]) -> str:
@@ -194,14 +225,17 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
                 client.refuse(*violation)
             return
         if client_ref and is_authentication_failure(exc):
-            # A reconnect whose credentials the server now refuses: nats-py keeps trying (the server
-            # may be fixed), but calls fail at once instead of waiting out their timeout.
-            log.error("nats server refused the credentials on reconnect", error=repr(exc))
+            # A reconnect whose credentials the server now refuses: retrying them forever helps no
+            # one, so the connection ends and every call, pending or new, fails with the reason.
+            log.error("nats server refused the credentials on reconnect: closing the connection", error=repr(exc))
             for client in client_ref:
-                client.fail_pending(AuthenticationFailed(f"the NATS server refused the credentials: {exc}"))
                 # nats-py opens the next attempt's socket without closing this refused one (a leak
                 # and a ResourceWarning): close it, the server has hung up anyway.
                 transport.drop_socket(client.nc)
+                client.end(AuthenticationFailed(f"the NATS server refused the credentials on reconnect: {exc}"))
+            return
+        if isinstance(exc, transport.PlaintextRefused):
+            log.error("refused a NATS server that does not offer TLS: nothing was sent to it", error=str(exc))
             return
         log.warning("nats error", error=repr(exc))
 

@@ -106,20 +106,35 @@ def enter(ctx: CallContext) -> None:
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
-def new_traceparent(parent: str = "") -> str:
-    """Returns a traceparent for this hop: the parent's trace id with a new span id, or a new trace.
-
-    An invalid parent (W3C Trace Context: not lower-case hex, all-zero ids, version ff, extra
-    fields in version 00) is ignored, as the spec requires. The parent's sampled flag is kept.
-    """
-    match = _TRACEPARENT.fullmatch(parent.strip())
+def _parse_traceparent(value: str) -> re.Match[str] | None:
+    """Returns the parts of a valid W3C traceparent, or None (not lower-case hex, all-zero ids,
+    version ff, extra fields in version 00, or characters a header line cannot carry)."""
+    match = _TRACEPARENT.fullmatch(value.strip())
     if (
         match is not None
         and match[1] != "ff"
         and not (match[1] == "00" and match[5])
         and match[2] != _ZERO_TRACE
         and match[3] != _ZERO_SPAN
+        and (not match[5] or match[5].isprintable())
     ):
+        return match
+    return None
+
+
+def valid_traceparent(value: str) -> bool:
+    """Returns whether ``value`` is a valid W3C traceparent that may be sent as it is."""
+    return _parse_traceparent(value) is not None
+
+
+def new_traceparent(parent: str = "") -> str:
+    """Returns a traceparent for this hop: the parent's trace id with a new span id, or a new trace.
+
+    An invalid parent (see :func:`valid_traceparent`) is ignored, as the spec requires. The parent's
+    sampled flag is kept.
+    """
+    match = _parse_traceparent(parent)
+    if match is not None:
         trace_id, flags = match[2], int(match[4], 16) & _SAMPLED
     else:
         trace_id, flags = os.urandom(16).hex(), _SAMPLED
@@ -135,10 +150,17 @@ def deadline_header(deadline: float) -> str:
     return str(math.ceil(deadline * 1000))
 
 
-def parse_deadline(headers: Mapping[str, str] | None, default_timeout: float) -> float:
-    """Returns the request's absolute deadline (epoch seconds), or now + ``default_timeout``."""
+_MAX_DEADLINE_DIGITS = 15  # epoch ms has 13 digits until the year 2286; 15 allows any sane deadline
+
+
+def parse_deadline(headers: Mapping[str, str] | None, default_timeout: float) -> float | None:
+    """Returns the request's absolute deadline (epoch seconds), now + ``default_timeout`` without one,
+    or None when the ``Natsrpc-Deadline`` header is not plausible epoch milliseconds (not ASCII
+    digits, negative, over 15 digits): the request is then refused with 400."""
     if headers is not None:
         value = headers.get(protocol.DEADLINE)
-        if value is not None and value.isdigit():
-            return int(value) / 1000
+        if value is not None:
+            if len(value) <= _MAX_DEADLINE_DIGITS and value.isascii() and value.isdigit():
+                return int(value) / 1000
+            return None
     return time.time() + default_timeout

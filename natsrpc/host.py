@@ -23,6 +23,7 @@ from natsrpc import announce, codec, context, protocol, transport
 from natsrpc.client import Client
 from natsrpc.dispatch import Pool
 from natsrpc.errors import (
+    BadRequest,
     CallError,
     CallTimeout,
     DeadlineExceeded,
@@ -184,6 +185,12 @@ class Host:
             )
         else:
             deadline = context.parse_deadline(headers, self.default_timeout)
+            if deadline is None:
+                value = (headers or {}).get(protocol.DEADLINE, "")
+                shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+                bad = BadRequest(f"{route.where}: header {protocol.DEADLINE} {shown} is not epoch milliseconds")
+                self._spawn(self._reply_error(reply, route, bad))
+                return
             if time.time() >= deadline:
                 error = DeadlineExceeded(f"{route.where}: the deadline passed before the request was dispatched")
                 self._spawn(self._reply_error(reply, route, error))

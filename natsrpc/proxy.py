@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 
@@ -78,18 +79,16 @@ class CallOptions:
         """
         fields: dict[str, Any] = dict(changes)
         for key in ("timeout", "attempt_timeout"):
-            value = fields.get(key)
-            if value is not None and not value > 0:
-                raise ConfigurationError(f"{key} must be positive, got {value!r}")
+            if fields.get(key) is not None:
+                fields[key] = check_timeout(key, fields[key])
         encoding = fields.pop("encoding", None)
         if encoding not in (None, "json", "msgpack"):
             raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
         if "instance" in changes and not protocol.valid_name(changes["instance"]):
             raise ConfigurationError(f"instance id {changes['instance']!r} is not a subject token")
         headers = fields.pop("headers", None)
-        for name in headers or ():
-            if not protocol.HEADER_NAME.fullmatch(name.strip()):
-                raise ConfigurationError(f"header name {name!r} is not an HTTP token")
+        if headers:
+            check_headers(headers)
         return dataclasses.replace(
             self,
             **fields,
@@ -98,19 +97,54 @@ class CallOptions:
         )
 
 
+MAX_CACHED = 1024
+"""The most proxies (per directory) and method callers (per proxy) kept for reuse; more are made anew."""
+
+MAX_TIMEOUT = 7 * 24 * 3600.0
+"""The longest timeout a call may have (a week): longer ones overflow deadlines and timers."""
+
+
+def check_timeout(name: str, value: object) -> float:
+    """Returns ``value`` as a timeout in seconds: a real number, positive, finite and at most :data:`MAX_TIMEOUT`.
+
+    Raises:
+        ConfigurationError: anything else (a string, a bool, zero, NaN, infinity, 1e308).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise ConfigurationError(f"{name} must be positive and at most {MAX_TIMEOUT:g} s, got {value!r}")
+    return float(value)
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Checks caller-given headers: names are HTTP tokens, values strings that carry no line break.
+
+    Raises:
+        ConfigurationError: a name is not a token, or a value is not a string or holds CR or LF.
+    """
+    for name, value in headers.items():
+        if not isinstance(name, str) or not protocol.HEADER_NAME.fullmatch(name.strip()):
+            raise ConfigurationError(f"header name {name!r} is not an HTTP token")
+        if not isinstance(value, str) or "\r" in value or "\n" in value:
+            raise ConfigurationError(f"header {name}: value {value!r} is not a string on one line")
+
+
 class ServiceDirectory:
     """``client.call_service``: index it by service name to get a :class:`ServiceProxy`."""
 
     def __init__(self, client: Invoker, *, spawn: bool) -> None:
         self._client = client
         self._spawn = spawn
-        self._proxies: dict[str, ServiceProxy] = {}
+        self._proxies: dict[str, ServiceProxy] = {}  # a cache, emptied when it reaches MAX_CACHED
 
     def __getitem__(self, service: str) -> ServiceProxy:
         proxy = self._proxies.get(service)
         if proxy is None:
             if not protocol.valid_name(service):
                 raise ConfigurationError(f"service name {service!r} must match {protocol.NAME_PATTERN.pattern}")
+            if len(self._proxies) >= MAX_CACHED:
+                self._proxies.clear()
             proxy = self._proxies[service] = ServiceProxy(self._client, service, None, self._spawn)
         return proxy
 
@@ -141,6 +175,8 @@ class ServiceProxy:
         if caller is None:
             if not protocol.valid_name(method):
                 raise ConfigurationError(f"method name {method!r} must match {protocol.NAME_PATTERN.pattern}")
+            if len(self._methods) >= MAX_CACHED:
+                self._methods.clear()
             caller = self._methods[method] = MethodCaller(
                 self._client, self._service, method, self._options, self._spawn
             )

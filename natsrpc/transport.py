@@ -315,6 +315,7 @@ def refuse_plaintext(nc: Any) -> None:
 
     def guarded() -> bytes:
         if not (nc._server_info.get("tls_required") or nc.options.get("tls_handshake_first")):
+            drop_socket(nc)  # nats-py would leave this socket open on a reconnect
             raise PlaintextRefused()
         result: bytes = command()
         return result

@@ -415,10 +415,21 @@ class TestDeadlineHeader:
         parsed = context.parse_deadline({protocol.DEADLINE: header}, 30.0)
         assert deadline <= parsed < deadline + MS
 
-    def test_missing_or_malformed_header_means_the_default(self) -> None:
-        """Without a usable header the deadline is now + the default timeout."""
-        for headers in (None, {}, {protocol.DEADLINE: "soon"}, {protocol.DEADLINE: "-5"}):
-            assert context.parse_deadline(headers, 7.0) - time.time() == pytest.approx(7.0, abs=0.05)
+    def test_missing_header_means_the_default(self) -> None:
+        """Without the header the deadline is now + the default timeout."""
+        for headers in (None, {}, {"Other": "1"}):
+            deadline = context.parse_deadline(headers, 7.0)
+            assert deadline is not None
+            assert deadline - time.time() == pytest.approx(7.0, abs=0.05)
+
+    @pytest.mark.parametrize(
+        "value",
+        ["soon", "-5", "9" * 400, "1e308", "\u00b2\u00b3", "", " 17 ", "1" * 16],
+        ids=["word", "negative", "400-digits", "float-overflow", "unicode-digits", "empty", "spaces", "16-digits"],
+    )
+    def test_an_implausible_header_is_refused(self, value: str) -> None:
+        """A Natsrpc-Deadline that is not plausible epoch milliseconds gives None (the host replies 400)."""
+        assert context.parse_deadline({protocol.DEADLINE: value}, 7.0) is None
 
 
 class TestDeadlinePropagation:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import secrets
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from nats.aio.msg import Msg
 
 import natsrpc
 from natsrpc import NatsServer, Service, rpc
-from natsrpc.embedded import find_binary
+from natsrpc.embedded import find_binary, free_port
 from natsrpc.errors import permission_violation
 from natsrpc.proxy import CallOptions
 from natsrpc.testing import serve
@@ -432,8 +433,9 @@ class TestBadCredentials:
             await asyncio.wait_for(natsrpc.connect(urls, user="app", password="wrong"), 10)
         assert time.perf_counter() - started < REFUSED_CONNECT_BUDGET
 
-    async def test_reconnect_refused_fails_calls_then_recovers(self, tmp_path: Path) -> None:
-        """When a restarted server refuses the credentials, calls fail fast; once it accepts them again, calls work."""
+    async def test_reconnect_refused_ends_the_connection(self, tmp_path: Path) -> None:
+        """When a restarted server refuses the credentials, the connection ends: calls pending and new
+        fail with AuthenticationFailed at once, and the client stops reconnecting for good."""
         config = tmp_path / "auth.conf"
         config.write_text('authorization { users: [ { user: app, password: "one" } ] }\n')
         with NatsServer(config=config) as server:
@@ -449,13 +451,14 @@ class TestBadCredentials:
                 with pytest.raises(natsrpc.AuthenticationFailed):
                     await client.request("svc.billing.while-refused", b"[2]", CallOptions(timeout=10.0))
                 assert time.perf_counter() - started < REFUSED_CONNECT_BUDGET
-                config.write_text('authorization { users: [ { user: app, password: "one" } ] }\n')
-                server.restart()
                 async with asyncio.timeout(5):
-                    while not client.nc.is_connected:  # noqa: ASYNC110 - nats-py offers no event for it
+                    while not client.nc.is_closed:  # noqa: ASYNC110 - nats-py offers no event for it
                         await asyncio.sleep(0.005)
-                async with serve(client, Billing()):
-                    assert await client.call_service["billing"].charge(3) == 3
+                config.write_text('authorization { users: [ { user: app, password: "one" } ] }\n')
+                server.restart()  # the server would take the credentials again: the client stays down
+                with pytest.raises(natsrpc.AuthenticationFailed, match="refused the credentials on reconnect"):
+                    await client.request("svc.billing.later", b"[3]", CallOptions(timeout=1.0))
+                assert client.nc.is_closed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -568,6 +571,54 @@ def tls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         yield server
 
 
+SECRET = "s3cret-" + secrets.token_hex(8)
+
+
+class Impostor:
+    """A plaintext NATS impostor on loopback: sends an INFO without TLS, records every byte it receives."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        info = {"server_id": "impostor", "version": "2.15.1", "proto": 1, "headers": True, "max_payload": 1048576}
+        writer.write(b"INFO " + json.dumps({**info, "auth_required": True, "port": self.port}).encode() + b"\r\n")
+        try:
+            await writer.drain()
+            while data := await reader.read(4096):
+                self.received += data
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def plaintext_impostor() -> AsyncIterator[Impostor]:
+    """A fake plaintext NATS server on a free loopback port."""
+    impostor = Impostor()
+    await impostor.start()
+    yield impostor
+    await impostor.stop()
+
+
 class TestTls:
     """A6: the TLS server takes only clients with a certificate from its CA, over TLS."""
 
@@ -615,10 +666,50 @@ class TestTls:
                 pass
             assert b"PONG" not in answer
 
-    async def test_tls_options_refuse_a_plaintext_server(self, nats_url: str, pki: Pki) -> None:
-        """TLS options against a server without TLS raise ConfigurationError instead of going on in the clear."""
+    @pytest.mark.parametrize("credential", ["password", "token"])
+    async def test_tls_options_refuse_a_plaintext_server_before_connect(
+        self, pki: Pki, plaintext_impostor: Impostor, credential: str
+    ) -> None:
+        """TLS options against a server whose INFO offers no TLS raise ConfigurationError, and not one
+        byte of CONNECT, let alone the credential, reaches that server."""
+        options = {"password": {"user": "app", "password": SECRET}, "token": {"token": SECRET}}[credential]
         with pytest.raises(natsrpc.ConfigurationError, match="does not use TLS"):
-            await natsrpc.connect(nats_url, tls_ca=str(pki.ca))
+            await asyncio.wait_for(natsrpc.connect(plaintext_impostor.url, tls_ca=str(pki.ca), **options), 10)
+        assert plaintext_impostor.connections >= 1
+        assert b"CONNECT" not in plaintext_impostor.received
+        assert SECRET.encode() not in plaintext_impostor.received
+
+    async def test_a_plaintext_server_learnt_from_the_cluster_is_refused_on_reconnect(
+        self, pki: Pki, plaintext_impostor: Impostor, tmp_path: Path
+    ) -> None:
+        """A server advertised in the cluster's INFO that turns out plaintext gets no CONNECT on reconnect."""
+        route_port = free_port()
+        tls = (
+            f'tls {{ cert_file: "{pki.server_cert}", key_file: "{pki.server_key}", ca_file: "{pki.ca}", '
+            "verify: true, timeout: 2 }\n"
+        )
+        auth = f'authorization {{ users: [ {{ user: app, password: "{SECRET}" }} ] }}\n'
+        (tmp_path / "a.conf").write_text(tls + auth + f"cluster {{ name: c, listen: 127.0.0.1:{route_port} }}\n")
+        (tmp_path / "b.conf").write_text(
+            auth
+            + f'client_advertise: "127.0.0.1:{plaintext_impostor.port}"\n'
+            + f"cluster {{ name: c, listen: 127.0.0.1:-1, routes: [nats-route://127.0.0.1:{route_port}] }}\n"
+        )
+        files = {"tls_ca": str(pki.ca), "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)}
+        with NatsServer(config=tmp_path / "a.conf") as a, NatsServer(config=tmp_path / "b.conf"):
+            client = await natsrpc.connect(a.url, user="app", password=SECRET, reconnect_time_wait=0.05, **files)
+            try:
+                async with asyncio.timeout(10):  # the cluster forms, then A's INFO names B's advertised URL
+                    while not any(s.uri.port == plaintext_impostor.port for s in client.nc._server_pool):  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                a.stop()
+                async with asyncio.timeout(10):
+                    while plaintext_impostor.connections < 2:  # noqa: ASYNC110 - the client tries it on reconnect
+                        await asyncio.sleep(0.01)
+            finally:
+                await client.close()
+        assert b"CONNECT" not in plaintext_impostor.received
+        assert SECRET.encode() not in plaintext_impostor.received
 
     async def test_verify_and_map_picks_the_user(self, pki: Pki, tmp_path: Path) -> None:
         """With verify_and_map, the certificate's subject selects the user and its permissions."""
