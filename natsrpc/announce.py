@@ -185,13 +185,14 @@ class Announcer:
         await self.beat()
         self._task = asyncio.get_running_loop().create_task(self._beat_forever())
 
-    async def stop(self) -> None:
-        """Stops beating, sends a last beat with ``draining: true``, and unsubscribes."""
+    async def stop(self, last_beat: bool = True) -> None:
+        """Stops beating, sends a last beat (``draining: true``) unless told not to, and unsubscribes."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self.beat()
+        if last_beat:
+            await self.beat()
         for sub in self._subs:
             try:
                 await sub.unsubscribe()

@@ -130,6 +130,8 @@ def nats_options(
         raise ConfigurationError("give nkeys_seed or creds, not both (a creds file holds its own seed)")
     if password is not None and user is None:
         raise ConfigurationError("password needs user")
+    if password == "" or token == "":
+        raise ConfigurationError("an empty password or token is refused: set a real secret, or leave the option out")
     options: dict[str, Any] = {}
     if user is not None:
         options["user"] = user

@@ -396,9 +396,12 @@ class Circuits:
         *,
         clock: Clock = time.monotonic,
         on_state_change: Callable[[str, State, State], None] | None = None,
+        max_breakers: int = 4096,
     ) -> None:
         self.config = config or CircuitConfig()
         self.on_state_change = on_state_change
+        self.max_breakers = max_breakers
+        """The most breakers kept; past it a closed one is forgotten (a fresh closed one is the same)."""
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
 
@@ -406,12 +409,19 @@ class Circuits:
         """Returns the breaker of service ``name``, creating a closed one on first use."""
         breaker = self._breakers.get(name)
         if breaker is None:
+            if len(self._breakers) >= self.max_breakers:
+                self._forget_one()
             listener = None if self.on_state_change is None else functools.partial(self.on_state_change, name)
             breaker = CircuitBreaker(name, self.config, clock=self._clock, on_state_change=listener)
             self._breakers[name] = breaker
         return breaker
 
     __getitem__ = get
+
+    def _forget_one(self) -> None:
+        """Forgets the oldest closed breaker (one with no failures counted), else the oldest."""
+        victim = next((n for n, b in self._breakers.items() if b.state is State.CLOSED), None)
+        del self._breakers[victim if victim is not None else next(iter(self._breakers))]
 
     def __contains__(self, name: object) -> bool:
         return name in self._breakers

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -47,6 +46,7 @@ log = structlog.get_logger("natsrpc.client")
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_CIRCUIT = CircuitConfig()
+MAX_BUCKETS = 4096  # retry budgets kept, one per service called
 
 Reply = tuple[bytes, "dict[str, str] | None"]
 """A reply's data and headers."""
@@ -89,7 +89,7 @@ class Client:
         """Live instances per service, from heartbeats (None when discovery is off)."""
         self.circuits: Circuits | None = Circuits(circuit) if circuit is not None else None
         """The circuit breakers, one per service (None when circuit breaking is off)."""
-        self._buckets: defaultdict[str, TokenBucket] = defaultdict(TokenBucket)
+        self._buckets: dict[str, TokenBucket] = {}  # retry budgets, per service; at most MAX_BUCKETS
         if self.registry is not None and self.circuits is not None:
             self.registry.on_change(self._on_registry_change)
         self._owns_connection = owns_connection
@@ -311,7 +311,7 @@ class Client:
             if result is not None:
                 return result.decode(data)
             return codec.decode(data, opts.msgpack) if data else None
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             error = BadReply(f"the reply of {service}.{method} does not decode: {exc}")
             error.hop = f"{service}.{method}"
             raise error from exc
@@ -432,12 +432,21 @@ class Client:
         return await run_with_retries(
             attempt,
             policy=opts.retry,
-            bucket=self._buckets[service],
+            bucket=self._bucket(service),
             idempotent=idempotent,
             deadline=deadline,
             clock=self._loop_time,
             first_error=first_error,
         )
+
+    def _bucket(self, service: str) -> TokenBucket:
+        """Returns the retry budget of ``service``; past MAX_BUCKETS services the oldest budget is forgotten."""
+        bucket = self._buckets.get(service)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                del self._buckets[next(iter(self._buckets))]
+            bucket = self._buckets[service] = TokenBucket()
+        return bucket
 
     async def _attempt(self, subject: str, body: bytes, headers: dict[str, str], block: bytes, wait: float) -> Reply:
         """Sends the request once (``block`` is ``headers`` encoded) and waits up to ``wait`` s for the reply."""

@@ -103,32 +103,58 @@ class Host:
         return sum(i.active for i in self.instances)
 
     async def start(self) -> None:
-        """Runs each service's ``setup()``, then subscribes its endpoints."""
+        """Runs each service's ``setup()``, then subscribes its endpoints.
+
+        If any step fails, what was done is undone before the error propagates: the subscriptions
+        made are unsubscribed and the services set up get their ``cleanup()``.
+        """
         self._loop = asyncio.get_running_loop()
         for inst in self.instances:
             inst.pool = Pool(inst.max_concurrency, self._serve)
-        for inst in self.instances:
-            svc = inst.service
-            svc._bind(ServiceContext(svc.name, inst.id, self.client, None, self._config.get(svc.name, {})))
-            await svc.setup()
-        for inst in self.instances:
-            prefix = self.client.prefix
-            for name, route in inst.routes.items():
-                subject = protocol.endpoint_subject(inst.service.name, name, prefix)
-                await self._subscribe(subject, protocol.QUEUE_GROUP, functools.partial(self._admit, route))
-            wildcard = protocol.instance_wildcard(inst.service.name, inst.id, prefix)
-            await self._subscribe(wildcard, "", functools.partial(self._admit_instance_request, inst))
-            log.info(
-                "serving",
-                service=inst.service.name,
-                version=inst.service.version,
-                instance=inst.id,
-                endpoints=sorted(inst.routes),
-            )
-        if self._announcer is not None:
-            await self._announcer.start()
-        await transport.sync_with_server(self.nc)
+        set_up: list[Instance] = []
+        try:
+            for inst in self.instances:
+                svc = inst.service
+                svc._bind(ServiceContext(svc.name, inst.id, self.client, None, self._config.get(svc.name, {})))
+                await svc.setup()
+                set_up.append(inst)
+            for inst in self.instances:
+                await self._subscribe_instance(inst)
+            if self._announcer is not None:
+                await self._announcer.start()
+            await transport.sync_with_server(self.nc)
+        except BaseException:
+            await self._undo_start(set_up)
+            raise
         self._started = True
+
+    async def _subscribe_instance(self, inst: Instance) -> None:
+        prefix = self.client.prefix
+        for name, route in inst.routes.items():
+            subject = protocol.endpoint_subject(inst.service.name, name, prefix)
+            await self._subscribe(subject, protocol.QUEUE_GROUP, functools.partial(self._admit, route))
+        wildcard = protocol.instance_wildcard(inst.service.name, inst.id, prefix)
+        await self._subscribe(wildcard, "", functools.partial(self._admit_instance_request, inst))
+        log.info(
+            "serving", service=inst.service.name, version=inst.service.version, instance=inst.id,
+            endpoints=sorted(inst.routes),
+        )  # fmt: skip
+
+    async def _undo_start(self, set_up: Sequence[Instance]) -> None:
+        """Undoes a start that failed part way: unsubscribes, stops announcing, cleans up what was set up."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                log.warning("unsubscribe failed", subject=sub.subject, error=repr(exc))
+        if self._announcer is not None:
+            await self._announcer.stop(last_beat=False)
+        for inst in set_up:
+            try:
+                await inst.service.cleanup()
+            except Exception:
+                log.exception("cleanup failed", service=inst.service.name)
 
     async def stop(self) -> None:
         """Stops taking requests, waits for in-flight handlers (bounded), then runs ``cleanup()``."""

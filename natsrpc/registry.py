@@ -28,6 +28,9 @@ VERBS: Final = ("PING", "INFO", "STATS")
 
 heartbeat_decoder: Final = msgspec.json.Decoder(Heartbeat)
 
+MAX_INSTANCES: Final = 10_000  # instances one registry tracks at once
+MAX_SERVICES: Final = 4_096  # service names one registry remembers
+
 
 @dataclass(slots=True)
 class InstanceState:
@@ -66,9 +69,24 @@ class Registry:
         clock: monotonic seconds; injectable so tests move time instead of sleeping.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_instances: int = MAX_INSTANCES,
+        max_services: int = MAX_SERVICES,
+    ) -> None:
         self.clock = clock
+        self.max_instances = max_instances
+        """The most instances tracked at once; beats of further new instances are dropped (and counted)."""
+        self.max_services = max_services
+        """The most service names remembered; past it, names without a live instance are forgotten first."""
+        self.ignored_beats = 0
+        """Beats dropped: undecodable, not on a heartbeat subject, a body naming another service or
+        instance than its subject, or a new instance past the limits."""
+        self.prefix = protocol.DEFAULT_PREFIX
         self._services: dict[str, dict[str, InstanceState]] = {}
+        self._count = 0  # instances tracked, over all services
         self._callbacks: list[ChangeCallback] = []
         self._sub: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -99,9 +117,20 @@ class Registry:
         return any(method in i.idempotent for i in self._services.get(service, {}).values())
 
     def observe(self, beat: Heartbeat) -> None:
-        """Takes in one heartbeat."""
-        instances = self._services.setdefault(beat.name, {})
-        previous = instances.get(beat.id)
+        """Takes in one heartbeat (whose name and id its subject vouched for)."""
+        instances = self._services.get(beat.name)
+        previous = None if instances is None else instances.get(beat.id)
+        if previous is None:
+            if self._count >= self.max_instances:
+                self.ignored_beats += 1
+                return
+            if instances is None:
+                if len(self._services) >= self.max_services and not self._forget_a_silent_service():
+                    self.ignored_beats += 1
+                    return
+                instances = self._services[beat.name] = {}
+            self._count += 1
+        assert instances is not None
         state = InstanceState(
             beat.name,
             beat.id,
@@ -122,6 +151,14 @@ class Registry:
         else:
             self._emit(beat.name, state, "beat")
 
+    def _forget_a_silent_service(self) -> bool:
+        """Forgets one service name that has no instance left; returns False if every one has some."""
+        for name, instances in self._services.items():
+            if not instances:
+                del self._services[name]
+                return True
+        return False
+
     def restart_expiry(self) -> None:
         """Counts every known instance as seen now; the client calls it when its connection comes back.
 
@@ -141,6 +178,7 @@ class Registry:
             for instance_id, state in list(instances.items()):
                 if state.expired(now):
                     del instances[instance_id]
+                    self._count -= 1
                     self._emit(service, state, "removed")
 
     def _emit(self, service: str, state: InstanceState, event: str) -> None:
@@ -152,6 +190,7 @@ class Registry:
 
     async def start(self, nc: Any, prefix: str = protocol.DEFAULT_PREFIX) -> None:
         """Subscribes to every heartbeat and starts expiring silent instances."""
+        self.prefix = prefix
         self._sub = await nc.subscribe(f"{prefix}._hb.>", cb=self._on_beat)
         self._task = asyncio.get_running_loop().create_task(self._sweep_forever())
 
@@ -168,10 +207,31 @@ class Registry:
             self._sub = None
 
     async def _on_beat(self, msg: Msg) -> None:
+        self.take(msg.subject, msg.data)
+
+    def take(self, subject: str, data: bytes) -> bool:
+        """Takes in the heartbeat ``data`` that arrived on ``subject``; returns whether it was used.
+
+        The service and instance are the subject's (``svc._hb.<service>.<id>``), which the server's
+        publish permissions guard: a beat whose body names another service or instance is ignored,
+        so an identity can change the state of its own instances only.
+        """
+        where = protocol.parse_heartbeat_subject(subject, self.prefix)
         try:
-            self.observe(heartbeat_decoder.decode(msg.data))
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            log.warning("bad heartbeat ignored", subject=msg.subject, error=str(exc))
+            beat = heartbeat_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
+            self._ignore("bad heartbeat ignored", subject, str(exc))
+            return False
+        if where is None or where != (beat.name, beat.id):
+            self._ignore("heartbeat whose body disagrees with its subject ignored", subject, f"{beat.name}/{beat.id}")
+            return False
+        self.observe(beat)
+        return True
+
+    def _ignore(self, event: str, subject: str, detail: str) -> None:
+        self.ignored_beats += 1
+        if self.ignored_beats & (self.ignored_beats - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood logs little
+            log.warning(event, subject=subject[:200], detail=detail[:200], ignored=self.ignored_beats)
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from typing import Any
 
 import nats
 import pytest
+from children import poll
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -154,6 +155,9 @@ MATRIX: dict[str, list[tuple[str, str, str, bool]]] = {
         ("sub", "$SRV.INFO.kv", "", ALLOW),
         ("sub", "$SRV.STATS.kv.INSTANCE1", "", ALLOW),
         ("sub", "$SRV.INFO.vdb", "", DENY),
+        ("sub", "$SRV.>", "", DENY),  # "$SRV.*" would admit this literal, and with it every service's $SRV
+        ("sub", "$SRV.*", "", DENY),
+        ("sub", "$SRV.PING.vdb.*", "", DENY),
         ("sub", "svc._hb.>", "", ALLOW),
         ("sub", "_INBOX_kv.X.*", "", ALLOW),
         ("sub", "_INBOX_app.>", "", DENY),
@@ -168,6 +172,11 @@ MATRIX: dict[str, list[tuple[str, str, str, bool]]] = {
         ("sub", "svc.vdb.search", "q", ALLOW),
         ("sub", "svc.vdb.search", "", DENY),
         ("sub", "svc.kv.get", "q", DENY),
+        ("sub", "$SRV.PING.vdb", "", ALLOW),
+        ("sub", "$SRV.STATS", "", ALLOW),
+        ("sub", "$SRV.PING.kv", "", DENY),  # vdb cannot answer discovery as kv
+        ("sub", "$SRV.>", "", DENY),
+        ("sub", "$SRV.*.kv", "", DENY),
         ("sub", "_INBOX_vdb.X.*", "", ALLOW),
         ("pub", "svc._hb.vdb.INSTANCE1", "", ALLOW),
         ("pub", "svc.kv.put", "", DENY),
@@ -224,6 +233,58 @@ class TestConfigFile:
                 for op, subject, queue, _ in MATRIX[identity]
             }
         assert actual == expected
+
+
+class TestWhatTheConfigDoesNotStop:
+    """What nats-server.conf leaves open, and what natsrpc does about it (docs/security.md says the same)."""
+
+    async def test_a_beat_naming_another_service_passes_the_server_but_not_the_registry(
+        self, secured: NatsServer, passwords: dict[str, str]
+    ) -> None:
+        """vdb may publish on its own svc._hb.vdb.X with a body naming kv; the app's registry ignores it."""
+        async with (
+            as_identity(secured, passwords, "kv") as kv_client,
+            serve(kv_client, KV()) as host,
+            as_identity(secured, passwords, "app") as app,
+            raw_as(secured, passwords, "vdb") as vdb,
+        ):
+            kv_id = host.instances[0].id
+            assert app.registry is not None
+            await poll(lambda: bool(app.registry and app.registry.live("kv")))
+            ignored = app.registry.ignored_beats
+            beat = {"name": "kv", "id": kv_id, "version": "1.0.0", "endpoints": ["get"], "in_flight": 0,
+                    "healthy": False, "draining": True, "interval": 2.0, "idempotent": ["put"]}  # fmt: skip
+            assert not await vdb.refused("pub", "svc._hb.vdb.X")  # the server lets vdb publish there
+            await vdb.nc.publish("svc._hb.vdb.X", json.dumps(beat).encode())
+            await _sync_with_server(vdb.nc)
+            await poll(lambda: app.registry is not None and app.registry.ignored_beats > ignored)
+            assert [i.id for i in app.registry.live("kv")] == [kv_id]
+            assert not app.registry.idempotent("kv", "put")
+            assert not app.registry.known("vdb")
+            assert app.circuit("kv").state is natsrpc.circuit.State.CLOSED
+            assert await app.call_service["kv"].get("missing") is None
+
+    async def test_the_caller_header_is_only_informational(
+        self, secured: NatsServer, passwords: dict[str, str]
+    ) -> None:
+        """app may send any Natsrpc-Caller: it reaches the handler as sent, so it must never authorise anything."""
+        seen: list[str] = []
+
+        class Who(Service):
+            name = "kv"
+
+            @rpc
+            async def get(self, key: str) -> str | None:
+                seen.append(natsrpc.current_call().caller)
+                return None
+
+        async with (
+            as_identity(secured, passwords, "kv") as kv_client,
+            serve(kv_client, Who()),
+            as_identity(secured, passwords, "app", caller="memory/forged") as app,
+        ):
+            await app.call_service["kv"].get("a")
+        assert seen == ["memory/forged"]
 
 
 class TestDeniedPublish:
