@@ -27,9 +27,13 @@ class CallContext:
             any call it makes).
         caller: ``<service>/<instance-id>`` of the calling service, or ``"client"``.
         headers: the request headers as received.
+        cancelled: True once the call was cancelled (its deadline passed): a plain ``def``
+            handler, which cannot be interrupted, should check it and give up.
     """
 
-    __slots__ = ("_traceparent", "caller", "deadline", "headers", "instance", "method", "parent", "service")
+    __slots__ = (
+        "_traceparent", "caller", "cancelled", "deadline", "headers", "instance", "method", "parent", "service",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class CallContext:
         self.parent = traceparent
         self.headers: Mapping[str, str] = headers if headers is not None else {}
         self._traceparent = ""
+        self.cancelled = False
 
     def remaining(self) -> float:
         """Returns the seconds left before the deadline (negative once it passed)."""

@@ -21,7 +21,7 @@ from nats.nuid import NUID
 
 from natsrpc import announce, codec, context, protocol, transport
 from natsrpc.client import Client
-from natsrpc.dispatch import Pool
+from natsrpc.dispatch import Dispatcher
 from natsrpc.errors import (
     BadRequest,
     CallError,
@@ -36,7 +36,7 @@ from natsrpc.errors import (
     error_reply,
     remote_error,
 )
-from natsrpc.instance import Instance, Route
+from natsrpc.instance import Instance, Request, Route
 from natsrpc.service import Service, ServiceContext
 
 log = structlog.get_logger("natsrpc.host")
@@ -89,6 +89,7 @@ class Host:
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
+        self._stopping = False  # the drain timeout passed: handlers still running are being cancelled
 
     async def __aenter__(self) -> Host:
         await self.start()
@@ -110,7 +111,7 @@ class Host:
         """
         self._loop = asyncio.get_running_loop()
         for inst in self.instances:
-            inst.pool = Pool(inst.max_concurrency, self._serve)
+            inst.pool = Dispatcher(inst.max_concurrency, self._serve, self._refuse_queued)
         set_up: list[Instance] = []
         try:
             for inst in self.instances:
@@ -173,7 +174,10 @@ class Host:
         for inst in self.instances:
             inst.closed = True
         pools = [inst.pool for inst in self.instances if inst.pool is not None]
-        abandoned = sum(await asyncio.gather(*(pool.join(self.drain_timeout) for pool in pools)))
+        waits = [asyncio.ensure_future(pool.join(self.drain_timeout)) for pool in pools]
+        await asyncio.wait(waits, timeout=self.drain_timeout)
+        self._stopping = True  # from here, a handler cancelled by join() replies 503
+        abandoned = sum(await asyncio.gather(*waits))
         if abandoned:
             log.warning("requests still queued or running after the drain timeout were cancelled", count=abandoned)
         if self._tasks:
@@ -247,22 +251,31 @@ class Host:
             if time.time() >= deadline:
                 raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
             values = endpoint.signature.decode_arguments(data, msgpack, mixed)
-            context.enter(
-                context.CallContext(
-                    inst.service.name,
-                    endpoint.name,
-                    deadline,
-                    inst.label,
-                    headers.get(protocol.CALLER, "client"),
-                    headers.get(protocol.TRACEPARENT, ""),
-                    headers,
-                )
+            call = context.CallContext(
+                inst.service.name,
+                endpoint.name,
+                deadline,
+                inst.label,
+                headers.get(protocol.CALLER, "client"),
+                headers.get(protocol.TRACEPARENT, ""),
+                headers,
             )
+            context.enter(call)
             args, kwargs = endpoint.signature.call_parts(values)
-            if endpoint.is_async:
-                result = await route.handler(*args, **kwargs)
-            else:
-                result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
+            loop = self._loop
+            # At the deadline the caller has given up: cancel an async handler (a sync one is told
+            # through current_call().cancelled; a thread cannot be interrupted).
+            task = asyncio.current_task() if endpoint.is_async else None
+            timer = loop.call_at(loop.time() + deadline - time.time(), _expire, call, task)
+            try:
+                if endpoint.is_async:
+                    result = await route.handler(*args, **kwargs)
+                else:
+                    result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
+            finally:
+                timer.cancel()
+            if call.cancelled:
+                raise _Abandoned()
             try:
                 body = codec.encode(result, msgpack)
             except (TypeError, ValueError, msgspec.EncodeError) as exc:
@@ -275,11 +288,32 @@ class Host:
             await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc)
         except CallError as exc:  # a call this handler made failed without a reply
             await self._reply_error(reply, route, _downstream(route, exc))
+        except (asyncio.CancelledError, _Abandoned):
+            if self._stopping:  # the drain timeout of a graceful stop passed: tell the caller
+                await self._reply_error(reply, route, Unavailable(f"{route.where}: cancelled, the instance stopped"))
+            elif self._cancelled_at_deadline(route):  # the caller gave up: nobody listens for a reply
+                pass
+            else:
+                raise
         except Exception as exc:
             await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__))
             log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
             route.stats.processing_time_ns += time.perf_counter_ns() - started
+
+    def _cancelled_at_deadline(self, route: Route) -> bool:
+        """Whether the call being served was cancelled at its deadline (counted as an error if so)."""
+        call = context.active_call()
+        if call is None or not call.cancelled:
+            return False
+        route.stats.num_errors += 1
+        route.stats.last_error = f"{protocol.DEADLINE_EXCEEDED} {route.where}: cancelled at its deadline"
+        return True
+
+    def _refuse_queued(self, request: Request) -> None:
+        """Answers a request still queued when a graceful stop ran out of time: 503, not silence."""
+        route, reply = request[0], request[1]
+        self._spawn(self._reply_error(reply, route, Unavailable(f"{route.where}: the instance stopped")))
 
     async def _reply(self, reply: str, route: Route, body: bytes) -> None:
         """Sends a reply: an error reply if it is over max_payload, else through nats-py."""
@@ -310,6 +344,17 @@ class Host:
             await transport.publish(self.nc, reply, body, headers=headers)
         except nats.errors.Error as exc:
             log.warning("reply not sent", error=repr(exc))
+
+
+class _Abandoned(Exception):
+    """A sync handler returned after its deadline: its result goes nowhere."""
+
+
+def _expire(call: context.CallContext, task: asyncio.Task[Any] | None) -> None:
+    """Marks a call cancelled at its deadline and cancels the task serving it."""
+    call.cancelled = True
+    if task is not None:
+        task.cancel()
 
 
 def _downstream(route: Route, exc: CallError) -> RemoteError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from natsrpc.dispatch import Pool
+from natsrpc.dispatch import Dispatcher
 from natsrpc.service import Endpoint, Service
 
 
@@ -49,7 +49,7 @@ class Instance:
         self.label = f"{service.name}/{instance_id}"
         self.capacity = max_concurrency + max_queue
         self.max_concurrency = max_concurrency
-        self.pool: Pool[Request] | None = None  # made by the Host, on its loop
+        self.pool: Dispatcher[Request] | None = None  # made by the Host, on its loop
         self.draining = False  # announced in heartbeats: callers should stop routing here
         self.closed = False  # unsubscribed: anything that still reaches it is refused with 503
         self.started = time.time()

@@ -139,6 +139,7 @@ class Front(Service):
 
     def __init__(self) -> None:
         self.late_error: BaseException | None = None
+        self.late_cancelled = False
         self.late_call_took: float | None = None
         self.late_done = asyncio.Event()
         self.record_runs = 0
@@ -168,8 +169,11 @@ class Front(Service):
 
     @rpc
     async def late(self, nap: float) -> None:
-        """Sleeps ``nap`` seconds (past its deadline), then tries to call ctxback.record."""
-        await asyncio.sleep(nap)
+        """Sleeps ``nap`` seconds (cancelled at its deadline, it carries on), then tries to call ctxback.record."""
+        try:
+            await asyncio.sleep(nap)
+        except asyncio.CancelledError:  # the host cancels a handler at its deadline; this one carries on
+            self.late_cancelled = natsrpc.current_call().cancelled
         start = time.perf_counter()
         try:
             await self.call_service["ctxback"].record()
@@ -460,6 +464,7 @@ class TestDeadlinePropagation:
             received = route_stats(host, back, "record").num_requests
         error = front.late_error
         assert isinstance(error, natsrpc.DeadlineExceeded), repr(error)
+        assert front.late_cancelled
         assert error.hop == "ctxback.record"
         assert "ctxfront.late" in str(error)
         assert front.late_call_took is not None
