@@ -47,6 +47,8 @@ log = structlog.get_logger("natsrpc.client")
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_CIRCUIT = CircuitConfig()
 MAX_BUCKETS = 4096  # retry budgets kept, one per service called
+MAX_CACHED_SUBJECTS = 4096  # subjects of checked names kept
+_TOKEN_BYTES = 12
 
 Reply = tuple[bytes, "dict[str, str] | None"]
 """A reply's data and headers."""
@@ -94,7 +96,10 @@ class Client:
             self.registry.on_change(self._on_registry_change)
         self._owns_connection = owns_connection
         self._pending: dict[str, asyncio.Future[Reply]] = {}
-        self._subjects: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
+        self._called: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
+        self._subjects: dict[tuple[str, str, str | None], str] = {}  # checked names -> their subject
+        self._random = b""
+        self._random_at = 0
         self._broken: CallError | None = None  # why no call can succeed any more (refused inbox, credentials)
         self.stray_replies = 0
         """Replies that arrived for no pending call (late, duplicated or forged): dropped and counted."""
@@ -226,7 +231,7 @@ class Client:
                 )
                 self.fail_pending(self._broken)
             return
-        for token, called in list(self._subjects.items()):
+        for token, called in list(self._called.items()):
             if called.lower() == subject:
                 future = self._pending.pop(token, None)
                 if future is not None and not future.done():
@@ -295,17 +300,14 @@ class Client:
         Raises:
             CallError: a subclass says why (RemoteError, NoResponders, CallTimeout, ...).
         """
-        if not (protocol.valid_name(service) and protocol.valid_name(method)):
-            raise ConfigurationError(f"{service!r}.{method!r}: names must match {protocol.NAME_PATTERN.pattern}")
         opts = options or self.default_options
+        subject = self._subjects.get((service, method, opts.instance))
+        if subject is None:
+            subject = self._subject(service, method, opts.instance)
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         headers = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else None
-        if opts.instance:  # one instance: no load balancing, so no circuit of the whole service
-            subject = protocol.instance_subject(service, method, opts.instance, self.prefix)
-            breaker = None
-        else:
-            subject = protocol.endpoint_subject(service, method, self.prefix)
-            breaker = self.circuits.get(service) if self.circuits is not None else None
+        # One instance: no load balancing, so no circuit of the whole service.
+        breaker = self.circuits.get(service) if self.circuits is not None and not opts.instance else None
         data, _ = await self._request(subject, body, opts, headers, service, breaker)
         try:
             if result is not None:
@@ -315,6 +317,33 @@ class Client:
             error = BadReply(f"the reply of {service}.{method} does not decode: {exc}")
             error.hop = f"{service}.{method}"
             raise error from exc
+
+    def _subject(self, service: str, method: str, instance: str | None) -> str:
+        """Returns the subject of a call, after checking its names (cached: the check runs once per name).
+
+        Raises:
+            ConfigurationError: a name is not one subject token.
+        """
+        for kind, name in (("service", service), ("method", method), ("instance id", instance)):
+            if name is not None and not protocol.valid_name(name):
+                raise ConfigurationError(f"{kind} name {name!r} must match {protocol.NAME_PATTERN.pattern}")
+        if instance:
+            subject = protocol.instance_subject(service, method, instance, self.prefix)
+        else:
+            subject = protocol.endpoint_subject(service, method, self.prefix)
+        if len(self._subjects) >= MAX_CACHED_SUBJECTS:
+            self._subjects.clear()
+        self._subjects[(service, method, instance)] = subject
+        return subject
+
+    def _token(self) -> str:
+        """Returns a fresh reply token: 96 random bits, unguessable (no one who saw an inbox can aim a
+        reply at the next call). Drawn from a buffer of ``os.urandom``, refilled every 1024 calls."""
+        start = self._random_at
+        if start >= len(self._random):
+            self._random, start = os.urandom(_TOKEN_BYTES * 1024), 0
+        self._random_at = start + _TOKEN_BYTES
+        return self._random[start : start + _TOKEN_BYTES].hex()
 
     async def request(
         self,
@@ -346,6 +375,8 @@ class Client:
             NoResponders, CallTimeout, CircuitOpen, PayloadTooLarge, ConnectionLost, ClientClosed,
             DeadlineExceeded: see their docstrings; ``.hop`` names the subject's service.method.
         """
+        if not protocol.valid_subject(subject):
+            raise ConfigurationError(f"subject {subject!r} is not a publishable NATS subject")
         if headers:
             check_headers(headers)
         data, reply_headers = await self._request(subject, body, options, headers, service, breaker)
@@ -360,9 +391,7 @@ class Client:
         service: str,
         breaker: CircuitBreaker | None,
     ) -> Reply:
-        """:meth:`request`, returning the reply's data and headers."""
-        if not protocol.valid_subject(subject):
-            raise ConfigurationError(f"subject {subject!r} is not a publishable NATS subject")
+        """:meth:`request`, returning the reply's data and headers (``subject`` is checked already)."""
         try:
             opts = options or self.default_options
             headers, timeout = self._headers(subject, opts, headers)
@@ -453,10 +482,10 @@ class Client:
         if self._closed or self._broken:
             raise ClientClosed("the client is closed") if self._closed or self._broken is None else self._broken
         loop = self._loop
-        token = os.urandom(12).hex()  # unguessable: no one who saw an inbox can aim a reply at the next call
+        token = self._token()
         future: asyncio.Future[Reply] = loop.create_future()
         self._pending[token] = future
-        self._subjects[token] = subject
+        self._called[token] = subject
         timer = loop.call_later(wait, _expire, future, subject)
         try:
             inbox = self._inbox + token
@@ -470,7 +499,7 @@ class Client:
         finally:
             timer.cancel()
             self._pending.pop(token, None)
-            del self._subjects[token]
+            del self._called[token]
         if reply_headers:
             if reply_headers.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not data:
                 raise NoResponders(f"no instance answers {subject} (service not running, or no such method)")

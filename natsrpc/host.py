@@ -21,7 +21,7 @@ from nats.nuid import NUID
 
 from natsrpc import announce, codec, context, protocol, transport
 from natsrpc.client import Client
-from natsrpc.dispatch import Dispatcher
+from natsrpc.dispatch import Dispatcher, resume
 from natsrpc.errors import (
     BadRequest,
     CallError,
@@ -262,20 +262,26 @@ class Host:
             )
             context.enter(call)
             args, kwargs = endpoint.signature.call_parts(values)
-            loop = self._loop
-            # At the deadline the caller has given up: cancel an async handler (a sync one is told
-            # through current_call().cancelled; a thread cannot be interrupted).
-            task = asyncio.current_task() if endpoint.is_async else None
-            timer = loop.call_at(loop.time() + deadline - time.time(), _expire, call, task)
-            try:
-                if endpoint.is_async:
-                    result = await route.handler(*args, **kwargs)
+            if endpoint.is_async:
+                coro = route.handler(*args, **kwargs)
+                try:  # the first step here: most handlers finish in it, and need no deadline timer
+                    yielded = coro.send(None)
+                except StopIteration as stop:
+                    result = stop.value
                 else:
+                    timer = self._deadline_timer(call, deadline, asyncio.current_task())
+                    try:
+                        result = await resume(coro, yielded)
+                    finally:
+                        timer.cancel()
+            else:
+                timer = self._deadline_timer(call, deadline, None)
+                try:
                     result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
-            finally:
-                timer.cancel()
-            if call.cancelled:
-                raise _Abandoned()
+                finally:
+                    timer.cancel()
+                if call.cancelled:
+                    raise _Abandoned()
             try:
                 body = codec.encode(result, msgpack)
             except (TypeError, ValueError, msgspec.EncodeError) as exc:
@@ -300,6 +306,15 @@ class Host:
             log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
             route.stats.processing_time_ns += time.perf_counter_ns() - started
+            inst.pool.finished()  # type: ignore[union-attr]  # a request is served only by its pool
+
+    def _deadline_timer(
+        self, call: context.CallContext, deadline: float, task: asyncio.Task[Any] | None
+    ) -> asyncio.TimerHandle:
+        """At the deadline the caller has given up: the timer cancels ``task`` (an async handler's) and
+        sets ``call.cancelled`` (all a plain def handler can be told: a thread cannot be interrupted)."""
+        loop = self._loop
+        return loop.call_at(loop.time() + deadline - time.time(), _expire, call, task)
 
     def _cancelled_at_deadline(self, route: Route) -> bool:
         """Whether the call being served was cancelled at its deadline (counted as an error if so)."""

@@ -147,11 +147,13 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
                 continue
             if not HEADER_NAME.fullmatch(name):
                 raise ValueError(f"header name {name!r} is not an HTTP token")
-        if "\r" in value or "\n" in value:
-            value = value.translate(_NEWLINES)
-        lines.append(f"{name}: {value.strip()}\r\n")
+            value = value.strip()
+        lines.append(f"{name}: {value}\r\n")
     lines.append("\r\n")
-    return "".join(lines).encode()
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):  # a value carries a line break
+        return encode_headers({name: clean_header_value(value) for name, value in headers.items()})
+    return text.encode()
 
 
 def clean_header_value(value: str) -> str:
