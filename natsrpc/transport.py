@@ -143,11 +143,13 @@ async def sync_with_server(nc: Any) -> None:
     nats-py 2.16's ``flush()`` writes its PING straight to the socket while queued SUBs still wait
     for the flusher task, so the PONG can come back before the SUBs are sent (measured: ~10% of
     requests from another connection right after ``start()`` got a false "no responders"). Pushing
-    the queued commands out first restores the order. The fallback is ``flush()`` alone.
+    the queued commands out first restores the order. The fallback flushes twice.
     """
     flush_pending = getattr(nc, "_flush_pending", None) if FAST_PATH else None
     if flush_pending is not None:
         await flush_pending(force_flush=True)
+    else:  # public API only: the flusher has written the SUBs by the time the first PONG is back
+        await nc.flush()
     await nc.flush()
 
 

@@ -7,6 +7,13 @@ encoding as a subscriber receives it, and ``send`` against a real server.
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import nats
 import pytest
 from hypothesis import given, settings
@@ -16,6 +23,8 @@ from nats.aio.client import Client as NatsConnection
 import natsrpc
 from natsrpc import protocol, transport
 from natsrpc.errors import ConfigurationError
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Header names: HTTP tokens (what nats-py sends), plus names nats-py's parser must skip.
 TOKEN = st.text(alphabet="!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", min_size=1)
@@ -78,7 +87,10 @@ class TestHeaderBlock:
             client.call_service["kv"].options(headers={"bad: name": "1"})
 
 
+@pytest.mark.skipif(not transport.FAST_PATH, reason="send() is the fast path; NATSRPC_FAST_PATH=0 turns it off")
 class TestSend:
+    """send() queues a message on nats-py's buffer without awaiting, or declines and queues nothing."""
+
     async def test_a_plain_subscriber_receives_what_send_queued(self, nats_url: str) -> None:
         nc = await nats.connect(nats_url)
         try:
@@ -128,3 +140,62 @@ class TestSend:
             assert not transport.send(nc, "delivery.big", "", b"x" * 100)
         finally:
             await nc.close()
+
+
+class TestBoundary:
+    """The nats-py boundary: every internal natsrpc uses is there, used in transport.py only, and can be turned off."""
+
+    def test_every_internal_natsrpc_uses_is_present(self) -> None:
+        """An upgrade of nats-py that removed or renamed an internal fails here, naming it."""
+        missing = transport.missing_internals()
+        version = importlib.metadata.version("nats-py")
+        assert not missing, (
+            f"nats-py {version} lacks the internals natsrpc.transport uses: {', '.join(missing)}; "
+            "update natsrpc/transport.py (or run with NATSRPC_FAST_PATH=0) and its nats-py pin"
+        )
+
+    def test_the_pin_matches_what_the_internals_were_checked_against(self) -> None:
+        """pyproject pins nats-py to the minor version transport.py was checked against, and that is installed."""
+        pyproject = (REPO / "pyproject.toml").read_text()
+        assert '"nats-py>=2.16,<2.17"' in pyproject
+        assert importlib.metadata.version("nats-py").startswith("2.16.")
+
+    def test_no_other_module_touches_nats_py_internals(self) -> None:
+        """Outside transport.py, no module of natsrpc or services reads a private attribute of a nats-py object."""
+        pattern = re.compile(r"\b(?:nc|sub|msg|subscription|connection)\._[a-z]")
+        offenders = [
+            f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+            for folder in ("natsrpc", "services")
+            for path in sorted((REPO / folder).rglob("*.py"))
+            if path.name != "transport.py"
+            for number, line in enumerate(path.read_text().splitlines(), 1)
+            if pattern.search(line)
+        ]
+        assert offenders == []
+
+    def test_fast_path_off_leaves_nats_py_as_it_is(self, nats_url: str) -> None:
+        """With NATSRPC_FAST_PATH=0, no patch is applied and a call still works (nats-py's public API only)."""
+        script = f"""
+import asyncio, natsrpc
+from natsrpc import transport
+from services.kv import KV
+from natsrpc.testing import serve
+
+async def main():
+    assert transport.FAST_PATH is False
+    async with natsrpc.connect({nats_url!r}) as client, serve(client, KV()):
+        assert not transport.send(client.nc, "x", "", b"")
+        assert type(client._reply_sub._pending_queue) is asyncio.Queue
+        assert "process_headers" not in repr(client.nc.__dict__.get("_process_headers", ""))
+        await client.call_service["kv"].put("a", "1")
+        assert await client.call_service["kv"].get("a") == "1"
+    print("ok")
+
+asyncio.run(main())
+"""
+        env = {**os.environ, "NATSRPC_FAST_PATH": "0"}
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("ok")
