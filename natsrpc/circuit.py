@@ -55,6 +55,8 @@ def counts_as_failure(exc: BaseException | None) -> bool:
       overload into a full outage; retries with backoff (``natsrpc.retry``) are the answer to 429.
     * Errors raised locally before or instead of a reply (``PayloadTooLarge``, ``ClientClosed``,
       ``CircuitOpen``, ``PermissionDenied``, cancellation, any non-natsrpc exception).
+    * A :class:`~natsrpc.NoResponders` marked ``resubscribing``: the service's instances are
+      coming back from the same outage this client just had.
     * :class:`~natsrpc.ConnectionLost`: this client's own link to NATS broke, which says nothing
       about the service. Counting it opened every circuit on a failover and refused calls for up
       to a heartbeat interval after the client had reconnected in milliseconds (test F1).
@@ -71,7 +73,9 @@ def counts_as_failure(exc: BaseException | None) -> bool:
     """
     if exc is None:
         return False
-    if isinstance(exc, CallTimeout | NoResponders):
+    if isinstance(exc, NoResponders):
+        return not exc.resubscribing
+    if isinstance(exc, CallTimeout):
         return True
     return isinstance(exc, RemoteError) and exc.code >= 500
 

@@ -8,9 +8,11 @@ when the connection breaks.
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import os
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -29,6 +31,7 @@ from natsrpc.errors import (
     CallTimeout,
     ClientClosed,
     ConfigurationError,
+    ConnectionLost,
     DeadlineExceeded,
     NoResponders,
     PayloadTooLarge,
@@ -109,6 +112,10 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._loop_time = self._loop.time
         self._closed = False
+        self._connected = asyncio.Event()  # cleared while the connection is down
+        self._connected.set()
+        self._disconnected_at = -math.inf  # registry clock: when the connection last broke
+        self._reconnect_listeners: list[Callable[[], None]] = []
         self.call_service = ServiceDirectory(self, spawn=False)
         self.call_service_async = ServiceDirectory(self, spawn=True)
 
@@ -129,6 +136,61 @@ class Client:
         if self.circuits is None:
             raise ConfigurationError("circuit breaking is off for this client (circuit=None)")
         return self.circuits.get(service)
+
+    def on_disconnected(self) -> None:
+        """Notes that the connection broke (connection's nats-py callback); pending calls fail with ``error``."""
+        self._connected.clear()
+        if self.registry is not None:
+            self._disconnected_at = self.registry.clock()
+        self.fail_pending(ConnectionLost("the connection to the NATS server broke while the call was pending"))
+
+    def on_reconnected(self) -> None:
+        """Notes that the connection is back (connection's nats-py callback): probes open circuits, tells listeners."""
+        self._connected.set()
+        self.probe_open_circuits()
+        for listener in list(self._reconnect_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("reconnect listener failed")
+
+    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        """Calls ``listener()`` each time the connection comes back (the host beats at once then)."""
+        self._reconnect_listeners.append(listener)
+
+    def remove_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        """Stops calling ``listener`` on reconnect."""
+        if listener in self._reconnect_listeners:
+            self._reconnect_listeners.remove(listener)
+
+    def _resubscribing(self, service: str) -> bool:
+        """Whether ``service`` had instances when this connection last broke and has not beaten since."""
+        registry = self.registry
+        return (
+            registry is not None
+            and registry.last_beat(service) < self._disconnected_at
+            and bool(registry.instances(service))
+        )
+
+    async def _recover(self, service: str, idempotent: bool, error: Exception, deadline: float) -> bool:
+        """Waits, within ``deadline`` (loop clock), for what makes retrying ``error`` at once worth it.
+
+        After an outage of this connection: a :class:`ConnectionLost` of an idempotent call waits
+        for the reconnect, and a :class:`NoResponders` of a service that has not beaten since the
+        outage waits for its next beat (its instances resubscribe as they reconnect, and beat then).
+        """
+        wait = deadline - self._loop_time()
+        if wait <= 0:
+            return False
+        if isinstance(error, ConnectionLost) and idempotent and not self._connected.is_set() and not self._closed:
+            try:
+                await asyncio.wait_for(self._connected.wait(), wait)
+            except TimeoutError:
+                return False
+            return True
+        if isinstance(error, NoResponders) and error.resubscribing and self.registry is not None:
+            return await self.registry.next_beat(service, wait)
+        return False
 
     def probe_open_circuits(self) -> None:
         """Restarts heartbeat expiry and half-opens every open circuit; called on reconnect.
@@ -466,6 +528,7 @@ class Client:
             deadline=deadline,
             clock=self._loop_time,
             first_error=first_error,
+            recover=functools.partial(self._recover, service, idempotent),
         )
 
     def _bucket(self, service: str) -> TokenBucket:
@@ -502,10 +565,20 @@ class Client:
             del self._called[token]
         if reply_headers:
             if reply_headers.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not data:
-                raise NoResponders(f"no instance answers {subject} (service not running, or no such method)")
+                raise self._no_responders(subject)
             if protocol.ERROR_CODE in reply_headers:
                 raise error_from_reply(reply_headers, data)
         return data, reply_headers
+
+    def _no_responders(self, subject: str) -> NoResponders:
+        """Returns the NoResponders of a call to ``subject``, marked resubscribing after an outage."""
+        head = self.prefix + "."
+        service = subject[len(head) :].split(".", 1)[0] if subject.startswith(head) else ""
+        if service and self._resubscribing(service):
+            error = NoResponders(f"no instance answers {subject} yet: {service} is resubscribing after an outage")
+            error.resubscribing = True
+            return error
+        return NoResponders(f"no instance answers {subject} (service not running, or no such method)")
 
     def _headers(self, subject: str, opts: CallOptions, extra: dict[str, str] | None) -> tuple[dict[str, str], float]:
         """Returns the request headers and timeout, the deadline shrunk to what the handler has left."""

@@ -248,12 +248,12 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
             return
         log.warning("nats disconnected")
         for client in client_ref:
-            client.fail_pending(ConnectionLost("the connection to the NATS server broke while the call was pending"))
+            client.on_disconnected()
 
     async def reconnected_cb() -> None:
         log.info("nats reconnected")
         for client in client_ref:
-            client.probe_open_circuits()
+            client.on_reconnected()
 
     async def closed_cb() -> None:
         (log.debug if closing() else log.warning)("nats connection closed")

@@ -172,7 +172,16 @@ def _rebuild_service_error(code: int, message: str, data: Any, type_: str) -> Se
 
 
 class NoResponders(CallError):
-    """Raised when no instance subscribes to the subject (the service or method is not running)."""
+    """Raised when no instance subscribes to the subject (the service or method is not running).
+
+    Attributes:
+        resubscribing: the service had live instances when this client's connection broke and has
+            not beaten since: its instances are most likely resubscribing after the same outage.
+            Such a refusal says nothing of the service's health (the circuit ignores it) and its
+            retry waits for the service's next heartbeat.
+    """
+
+    resubscribing: bool = False
 
 
 class CallTimeout(CallError, TimeoutError):

@@ -123,11 +123,18 @@ class Host:
                 await self._subscribe_instance(inst)
             if self._announcer is not None:
                 await self._announcer.start()
+                self.client.add_reconnect_listener(self._beat_now)
             await transport.sync_with_server(self.nc)
         except BaseException:
             await self._undo_start(set_up)
             raise
         self._started = True
+
+    def _beat_now(self) -> None:
+        """Beats at once when the connection comes back: nats-py resubscribed the endpoints before
+        this runs, so the beat tells callers waiting after the outage that the endpoints are back."""
+        if self._announcer is not None:
+            self._spawn(self._announcer.beat())
 
     async def _subscribe_instance(self, inst: Instance) -> None:
         prefix = self.client.prefix
@@ -150,6 +157,7 @@ class Host:
             except nats.errors.Error as exc:
                 log.warning("unsubscribe failed", subject=sub.subject, error=repr(exc))
         if self._announcer is not None:
+            self.client.remove_reconnect_listener(self._beat_now)
             await self._announcer.stop(last_beat=False)
         for inst in set_up:
             try:
@@ -165,6 +173,7 @@ class Host:
         for inst in self.instances:
             inst.draining = True
         if self._announcer is not None:
+            self.client.remove_reconnect_listener(self._beat_now)
             await self._announcer.stop()  # a last beat says "draining", so callers stop routing here
         # Requests delivered until the subscriptions are drained are still served: refusing them
         # (503) while the unsubscribe travels would turn a graceful stop into lost calls.

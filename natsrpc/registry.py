@@ -8,6 +8,7 @@ service and instance come from its subject, which the server's permissions guard
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,6 +88,8 @@ class Registry:
         self.prefix = protocol.DEFAULT_PREFIX
         self._services: dict[str, dict[str, InstanceState]] = {}
         self._count = 0  # instances tracked, over all services
+        self._last_beat: dict[str, float] = {}  # service -> when its latest beat arrived (clock)
+        self._beat_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._callbacks: list[ChangeCallback] = []
         self._sub: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -144,6 +147,11 @@ class Registry:
             beat.idempotent,
         )
         instances[beat.id] = state
+        self._last_beat[beat.name] = state.last_seen
+        waiters = self._beat_waiters.pop(beat.name, None)
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
         if previous is None:
             self._emit(beat.name, state, "added")
         elif (previous.healthy, previous.draining) != (state.healthy, state.draining):
@@ -156,8 +164,29 @@ class Registry:
         for name, instances in self._services.items():
             if not instances:
                 del self._services[name]
+                self._last_beat.pop(name, None)
                 return True
         return False
+
+    def last_beat(self, service: str) -> float:
+        """Returns when (on :attr:`clock`) the latest beat of ``service`` arrived, or -inf if none did."""
+        return self._last_beat.get(service, -math.inf)
+
+    async def next_beat(self, service: str, wait: float) -> bool:
+        """Waits up to ``wait`` seconds for the next beat of ``service``; returns whether one came."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._beat_waiters.setdefault(service, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, wait)
+        except TimeoutError:
+            return False
+        finally:
+            waiters = self._beat_waiters.get(service)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._beat_waiters[service]
+        return True
 
     def restart_expiry(self) -> None:
         """Counts every known instance as seen now; the client calls it when its connection comes back.

@@ -153,6 +153,13 @@ class TokenBucket:
         return f"<TokenBucket {self._tokens:g}/{self.max_tokens:g}>"
 
 
+MAX_RECOVERIES = 3
+"""The most immediate retries one call gets through ``recover`` (see :func:`run_with_retries`)."""
+
+Recover = Callable[[Exception, float], Awaitable[bool]]
+"""``recover(error, deadline)``: waits for what makes an immediate retry worth it; returns whether it came."""
+
+
 async def run_with_retries(
     attempt: Callable[[float], Awaitable[T]],
     *,
@@ -163,6 +170,7 @@ async def run_with_retries(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     first_error: Exception | None = None,
+    recover: Recover | None = None,
 ) -> T:
     """Runs ``attempt`` until it returns, retrying as the policy and the bucket allow.
 
@@ -179,6 +187,10 @@ async def run_with_retries(
         sleep: the pause between attempts (inject one that moves the fake clock in tests).
         first_error: the error of a first attempt the caller already made (its fast path);
             the retries then start at attempt 2.
+        recover: asked first after each failure; when it returns True (it waited, within the
+            deadline, for the condition that failed the attempt to pass: a reconnect, the service's
+            heartbeat), the call is retried at once, without counting the attempt or spending the
+            bucket, at most :data:`MAX_RECOVERIES` times.
 
     Returns:
         What the first successful attempt returned.
@@ -188,13 +200,17 @@ async def run_with_retries(
             the bucket refuses a retry, or the next pause would cross the deadline.
         DeadlineExceeded: the deadline had passed before the first attempt.
     """
-    last_error: BaseException | None = None
-    first = 1
-    if first_error is not None:
-        pause = _pause_after(first_error, 1, policy, bucket, idempotent, deadline, clock)
-        last_error, first = first_error, 2
-        await sleep(pause)
-    for number in range(first, policy.max_attempts + 1):
+    last_error: Exception | None = first_error
+    number = 1  # the attempt that failed last (or is about to run, when nothing failed yet)
+    recoveries = 0
+    while True:
+        if last_error is not None:
+            if recover is not None and recoveries < MAX_RECOVERIES and await recover(last_error, deadline):
+                recoveries += 1
+            else:
+                pause = _pause_after(last_error, number, policy, bucket, idempotent, deadline, clock)
+                await sleep(pause)
+                number += 1
         remaining = deadline - clock()
         if remaining <= 0:
             if last_error is not None:
@@ -203,14 +219,11 @@ async def run_with_retries(
         try:
             result = await attempt(remaining)
         except Exception as exc:
-            pause = _pause_after(exc, number, policy, bucket, idempotent, deadline, clock)
             last_error = exc
         else:
             if bucket is not None:
                 bucket.record_success()
             return result
-        await sleep(pause)
-    raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
 
 def _pause_after(
