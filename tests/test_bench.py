@@ -311,9 +311,10 @@ class TestRun:
         """--rate 200 -d 0.5 runs an open loop; every finished call is ok or counted as an error."""
         out = await bench_json(nats_url, capsys, "kv.get", '["a"]', "--rate", "200", "-d", "0.5", "--warmup", "0")
         assert (out["mode"], out["rate"], out["concurrency"]) == ("open", 200.0, None)
-        assert out["calls"] > 0
-        assert out["calls"] == out["ok"] + sum(out["errors"].values())
-        assert isinstance(out["late"], int)
+        assert 80 <= out["calls"] <= 101  # on schedule: 200/s for 0.5 s, whatever the replies take
+        assert out["ok"] == out["calls"]
+        assert out["errors"] == {}
+        assert 0 <= out["late"] <= out["calls"]
 
     async def test_errors_by_type(self, nats_url: str, kv: KV, capsys: pytest.CaptureFixture[str]) -> None:
         """A method nobody serves fails every call, counted by exception class; no latencies."""
@@ -342,9 +343,12 @@ class TestRun:
         soak = out["soak"]
         assert set(soak) == {"rss_mb", "pending_calls_end", "tasks_start", "tasks_end"}
         assert set(soak["rss_mb"]) == {"start", "middle", "end"}
-        assert all(v > 0 for v in soak["rss_mb"].values())
+        rss = soak["rss_mb"]
+        assert 10 < rss["start"] <= rss["middle"] + 1  # MB: a real reading
+        assert rss["end"] - rss["start"] < 30  # flat
         assert soak["pending_calls_end"] == 0
-        assert soak["tasks_end"] <= soak["tasks_start"]
+        assert soak["tasks_start"] >= 1  # the client's own tasks (registry off: at least its flusher, reader)
+        assert soak["tasks_end"] <= soak["tasks_start"]  # no task left behind by 300 calls (one per call would show)
 
     async def test_processes(self, nats_url: str, kv: KV, capsys: pytest.CaptureFixture[str]) -> None:
         """--processes 2 runs two client processes and reports their combined calls."""

@@ -51,9 +51,12 @@ class TestStart:
         assert answers_info(server)
 
     async def test_natsrpc_clients_connect(self, server: NatsServer) -> None:
-        """A natsrpc client connects to the embedded server and round-trips a flush."""
+        """A natsrpc client connects to the embedded server, and a request travels through it and back."""
         async with natsrpc.connect(server.url) as client:
-            await client.nc.flush()
+            assert client.nc.is_connected
+            assert client.nc.connected_url.port == server.port
+            with pytest.raises(natsrpc.NoResponders):  # the server itself answers "no responders"
+                await client.request("svc.nobody.here", b"")
 
     def test_taken_port_is_a_configuration_error(self, server: NatsServer) -> None:
         """Starting a second server on a port in use raises ConfigurationError."""

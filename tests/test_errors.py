@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 
@@ -306,11 +307,22 @@ class TestTranslateNatsErrors:
         with pytest.raises(KeyError), translate_nats_errors("svc.kv.get"):
             raise KeyError("x")
 
-    def test_no_error(self) -> None:
-        """Without an exception the block just runs."""
-        with translate_nats_errors("svc.kv.get"):
-            done = True
-        assert done
+    @pytest.mark.parametrize(
+        "cls",
+        sorted(
+            (c for c in vars(nats.errors).values() if isinstance(c, type) and issubclass(c, nats.errors.Error)),
+            key=lambda c: c.__name__,
+        ),
+        ids=lambda c: c.__name__,
+    )
+    def test_every_nats_py_error_becomes_a_natsrpc_error(self, cls: type[nats.errors.Error]) -> None:
+        """No nats-py exception class leaks through: each one is raised as a natsrpc CallError, chained."""
+        params = inspect.signature(cls.__init__).parameters
+        needed = [p for p in list(params.values())[1:] if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+        raised = cls(*["x"] * len(needed))
+        with pytest.raises(natsrpc.CallError) as info, translate_nats_errors("svc.kv.get"):
+            raise raised
+        assert info.value.__cause__ is raised
 
 
 class TestErrorCallbackReports:
