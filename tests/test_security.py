@@ -238,6 +238,25 @@ class TestConfigFile:
 class TestWhatTheConfigDoesNotStop:
     """What nats-server.conf leaves open, and what natsrpc does about it (docs/security.md says the same)."""
 
+    async def test_an_empty_password_variable_is_accepted_by_the_server_not_by_natsrpc(
+        self, passwords: dict[str, str]
+    ) -> None:
+        """With KV_PASS="" the server starts and takes kv with an empty password; natsrpc refuses to send one,
+        and compose.yaml refuses to start with any password variable empty (``${VAR:?...}``)."""
+        server = NatsServer(config=CONFIG, args=SINGLE_NODE)
+        start_with_env(server, {**{PASSWORD_ENV[n]: p for n, p in passwords.items()}, "KV_PASS": ""})
+        try:
+            nc = await nats.connect(server.url, user="kv", password="", allow_reconnect=False)
+            assert nc.is_connected  # the hole: nats-server itself has no minimum password length
+            await nc.close()
+            with pytest.raises(natsrpc.ConfigurationError, match="empty password"):
+                await natsrpc.connect(server.url, user="kv", password="")
+        finally:
+            server.close()
+        compose = (REPO / "compose.yaml").read_text()
+        for variable in PASSWORD_ENV.values():
+            assert f"{variable}: ${{{variable}:?" in compose, variable
+
     async def test_a_beat_naming_another_service_passes_the_server_but_not_the_registry(
         self, secured: NatsServer, passwords: dict[str, str]
     ) -> None:
