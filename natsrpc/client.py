@@ -247,6 +247,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._connected.set()  # calls waiting for a reconnect retry now, and fail with ClientClosed
         if self.registry is not None:
             await self.registry.stop()
         self.fail_pending(ClientClosed("the client was closed while the call was pending"))
@@ -308,6 +309,7 @@ class Client:
         if self._broken is None:
             self._broken = error
         self.fail_pending(error)
+        self._connected.set()  # calls waiting for a reconnect retry now, and fail with ``error``
         if not self.nc.is_closed:
             self.spawn(self._close_connection())
 

@@ -67,7 +67,7 @@ class Dispatcher(Generic[Item]):
         size: the most items served at once (the concurrency limit).
         serve: the coroutine function that handles one item, called with the item's fields; it must
             not raise (log instead), and must call :meth:`finished` as its last step.
-        refuse: called with each item still queued when :meth:`join` gives up (to answer it).
+        refuse: called with each item still queued when :meth:`cancel` gives up on it (to answer it).
     """
 
     def __init__(
@@ -111,24 +111,25 @@ class Dispatcher(Generic[Item]):
         elif self.active == 0 and self._done is not None:
             self._done.set()
 
-    async def join(self, wait: float) -> int:
-        """Waits up to ``wait`` seconds for every item to finish, then gives up on the rest.
-
-        Items still queued are handed to ``refuse``; running ones are cancelled (their handlers see
-        CancelledError) and awaited.
-
-        Returns:
-            How many items were still queued or running at the timeout.
-        """
+    async def wait_idle(self, wait: float) -> bool:
+        """Waits up to ``wait`` seconds for every item to finish; returns whether they all did."""
         if self.active:
             self._done = asyncio.Event()
             try:
                 await asyncio.wait_for(self._done.wait(), wait)
             except TimeoutError:
-                pass
+                return False
+        return True
+
+    async def cancel(self) -> int:
+        """Gives up on what is left: queued items go to ``refuse``, running ones are cancelled (their
+        handlers see CancelledError) and awaited.
+
+        Returns:
+            How many items were still queued or running.
+        """
         left = self.active
         queued, self._queue = list(self._queue), deque()
-        self.active -= len(queued)
         for item in queued:
             if self._refuse is not None:
                 self._refuse(item)

@@ -183,10 +183,9 @@ class Host:
         for inst in self.instances:
             inst.closed = True
         pools = [inst.pool for inst in self.instances if inst.pool is not None]
-        waits = [asyncio.ensure_future(pool.join(self.drain_timeout)) for pool in pools]
-        await asyncio.wait(waits, timeout=self.drain_timeout)
-        self._stopping = True  # from here, a handler cancelled by join() replies 503
-        abandoned = sum(await asyncio.gather(*waits))
+        await asyncio.gather(*(pool.wait_idle(self.drain_timeout) for pool in pools))
+        self._stopping = True  # from here, a handler cancelled by cancel() replies 503
+        abandoned = sum(await asyncio.gather(*(pool.cancel() for pool in pools)))
         if abandoned:
             log.warning("requests still queued or running after the drain timeout were cancelled", count=abandoned)
         if self._tasks:

@@ -20,6 +20,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from natsrpc import protocol
+from natsrpc.errors import ConfigurationError
 from natsrpc.protocol import Heartbeat
 
 log = structlog.get_logger("natsrpc.registry")
@@ -276,6 +277,8 @@ async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> li
     """
     if verb not in VERBS:
         raise ValueError(f"verb must be one of {VERBS}, got {verb!r}")
+    if service and not protocol.valid_name(service):
+        raise ConfigurationError(f"service name {service!r} must match {protocol.NAME_PATTERN.pattern}")
     inbox = nc.new_inbox()
     replies: list[tuple[dict[str, Any], float]] = []
     sent = time.perf_counter()

@@ -121,6 +121,11 @@ class TestSubjects:
         with pytest.raises(natsrpc.ConfigurationError, match="instance id"):
             client.call_service["kv"].instance(instance)
 
+    async def test_a_survey_refuses_a_bad_service_name(self, client: natsrpc.Client) -> None:
+        """registry.survey() builds $SRV.<verb>.<service>: the name must be one subject token."""
+        with pytest.raises(natsrpc.ConfigurationError, match="service name"):
+            await natsrpc.registry.survey(client.nc, "PING", "kv x\r\nPUB a 1", 0.1)
+
     @pytest.mark.parametrize("prefix", ["svc x", "svc.", "", "a.*"], ids=["space", "trailing-dot", "empty", "wildcard"])
     async def test_the_prefix_is_checked_before_connecting(self, nats_url: str, prefix: str) -> None:
         """connect(prefix=...) refuses a prefix that would make unpublishable subjects."""
