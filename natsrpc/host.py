@@ -58,7 +58,7 @@ class Host:
         drain_timeout: seconds :meth:`stop` waits for in-flight handlers.
         default_timeout: the deadline of requests that carry no ``Natsrpc-Deadline``.
         config: per-service configuration sections, by service name (``self.ctx.config``).
-        heartbeat_interval: seconds between heartbeats (jittered); see :mod:`natsrpc.discovery`.
+        heartbeat_interval: seconds between heartbeats (jittered); see :mod:`natsrpc.announce`.
         discoverable: answer ``$SRV.PING/INFO/STATS`` and publish heartbeats.
     """
 

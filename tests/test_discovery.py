@@ -1,4 +1,4 @@
-"""Tests of natsrpc.discovery against a real nats-server: ``$SRV`` replies, heartbeats and the registry.
+"""Tests of discovery against a real nats-server: ``$SRV`` replies, heartbeats (announce) and the registry.
 
 ``$SRV`` replies are read with a plain nats-py connection (as ``nats micro`` reads them) and validated
 against the official NATS micro JSON schemas (``micro_schemas``). The CLI that reads them is tested in
