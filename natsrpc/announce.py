@@ -16,14 +16,13 @@ from typing import Any, Final
 
 import msgspec
 import nats.errors
-import structlog
 from nats.aio.msg import Msg
 
-from natsrpc import protocol
+from natsrpc import logs, protocol
 from natsrpc.instance import Instance
 from natsrpc.protocol import Heartbeat
 
-log = structlog.get_logger("natsrpc.announce")
+log = logs.get_logger("natsrpc.announce")
 
 VERBS: Final = ("PING", "INFO", "STATS")
 

@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
         help="NATS server URL(s), comma-separated (env NATS_URL; default %(default)s)",
     )
     auth.add_arguments(p)
+    logs.add_arguments(p, default_level="error")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     call = commands.add_parser(
         "call",
@@ -167,7 +168,7 @@ def _render(command: str, replies: list[tuple[dict[str, Any], float]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m natsrpc``; returns the process exit code."""
     args = parser().parse_args(argv)
-    logs.configure("console", os.environ.get("NATSRPC_LOG_LEVEL", "error"))
+    logs.configure(args.log_format, args.log_level)
     try:
         if args.command == "bench":
             return bench.run(args)

@@ -18,12 +18,11 @@ from typing import Any, TypeVar, cast
 import msgspec
 import nats
 import nats.errors
-import structlog
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from natsrpc import codec, context, protocol, transport
+from natsrpc import codec, context, logs, protocol, transport
 from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
 from natsrpc.errors import (
     BadReply,
@@ -45,7 +44,7 @@ from natsrpc.retry import DEFAULT_RETRY, RetryPolicy, TokenBucket, run_with_retr
 
 S = TypeVar("S")
 
-log = structlog.get_logger("natsrpc.client")
+log = logs.get_logger("natsrpc.client")
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_CIRCUIT = CircuitConfig()

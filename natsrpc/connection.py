@@ -14,10 +14,9 @@ from typing import Any
 
 import nats
 import nats.errors
-import structlog
 from nats.aio.client import Client as NatsConnection
 
-from natsrpc import auth, protocol, transport
+from natsrpc import auth, logs, protocol, transport
 from natsrpc.circuit import CircuitConfig
 from natsrpc.client import DEFAULT_CIRCUIT, DEFAULT_TIMEOUT, Client, check_client_options
 from natsrpc.errors import (
@@ -30,7 +29,7 @@ from natsrpc.errors import (
 )
 from natsrpc.retry import DEFAULT_RETRY, RetryPolicy
 
-log = structlog.get_logger("natsrpc.connection")
+log = logs.get_logger("natsrpc.connection")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 

@@ -15,12 +15,12 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
-import structlog
+from natsrpc import logs
 
 T = TypeVar("T")
 Item = TypeVar("Item", bound=tuple[Any, ...])
 
-log = structlog.get_logger("natsrpc.dispatch")
+log = logs.get_logger("natsrpc.dispatch")
 
 
 class _Step:

@@ -16,10 +16,9 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 import nats.errors
-import structlog
 from nats.nuid import NUID
 
-from natsrpc import announce, codec, context, protocol, transport
+from natsrpc import announce, codec, context, logs, protocol, transport
 from natsrpc.client import Client
 from natsrpc.dispatch import Dispatcher, resume
 from natsrpc.errors import (
@@ -39,7 +38,7 @@ from natsrpc.errors import (
 from natsrpc.instance import Instance, Request, Route
 from natsrpc.service import Service, ServiceContext
 
-log = structlog.get_logger("natsrpc.host")
+log = logs.get_logger("natsrpc.host")
 
 DEFAULT_MAX_CONCURRENCY = 100
 DEFAULT_MAX_QUEUE = 100

@@ -16,14 +16,13 @@ from typing import Any, Final
 
 import msgspec
 import nats.errors
-import structlog
 from nats.aio.msg import Msg
 
-from natsrpc import protocol
+from natsrpc import logs, protocol
 from natsrpc.errors import ConfigurationError
 from natsrpc.protocol import Heartbeat
 
-log = structlog.get_logger("natsrpc.registry")
+log = logs.get_logger("natsrpc.registry")
 
 EXPIRY_INTERVALS: Final = 3  # an instance is gone after this many missed beats
 VERBS: Final = ("PING", "INFO", "STATS")

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio.to_thread
-import structlog
 
 from natsrpc import auth, logs, loop, protocol
 from natsrpc import host as host_module
@@ -28,7 +27,7 @@ from natsrpc.errors import ConfigurationError, NatsRpcError
 from natsrpc.host import Host
 from natsrpc.service import Service
 
-log = structlog.get_logger("natsrpc.run")
+log = logs.get_logger("natsrpc.run")
 
 EMBEDDED_HOST = "127.0.0.1"
 EMBEDDED_PORT = 4222
@@ -84,8 +83,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--embedded", action="store_true", help="always start an embedded nats-server")
     p.add_argument("--config", help="TOML file; the table [NAME] is service NAME's self.ctx.config")
-    p.add_argument("--log-format", choices=["console", "json"], default=os.environ.get("NATSRPC_LOG_FORMAT", "console"))
-    p.add_argument("--log-level", default=os.environ.get("NATSRPC_LOG_LEVEL", "info"))
+    logs.add_arguments(p, default_level="info")
     p.add_argument(
         "--max-concurrency",
         type=int,

@@ -11,9 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
-import structlog
-
-from natsrpc import protocol
+from natsrpc import logs, protocol
 from natsrpc.codec import Signature
 from natsrpc.errors import DefinitionError
 
@@ -88,7 +86,8 @@ class ServiceContext:
         name: the service name.
         instance_id: this instance's unique id (also in per-instance subjects).
         client: the client of the hosting connection, used by ``self.call_service``.
-        log: a structlog logger bound to the service and instance.
+        log: natsrpc's logger bound to the service and instance (structlog's once the application
+            configured structlog, as the runner does; standard logging otherwise).
         config: the service's section of the runner's configuration.
     """
 
@@ -165,7 +164,7 @@ class Service:
 
     def _bind(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
-        ctx.log = structlog.get_logger("natsrpc.service").bind(service=ctx.name, instance=ctx.instance_id)
+        ctx.log = logs.get_logger("natsrpc.service").bind(service=ctx.name, instance=ctx.instance_id)
 
 
 def _collect_endpoints(cls: type[Service]) -> dict[str, Endpoint]:

@@ -38,15 +38,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import nats.errors
-import structlog
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from natsrpc import protocol
+from natsrpc import logs, protocol
 from natsrpc.errors import ConfigurationError
 
-log = structlog.get_logger("natsrpc.transport")
+log = logs.get_logger("natsrpc.transport")
 
 FAST_PATH: Final = os.environ.get("NATSRPC_FAST_PATH", "1") != "0"
 """Whether the speed shortcuts through nats-py's internals are on (``NATSRPC_FAST_PATH=0`` turns them off)."""
