@@ -55,8 +55,9 @@ def counts_as_failure(exc: BaseException | None) -> bool:
       overload into a full outage; retries with backoff (``natsrpc.retry``) are the answer to 429.
     * Errors raised locally before or instead of a reply (``PayloadTooLarge``, ``ClientClosed``,
       ``CircuitOpen``, ``PermissionDenied``, cancellation, any non-natsrpc exception).
-    * A :class:`~natsrpc.NoResponders` marked ``resubscribing``: the service's instances are
-      coming back from the same outage this client just had.
+    * A :class:`~natsrpc.NoResponders` marked ``resubscribing`` (the service's instances are
+      coming back from the same outage this client just had) or ``unseen`` (this client never saw
+      the service: a misspelt or not-started service is not an outage of it).
     * :class:`~natsrpc.ConnectionLost`: this client's own link to NATS broke, which says nothing
       about the service. Counting it opened every circuit on a failover and refused calls for up
       to a heartbeat interval after the client had reconnected in milliseconds (test F1).
@@ -74,7 +75,7 @@ def counts_as_failure(exc: BaseException | None) -> bool:
     if exc is None:
         return False
     if isinstance(exc, NoResponders):
-        return not exc.resubscribing
+        return not (exc.resubscribing or exc.unseen)
     if isinstance(exc, CallTimeout):
         return True
     return isinstance(exc, RemoteError) and exc.code >= 500
@@ -232,7 +233,7 @@ class CircuitBreaker:
 
     @property
     def reason(self) -> str:
-        """Why the circuit last opened (``"5 consecutive failures"``); empty while closed."""
+        """Why the circuit last opened (``"5 calls in a row failed"``); empty while closed."""
         return self._reason
 
     def allow(self) -> int:
@@ -308,7 +309,7 @@ class CircuitBreaker:
         elif not 0 < ticket < self._last_success:  # a newer call has succeeded since this one went out
             self._consecutive += 1
         if self._consecutive >= cfg.consecutive_failures:
-            self._open(f"{self._consecutive} consecutive failures")
+            self._open(f"{self._consecutive} calls in a row failed")
         elif window.calls >= cfg.min_calls and window.failures / window.calls >= cfg.failure_rate:
             self._open(f"{window.failures} of {window.calls} calls failed in the last {cfg.window:g} s")
 

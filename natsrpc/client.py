@@ -33,6 +33,7 @@ from natsrpc.errors import (
     ConnectionLost,
     DeadlineExceeded,
     NoResponders,
+    NotFound,
     PayloadTooLarge,
     PermissionDenied,
     error_from_reply,
@@ -367,6 +368,12 @@ class Client:
         subject = self._subjects.get((service, method, opts.instance))
         if subject is None:
             subject = self._subject(service, method, opts.instance)
+        if self.registry is not None:
+            methods = self.registry.methods(service)
+            if methods is not None and method not in methods:
+                missing = NotFound(f"{service} has no method {method!r} (it has: {', '.join(sorted(methods))})")
+                missing.hop = f"{service}.{method}"
+                raise missing
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         headers = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else None
         # One instance: no load balancing, so no circuit of the whole service.
@@ -467,13 +474,14 @@ class Client:
                 limit = self.nc.max_payload
                 raise PayloadTooLarge(f"request to {subject} is {size} bytes with headers, over max_payload {limit}")
             started = self._loop_time()
+            # The breaker counts calls, not attempts: one ticket, and one outcome, per call.
             ticket = breaker.allow() if breaker is not None else 0
             try:
                 reply = await self._attempt(subject, body, headers, block, _attempt_wait(timeout, opts))
             except BaseException as exc:
-                if breaker is not None:
-                    breaker.record(exc, ticket)
                 if not isinstance(exc, CallError) or opts.retry.max_attempts == 1:
+                    if breaker is not None:
+                        breaker.record(exc, ticket)
                     raise
                 first_error: CallError = exc
             else:
@@ -483,9 +491,17 @@ class Client:
                 if bucket is not None:
                     bucket.record_success()
                 return reply
-            return await self._retry(
-                subject, body, (headers, block), opts, service, breaker, started + timeout, first_error
-            )
+            try:
+                reply = await self._retry(
+                    subject, body, (headers, block), opts, service, started + timeout, first_error
+                )
+            except BaseException as exc:
+                if breaker is not None:
+                    breaker.record(exc, ticket)
+                raise
+            if breaker is not None:
+                breaker.record(None, ticket)
+            return reply
         except CallError as exc:
             if not exc.hop:
                 exc.hop = subject[len(self.prefix) + 1 :] if subject.startswith(self.prefix + ".") else subject
@@ -498,7 +514,6 @@ class Client:
         headers: tuple[dict[str, str], bytes],
         opts: CallOptions,
         service: str,
-        breaker: CircuitBreaker | None,
         deadline: float,
         first_error: CallError,
     ) -> Reply:
@@ -510,16 +525,7 @@ class Client:
             idempotent = self.registry is not None and len(parts) > 2 and self.registry.idempotent(service, parts[2])
 
         async def attempt(remaining: float) -> Reply:
-            ticket = breaker.allow() if breaker is not None else 0
-            try:
-                reply = await self._attempt(subject, body, *headers, _attempt_wait(remaining, opts))
-            except BaseException as exc:
-                if breaker is not None:
-                    breaker.record(exc, ticket)
-                raise
-            if breaker is not None:
-                breaker.record(None, ticket)
-            return reply
+            return await self._attempt(subject, body, *headers, _attempt_wait(remaining, opts))
 
         return await run_with_retries(
             attempt,
@@ -572,14 +578,29 @@ class Client:
         return data, reply_headers
 
     def _no_responders(self, subject: str) -> NoResponders:
-        """Returns the NoResponders of a call to ``subject``, marked resubscribing after an outage."""
+        """Returns the NoResponders of a call to ``subject``, saying which case it is when discovery knows.
+
+        Marked ``resubscribing`` after an outage of this connection, and ``unseen`` for a service this
+        client's registry never saw: neither says anything of the service's health (the circuit
+        ignores both).
+        """
         head = self.prefix + "."
         service = subject[len(head) :].split(".", 1)[0] if subject.startswith(head) else ""
-        if service and self._resubscribing(service):
+        registry = self.registry
+        if not service or registry is None:
+            return NoResponders(f"no instance answers {subject} (service not running, or no such method)")
+        if self._resubscribing(service):
             error = NoResponders(f"no instance answers {subject} yet: {service} is resubscribing after an outage")
             error.resubscribing = True
             return error
-        return NoResponders(f"no instance answers {subject} (service not running, or no such method)")
+        if not registry.known(service):
+            error = NoResponders(f"no instance answers {subject}: {service} is not running (no instance of it seen)")
+            error.unseen = True
+            return error
+        live = len(registry.live(service))
+        if live:
+            return NoResponders(f"no instance answers {subject}, though {service} has {live} live instance(s)")
+        return NoResponders(f"no instance answers {subject}: every instance of {service} seen has gone")
 
     def _headers(self, subject: str, opts: CallOptions, extra: dict[str, str] | None) -> tuple[dict[str, str], float]:
         """Returns the request headers and timeout, the deadline shrunk to what the handler has left."""

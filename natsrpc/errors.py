@@ -179,9 +179,12 @@ class NoResponders(CallError):
             not beaten since: its instances are most likely resubscribing after the same outage.
             Such a refusal says nothing of the service's health (the circuit ignores it) and its
             retry waits for the service's next heartbeat.
+        unseen: this client's registry never saw an instance of the service (not running, or a
+            misspelt name): says nothing of any service's health, so the circuit ignores it too.
     """
 
     resubscribing: bool = False
+    unseen: bool = False
 
 
 class CallTimeout(CallError, TimeoutError):

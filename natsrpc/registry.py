@@ -89,6 +89,7 @@ class Registry:
         self._services: dict[str, dict[str, InstanceState]] = {}
         self._count = 0  # instances tracked, over all services
         self._last_beat: dict[str, float] = {}  # service -> when its latest beat arrived (clock)
+        self._methods: dict[str, frozenset[str]] = {}  # service -> endpoints of its tracked instances
         self._beat_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._callbacks: list[ChangeCallback] = []
         self._sub: Any = None
@@ -147,6 +148,8 @@ class Registry:
             beat.idempotent,
         )
         instances[beat.id] = state
+        if previous is None or previous.endpoints != state.endpoints:
+            self._update_methods(beat.name)
         self._last_beat[beat.name] = state.last_seen
         waiters = self._beat_waiters.pop(beat.name, None)
         for waiter in waiters or ():
@@ -167,6 +170,17 @@ class Registry:
                 self._last_beat.pop(name, None)
                 return True
         return False
+
+    def methods(self, service: str) -> frozenset[str] | None:
+        """Returns the endpoints the tracked instances of ``service`` serve, or None when none is tracked."""
+        return self._methods.get(service)
+
+    def _update_methods(self, service: str) -> None:
+        instances = self._services.get(service)
+        if instances:
+            self._methods[service] = frozenset(name for state in instances.values() for name in state.endpoints)
+        else:
+            self._methods.pop(service, None)
 
     def last_beat(self, service: str) -> float:
         """Returns when (on :attr:`clock`) the latest beat of ``service`` arrived, or -inf if none did."""
@@ -208,6 +222,7 @@ class Registry:
                 if state.expired(now):
                     del instances[instance_id]
                     self._count -= 1
+                    self._update_methods(service)
                     self._emit(service, state, "removed")
 
     def _emit(self, service: str, state: InstanceState, event: str) -> None:

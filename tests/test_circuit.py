@@ -315,7 +315,7 @@ class TestConsecutiveFailures:
         b.clock.advance(1.0)
         with pytest.raises(CircuitOpen) as info:
             b.cb.allow()
-        assert str(info.value) == "circuit for kv is open: 5 consecutive failures (half-open in 4.0 s)"
+        assert str(info.value) == "circuit for kv is open: 5 calls in a row failed (half-open in 4.0 s)"
 
 
 class TestOpenWait:

@@ -188,7 +188,7 @@ class TestCalls:
             natsrpc.ServiceError,
             natsrpc.BadRequest,
             natsrpc.NoResponders,
-            natsrpc.NoResponders,
+            natsrpc.NotFound,  # discovery knows kv's methods: not sent at all
         ]
         for result in results:
             assert isinstance(result, BaseException)
@@ -358,3 +358,57 @@ class TestBadReplies:
                 await client.proxy(LiarView).number()
         assert info.value.hop == "tc-liar.number"
         assert isinstance(info.value, natsrpc.NatsRpcError)
+
+
+class Hang(Service):
+    """An idempotent method that never answers in time."""
+
+    name = "hang"
+
+    @rpc(idempotent=True)
+    async def wait(self) -> None:
+        """Sleeps past any deadline."""
+        await asyncio.sleep(10)
+
+
+class TestUnknownMethodsAndTheCircuit:
+    """A misspelt method is NotFound at once; neither it nor a never-seen service opens a circuit."""
+
+    async def test_a_misspelt_method_is_not_found_without_sending(self, client: natsrpc.Client, kv: KV) -> None:
+        """Discovery knows kv's methods: kv.gett raises NotFound naming them, sends nothing, opens nothing."""
+        assert await client.call_service["kv"].get("a") is None  # kv serves, and the registry knows it
+        assert client.registry is not None
+        await eventually(lambda: client.registry is not None and client.registry.methods("kv") is not None)
+        sent = client.nc.stats["out_msgs"]
+        for _ in range(10):
+            with pytest.raises(natsrpc.NotFound) as info:
+                await client.call_service["kv"].gett("a")
+            assert info.value.message == "kv has no method 'gett' (it has: delete, get, keys, put)"
+            assert info.value.hop == "kv.gett"
+        assert client.nc.stats["out_msgs"] == sent
+        assert client.circuit("kv").state is State.CLOSED
+        assert await client.call_service["kv"].get("a") is None
+
+    async def test_a_never_seen_service_opens_no_circuit(self, client: natsrpc.Client) -> None:
+        """Ten calls to a service never seen each raise NoResponders saying so; its circuit stays closed."""
+        for _ in range(10):
+            with pytest.raises(natsrpc.NoResponders, match="no instance of it seen"):
+                await client.call_service["calcc"].compute()
+        assert client.circuit("calcc").state is State.CLOSED
+
+    async def test_the_breaker_counts_calls_not_attempts(self, nats_url: str) -> None:
+        """With consecutive_failures=2, one call whose 3 attempts time out leaves the circuit closed; two open it."""
+        config = natsrpc.circuit.CircuitConfig(consecutive_failures=2, min_calls=100)
+        async with natsrpc.connect(nats_url, circuit=config) as caller, natsrpc.connect(nats_url) as host_client:
+            async with serve(host_client, Hang()):
+                proxy = caller.call_service["hang"].options(timeout=0.8, attempt_timeout=0.15, idempotent=True)
+                sent = caller.nc.stats["out_msgs"]
+                with pytest.raises(natsrpc.CallTimeout):
+                    await proxy.wait()
+                assert caller.nc.stats["out_msgs"] - sent >= 3  # it was retried
+                assert caller.circuit("hang").state is State.CLOSED
+                with pytest.raises(natsrpc.CallTimeout):
+                    await proxy.wait()
+                assert caller.circuit("hang").state is State.OPEN
+                with pytest.raises(natsrpc.CircuitOpen, match="2 calls in a row failed"):
+                    await proxy.wait()

@@ -363,11 +363,12 @@ class TestBadInput:
 class TestUnknownMethods:
     """Calls to methods nobody serves fail fast instead of timing out."""
 
-    async def test_no_such_method_is_no_responders(self, client: natsrpc.Client) -> None:
-        """A method the service does not have raises NoResponders well before the timeout."""
+    async def test_no_such_method_is_not_found_at_once(self, client: natsrpc.Client) -> None:
+        """A method the service does not have raises NotFound naming what it has, at once."""
         async with serve(client, Calc()):
             result, elapsed = await timed(client.call_service["th-input"].options(timeout=3).nosuch())
-            assert isinstance(result, natsrpc.NoResponders), result
+            assert isinstance(result, natsrpc.NotFound), result
+            assert result.message == "th-input has no method 'nosuch' (it has: add)"
             assert elapsed < 0.5
 
     async def test_no_such_method_on_instance_subject_is_404(self, client: natsrpc.Client) -> None:
