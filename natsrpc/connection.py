@@ -152,8 +152,7 @@ class connect:
                     f"TLS options given, but the server at {auth.redacted(servers)} does not use TLS: "
                     "nothing was sent to it"
                 ) from exc
-            why = f"{refusals[-1]!r}" if refusals else f"{exc!r}"
-            raise ConnectionLost(f"cannot connect to {auth.redacted(servers)}: {why}") from exc
+            raise ConnectionLost(f"cannot connect to {auth.redacted(servers)}: {_why(refusals, exc)}") from exc
         except BaseException as exc:
             await _abandon(nc)
             if isinstance(exc, nats.errors.Error):
@@ -181,6 +180,18 @@ class connect:
     ) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _why(refusals: list[Exception], exc: BaseException) -> str:
+    """Says in words why the first connect failed (``connection refused``), from what nats-py reported."""
+    last = refusals[-1] if refusals else exc
+    if isinstance(last, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(last, TimeoutError):
+        return "timed out"
+    if isinstance(last, OSError) and last.strerror:
+        return last.strerror.lower()
+    return repr(last)
 
 
 async def _abandon(nc: NatsConnection) -> None:
@@ -211,12 +222,13 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
     """
 
     async def error_cb(exc: Exception) -> None:
-        if not client_ref:
+        if not client_ref:  # the first connect: connect() raises with the reason, so nothing is logged
             refusals.append(exc)
             if isinstance(exc, ssl.SSLError):
                 # nats-py 2.16 hangs for good closing a connection whose TLS handshake failed (it
                 # waits for a close the swapped-out protocol never sees): give up this connect now.
                 raise ConnectionLost(f"TLS handshake with the NATS server failed: {exc}") from exc
+            return
         violation = permission_violation(exc)
         if violation is not None:
             log.warning("nats permission denied", operation=violation[0], subject=violation[1])
@@ -242,6 +254,8 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
         return any(client.closed for client in client_ref)
 
     async def disconnected_cb() -> None:
+        if not client_ref:  # a failed first connect: connect() raises with the reason
+            return
         if closing():
             log.debug("nats disconnected (client closing)")
             return
@@ -255,6 +269,8 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
             client.on_reconnected()
 
     async def closed_cb() -> None:
+        if not client_ref:
+            return
         (log.debug if closing() else log.warning)("nats connection closed")
         for client in client_ref:
             client.fail_pending(ConnectionLost("the NATS connection closed while the call was pending"))

@@ -25,6 +25,7 @@ from natsrpc.errors import (
     BadRequest,
     CallError,
     CallTimeout,
+    ConfigurationError,
     DeadlineExceeded,
     InternalError,
     NotFound,
@@ -75,7 +76,16 @@ class Host:
         discoverable: bool = True,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
-            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
+            raise ConfigurationError("max_concurrency must be >= 1 and max_queue >= 0")
+        classes_of: dict[str, set[type[Service]]] = {}
+        for service in services:  # instances of one class may share a name; two classes may not
+            classes_of.setdefault(service.name, set()).add(type(service))
+        doubled = sorted(name for name, classes in classes_of.items() if len(classes) > 1)
+        if doubled:
+            names = ", ".join(sorted(cls.__qualname__ for name in doubled for cls in classes_of[name]))
+            raise ConfigurationError(
+                f"two services named {', '.join(map(repr, doubled))} in one process ({names}): names must be unique"
+            )
         self.client = client
         self.nc = client.nc
         self.drain_timeout = drain_timeout

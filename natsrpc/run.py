@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import inspect
 import os
 import signal
 import sys
 import tomllib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
 
 import anyio.to_thread
 
@@ -23,7 +26,7 @@ from natsrpc import auth, logs, loop, protocol
 from natsrpc import host as host_module
 from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.embedded import NatsServer, free_port, is_listening
-from natsrpc.errors import ConfigurationError, NatsRpcError
+from natsrpc.errors import ConfigurationError, ConnectionLost, NatsRpcError
 from natsrpc.host import Host
 from natsrpc.service import Service
 
@@ -44,10 +47,7 @@ def load_services(specs: Sequence[str]) -> list[type[Service]]:
     found: list[type[Service]] = []
     for spec in specs:
         module_name, _, class_name = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+        module = _import(module_name)
         if class_name:
             cls = getattr(module, class_name, None)
             if not (inspect.isclass(cls) and issubclass(cls, Service)):
@@ -65,9 +65,75 @@ def load_services(specs: Sequence[str]) -> list[type[Service]]:
     return found
 
 
+def _import(name: str) -> ModuleType:
+    """Imports a module by dotted name, or by path when ``name`` ends in ``.py`` (``calc.py``, ``./svc/calc.py``).
+
+    Raises:
+        ConfigurationError: no such module or file, or it fails to import.
+    """
+    if not name.endswith(".py"):
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import {name!r}: {exc}") from exc
+    path = Path(name).resolve()
+    if not path.is_file():
+        raise ConfigurationError(f"no such file {name!r}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ConfigurationError(f"cannot import {name!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    sys.path.insert(0, str(path.parent))  # so the file's own imports of its neighbours work
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {name!r}: {exc}") from exc
+    return module
+
+
+def read_config(path: str | None) -> dict[str, Any]:
+    """Returns the TOML ``--config`` file's tables, by service name (``{}`` without one).
+
+    Raises:
+        ConfigurationError: the file is missing, unreadable or not TOML (naming the file and line).
+    """
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigurationError(f"--config {path}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"--config {path}: not valid TOML: {exc}") from None
+
+
+def _check_urls(text: str | None) -> None:
+    """Refuses server URLs that are not NATS URLs (``http://``, say).
+
+    Raises:
+        ConfigurationError: a URL's scheme is not nats, tls, ws or wss.
+    """
+    for url in auth.split_servers(text or DEFAULT_URL):
+        scheme = url.partition("://")[0].lower() if "://" in url else "nats"
+        if scheme not in ("nats", "tls", "ws", "wss"):
+            raise ConfigurationError(
+                f"--url {auth.redacted([url])}: not a NATS URL; use nats://host:4222 (or tls://, ws://, wss://)"
+            )
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``prog: error: ... (see --help)``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """Returns the command-line parser of ``python -m natsrpc.run``."""
-    p = argparse.ArgumentParser(
+    p = OneLineErrors(
         prog="python -m natsrpc.run",
         description="Host natsrpc services until SIGINT/SIGTERM, then drain gracefully.",
         epilog="example: python -m natsrpc.run services.kv services.vdb services.memory",
@@ -86,13 +152,13 @@ def parser() -> argparse.ArgumentParser:
     logs.add_arguments(p, default_level="info")
     p.add_argument(
         "--max-concurrency",
-        type=int,
+        type=_count(1),
         default=host_module.DEFAULT_MAX_CONCURRENCY,
         help="handlers running at once per service instance (default %(default)s)",
     )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=_count(0),
         default=host_module.DEFAULT_MAX_QUEUE,
         help="requests waiting per instance before 429 Overloaded (default %(default)s)",
     )
@@ -119,6 +185,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """Returns an argparse ``type`` parsing an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _positive_seconds(text: str) -> float:
     """Parses a positive number of seconds (an argparse ``type``)."""
     try:
@@ -133,9 +214,8 @@ def _positive_seconds(text: str) -> float:
 async def serve(args: argparse.Namespace) -> int:
     """Runs the services described by parsed arguments until a stop signal; returns the exit code."""
     classes = load_services(args.services)
-    config: dict[str, Any] = {}
-    if args.config:
-        config = tomllib.loads(await anyio.Path(args.config).read_text())
+    config = read_config(args.config)
+    _check_urls(args.url)
     security = auth.from_args(args)
     # Signals are handled from here on, so one that arrives while an embedded server starts still
     # stops it on the way out (the finally below) instead of orphaning it.
@@ -187,6 +267,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with loop.runner(args.uvloop) as event_loop:
             return event_loop.run(serve(args))
+    except ConfigurationError as exc:  # an ordinary mistake in the command: one line, exit 2
+        print(f"natsrpc.run: error: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionLost as exc:  # no server where --url points
+        print(f"natsrpc.run: error: {exc}", file=sys.stderr)
+        print(
+            "natsrpc.run: hint: start one (nats-server -a 127.0.0.1), or leave out --url and NATS_URL "
+            "to get an embedded server",
+            file=sys.stderr,
+        )
+        return 2
     except NatsRpcError as exc:
         print(f"natsrpc.run: error: {exc}", file=sys.stderr)
         return 1

@@ -189,3 +189,101 @@ class TestOptions:
         assert code != 0
         assert message in runner.stderr
         assert "Traceback" not in runner.stderr
+
+
+CALC = """
+from natsrpc import Service, rpc
+
+
+class Calc(Service):
+    name = "pathcalc"
+
+    @rpc
+    async def compute(self, x: int) -> int:
+        return 2 * x
+"""
+
+DOUBLED = """
+from natsrpc import Service, rpc
+
+
+class One(Service):
+    name = "dup"
+
+    @rpc
+    async def a(self) -> int:
+        return 1
+
+
+class Two(Service):
+    name = "dup"
+
+    @rpc
+    async def b(self) -> int:
+        return 2
+"""
+
+
+class TestOrdinaryMistakes:
+    """Ordinary mistakes end the runner with exit 2 and one line, no traceback (issue 11, item 5)."""
+
+    async def test_a_module_given_as_a_path_is_imported_by_path(
+        self, probe: natsrpc.Client, nats_url: str, tmp_path: Any
+    ) -> None:
+        """``python -m natsrpc.run /some/dir/calc.py`` hosts the Service defined in that file."""
+        (tmp_path / "calc.py").write_text(CALC)
+        async with child("-m", "natsrpc.run", str(tmp_path / "calc.py"), "--url", nats_url) as runner:
+            assert await until_served(runner, lambda: probe.call_service["pathcalc"].compute(21)) == 42
+            assert await runner.stop(signal.SIGTERM) == 0, runner.stderr
+
+    def test_a_relative_path_is_imported_too(self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``./calc.py`` and ``calc.py`` load the file from the working directory."""
+        from natsrpc.run import load_services
+
+        (tmp_path / "calc.py").write_text(CALC)
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "path", list(sys.path))
+        assert [c.name for c in load_services(["./calc.py"])] == ["pathcalc"]
+        assert [c.name for c in load_services(["calc.py"])] == ["pathcalc"]
+
+    @pytest.mark.parametrize(
+        ("case", "message"),
+        [
+            ("missing-config", "--config {tmp}/nowhere.toml: No such file or directory"),
+            (
+                "invalid-config",
+                "--config {tmp}/bad.toml: not valid TOML: Expected '=' after a key in a key/value pair (at line 2",
+            ),
+            ("zero-concurrency", "argument --max-concurrency: must be at least 1, got 0"),
+            ("http-url", "--url http://127.0.0.1:8222: not a NATS URL; use nats://host:4222"),
+            ("no-server", "cannot connect to nats://127.0.0.1:{port}: connection refused"),
+            ("doubled-name", "two services named 'dup' in one process (One, Two): names must be unique"),
+            ("missing-file", "no such file 'nowhere.py'"),
+        ],
+        ids=lambda v: v if not v.startswith(("-", "argument", "cannot", "two", "no such")) else "",
+    )
+    async def test_exit_2_with_one_line(self, nats_url: str, tmp_path: Any, case: str, message: str) -> None:
+        """Each mistake exits 2; stderr is the error line (plus a hint for a missing server), no traceback."""
+        from natsrpc.embedded import free_port
+
+        port = free_port()
+        (tmp_path / "bad.toml").write_text("[kv]\nsize 10\n")
+        (tmp_path / "doubled.py").write_text(DOUBLED)
+        args = {
+            "missing-config": ["services.kv", "--url", nats_url, "--config", f"{tmp_path}/nowhere.toml"],
+            "invalid-config": ["services.kv", "--url", nats_url, "--config", f"{tmp_path}/bad.toml"],
+            "zero-concurrency": ["services.kv", "--url", nats_url, "--max-concurrency", "0"],
+            "http-url": ["services.kv", "--url", "http://127.0.0.1:8222"],
+            "no-server": ["services.kv", "--url", f"nats://127.0.0.1:{port}"],
+            "doubled-name": [str(tmp_path / "doubled.py"), "--url", nats_url],
+            "missing-file": ["nowhere.py", "--url", nats_url],
+        }[case]
+        async with child("-m", "natsrpc.run", *args) as runner:
+            code = await runner.wait()
+        lines = runner.stderr.strip().splitlines()
+        assert code == 2, runner.stderr
+        assert "Traceback" not in runner.stderr
+        assert message.format(tmp=tmp_path, port=port) in lines[0]
+        if case == "invalid-config":
+            assert "(at line 2, column 6)" in lines[0]
+        assert len(lines) == (2 if case == "no-server" else 1), lines
