@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any
@@ -215,11 +216,32 @@ def _credentials(options: Mapping[str, Any]) -> str:
     return ", ".join(presented) or "none: the server requires some"
 
 
+RECONNECT_LOG_EVERY = 10.0
+"""While reconnecting, at most one log line per this many seconds (nats-py retries every 0.25 s)."""
+
+_CONNECTION_ERRORS = (OSError, TimeoutError, nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError)
+
+
+class _Outage:
+    """What the callbacks know of the current outage, to log it in one line and then every 10 s."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.since: float | None = None
+        self.next_log = 0.0
+        self.failed = 0
+        self.last: Exception | None = None
+
+
 def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str, Callable[..., Awaitable[None]]]:
     """Returns nats-py callbacks that log every event and fail pending calls on disconnect or refusal.
 
     ``refusals`` collects the errors of the first connect (before ``client_ref`` holds the client).
     """
+
+    outage = _Outage()
 
     async def error_cb(exc: Exception) -> None:
         if not client_ref:  # the first connect: connect() raises with the reason, so nothing is logged
@@ -248,6 +270,17 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
         if isinstance(exc, transport.PlaintextRefused):
             log.error("refused a NATS server that does not offer TLS: nothing was sent to it", error=str(exc))
             return
+        if isinstance(exc, _CONNECTION_ERRORS):  # the link broke, or a reconnect attempt failed
+            outage.failed += 1
+            outage.last = exc
+            now = time.monotonic()
+            if outage.since is not None and now >= outage.next_log:
+                outage.next_log = now + RECONNECT_LOG_EVERY
+                log.warning(
+                    "nats still reconnecting", down_s=round(now - outage.since, 1), failed_attempts=outage.failed,
+                    error=repr(exc),
+                )  # fmt: skip
+            return
         log.warning("nats error", error=repr(exc))
 
     def closing() -> bool:
@@ -259,12 +292,16 @@ def _callbacks(client_ref: list[Client], refusals: list[Exception]) -> dict[str,
         if closing():
             log.debug("nats disconnected (client closing)")
             return
-        log.warning("nats disconnected")
+        outage.since = time.monotonic()
+        outage.next_log = outage.since + RECONNECT_LOG_EVERY
+        log.warning("nats disconnected, reconnecting", error=repr(outage.last) if outage.last else None)
         for client in client_ref:
             client.on_disconnected()
 
     async def reconnected_cb() -> None:
-        log.info("nats reconnected")
+        down = time.monotonic() - outage.since if outage.since is not None else 0.0
+        log.info("nats reconnected", down_s=round(down, 3), failed_attempts=outage.failed)
+        outage.reset()
         for client in client_ref:
             client.on_reconnected()
 

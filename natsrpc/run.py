@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import anyio.to_thread
 
-from natsrpc import auth, logs, loop, protocol
+from natsrpc import auth, logs, loop, protocol, transport
 from natsrpc import host as host_module
 from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.embedded import NatsServer, free_port, is_listening
@@ -34,6 +34,7 @@ log = logs.get_logger("natsrpc.run")
 
 EMBEDDED_HOST = "127.0.0.1"
 EMBEDDED_PORT = 4222
+EMBEDDED_NAME = "natsrpc-runner-"  # + the pid of the runner that started it: the server's name
 
 
 def load_services(specs: Sequence[str]) -> list[type[Service]]:
@@ -228,7 +229,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         if args.embedded or (url is None and not is_listening(EMBEDDED_HOST, EMBEDDED_PORT)):
             port = EMBEDDED_PORT if not is_listening(EMBEDDED_HOST, EMBEDDED_PORT) else free_port()
-            embedded = NatsServer(port=port, host=EMBEDDED_HOST)
+            embedded = NatsServer(port=port, host=EMBEDDED_HOST, args=["-n", f"{EMBEDDED_NAME}{os.getpid()}"])
             await anyio.to_thread.run_sync(embedded.start)
             url = embedded.url
             print(
@@ -238,6 +239,8 @@ async def serve(args: argparse.Namespace) -> int:
             return 0
         servers = auth.split_servers(url or DEFAULT_URL)
         async with connect(servers, name="natsrpc-run", **security) as client:
+            if embedded is None and url is None:  # joined a server found on the default local port
+                print(f"natsrpc: using the nats-server at {auth.redacted(servers)}{_whose(client)}", file=sys.stderr)
             services = [cls() for cls in classes]
             async with Host(
                 client,
@@ -255,6 +258,13 @@ async def serve(args: argparse.Namespace) -> int:
         if embedded is not None:
             await anyio.to_thread.run_sync(embedded.close)
     return 0
+
+
+def _whose(client: Any) -> str:
+    """Says who started the server the client is on, when another runner did (its embedded server)."""
+    name = transport.server_name(client.nc)
+    pid = name.removeprefix(EMBEDDED_NAME)
+    return f" (started by another runner, pid {pid})" if name.startswith(EMBEDDED_NAME) and pid.isdigit() else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,8 @@ Correctness (kept under ``NATSRPC_FAST_PATH=0``: they are not speed-ups; their f
 - ``Client._transport``: :func:`drop_socket` closes a socket nats-py leaves open after a refused
   connect or a failed close. Fallback: nothing (the socket leaks until collected).
 - ``Client._inbox_prefix``: :func:`inbox_prefix`. Fallback: derived from ``new_inbox()``.
+- ``Client._server_info`` also for :func:`server_name` (the runner says whose server it joined).
+  Fallback: an empty name.
 """
 
 from __future__ import annotations
@@ -337,3 +339,9 @@ def inbox_prefix(nc: Any) -> str:
     if isinstance(prefix, bytearray | bytes):
         return prefix.decode()
     return str(nc.new_inbox()).rsplit(".", 1)[0]
+
+
+def server_name(nc: Any) -> str:
+    """Returns the name the connected server gave itself in its INFO (``server_name``), or ""."""
+    info = getattr(nc, "_server_info", None)
+    return str(info.get("server_name", "")) if isinstance(info, dict) else ""

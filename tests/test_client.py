@@ -310,18 +310,37 @@ class TestConnectionLogging:
     """Every nats-py connection callback is logged with structlog."""
 
     async def test_disconnect_and_reconnect_are_logged(self, own_server: NatsServer) -> None:
-        """Killing and restarting the server logs "nats disconnected" then "nats reconnected"."""
+        """Killing and restarting the server logs "nats disconnected, reconnecting" then "nats reconnected"."""
         with structlog.testing.capture_logs() as logs:
             async with natsrpc.connect(own_server.url) as client:
                 await asyncio.to_thread(own_server.kill)
-                await eventually(lambda: any(e["event"] == "nats disconnected" for e in logs))
+                await eventually(lambda: any(e["event"] == "nats disconnected, reconnecting" for e in logs))
                 await asyncio.to_thread(own_server.restart)
                 await eventually(lambda: any(e["event"] == "nats reconnected" for e in logs))
                 await client.nc.flush()
         events = [e["event"] for e in logs]
-        assert events.index("nats disconnected") < events.index("nats reconnected")
-        disconnected = next(e for e in logs if e["event"] == "nats disconnected")
+        assert events.index("nats disconnected, reconnecting") < events.index("nats reconnected")
+        disconnected = next(e for e in logs if e["event"] == "nats disconnected, reconnecting")
         assert disconnected["log_level"] == "warning"
+
+    async def test_an_outage_logs_one_line_then_one_every_10_s(
+        self, own_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While the server is gone the client logs the disconnect once, then a reminder per interval, not
+        one line per reconnect attempt (4 a second); the reconnect is one more line."""
+        monkeypatch.setattr(natsrpc.connection, "RECONNECT_LOG_EVERY", 1.0)  # 10 s in production
+        with structlog.testing.capture_logs() as logs:
+            async with natsrpc.connect(own_server.url, reconnect_time_wait=0.05) as client:
+                await asyncio.to_thread(own_server.kill)
+                await asyncio.sleep(2.5)  # ~40 failed attempts at 0.05 s, and 2 reminders at 1 s
+                lines = [e for e in logs if e["log_level"] != "debug"]
+                await asyncio.to_thread(own_server.restart)
+                await eventually(lambda: any(e["event"] == "nats reconnected" for e in logs))
+                await client.nc.flush()
+        assert [e["event"] for e in lines] == ["nats disconnected, reconnecting"] + ["nats still reconnecting"] * 2
+        assert lines[-1]["failed_attempts"] > 10
+        reconnected = next(e for e in logs if e["event"] == "nats reconnected")
+        assert reconnected["failed_attempts"] > 10
 
 
 class Liar(Service):

@@ -20,6 +20,9 @@ import natsrpc
 from natsrpc.embedded import is_listening
 
 EMBEDDED_LINE = re.compile(r"started an embedded nats-server at (nats://\S+)")
+SECOND_RUNNER_LINE = re.compile(
+    r"using the nats-server at nats://127\.0\.0\.1:4222 \(started by another runner, pid (\d+)\)"
+)
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
@@ -132,6 +135,22 @@ class TestEmbeddedServer:
             assert (code, json.loads(out)) == (0, "1"), err
             assert await runner.stop(signal.SIGINT) == 0, runner.stderr
         assert not is_listening("127.0.0.1", 4222)
+
+    async def test_a_second_runner_says_whose_server_it_uses(self) -> None:
+        """A runner that finds another runner's embedded server on 4222 says so, naming that runner's pid."""
+        if is_listening("127.0.0.1", 4222):
+            pytest.skip("127.0.0.1:4222 is busy")
+        async with child("-m", "natsrpc.run", "services.kv") as first:
+            await first.wait_for_line(EMBEDDED_LINE)
+            await connect_when_up("nats://127.0.0.1:4222", first)
+            async with child("-m", "natsrpc.run", "services.vdb") as second:
+                line = re.compile(
+                    r"using the nats-server at nats://127\.0\.0\.1:4222 \(started by another runner, pid (\d+)\)"
+                )
+                match = await second.wait_for_line(line)
+                assert int(match.group(1)) == first.proc.pid
+                assert await second.stop(signal.SIGTERM) == 0, second.stderr
+            assert await first.stop(signal.SIGTERM) == 0, first.stderr
 
     async def test_embedded_flag_forces_an_embedded_server(self, probe: natsrpc.Client, nats_url: str) -> None:
         """--embedded starts its own server even when --url names a running one."""
