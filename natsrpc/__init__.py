@@ -4,6 +4,8 @@ Define a :class:`Service` with ``@rpc`` methods, host it with ``python -m natsrp
 :class:`Host`), and call it with ``await client.call_service["kv"].get("a")``.
 """
 
+import importlib.metadata as _metadata
+
 from natsrpc.client import Client
 from natsrpc.connection import connect
 from natsrpc.context import CallContext, current_call
@@ -74,3 +76,8 @@ __all__ = [
     "current_call",
     "rpc",
 ]
+
+try:
+    __version__ = _metadata.version("natsrpc")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"

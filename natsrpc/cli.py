@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+import natsrpc
 from natsrpc import auth, bench, logs, protocol, registry
 from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.errors import CallError, ConfigurationError, ConnectionLost, RemoteError
@@ -23,6 +24,7 @@ from natsrpc.proxy import CallOptions
 def parser() -> argparse.ArgumentParser:
     """Returns the command-line parser of ``python -m natsrpc``."""
     p = argparse.ArgumentParser(prog="python -m natsrpc", description="Call and inspect natsrpc services.")
+    p.add_argument("--version", action="version", version=f"natsrpc {natsrpc.__version__}")
     p.add_argument(
         "--url",
         default=os.environ.get("NATS_URL", DEFAULT_URL),

@@ -62,3 +62,28 @@ class TestAll:
         namespace: dict[str, object] = {}
         exec("from natsrpc import *", namespace)
         assert set(namespace) - {"__builtins__"} == set(natsrpc.__all__)
+
+
+class TestPackaging:
+    """The installed package: its version, console scripts, and nothing but natsrpc in site-packages."""
+
+    def test_version(self) -> None:
+        """natsrpc.__version__ is the installed distribution's version, and --version prints it."""
+        import importlib.metadata
+        import subprocess
+        import sys
+
+        assert natsrpc.__version__ == importlib.metadata.version("natsrpc")
+        for command in ([sys.executable, "-m", "natsrpc", "--version"], ["natsrpc", "--version"]):
+            out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+            assert out.strip() == f"natsrpc {natsrpc.__version__}"
+
+    def test_console_scripts_and_no_services_package(self) -> None:
+        """natsrpc and natsrpc-run are console scripts; the example services are not installed as a package."""
+        import importlib.metadata
+
+        dist = importlib.metadata.distribution("natsrpc")
+        scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
+        assert scripts == {"natsrpc": "natsrpc.cli:main", "natsrpc-run": "natsrpc.run:main"}
+        assert dist.metadata["License-Expression"] == "Apache-2.0"
+        assert (dist.read_text("top_level.txt") or "").split() == ["natsrpc"]
