@@ -43,7 +43,7 @@ async def _load(client: natsrpc.Client, stop: asyncio.Event, errors: collections
     return len(calls)
 
 
-@pytest.mark.parametrize("restarts", [1, 2], ids=["one-restart", "two-restarts"])
+@pytest.mark.parametrize("restarts", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["one-restart", "two-restarts"])
 async def test_a_short_outage_loses_no_idempotent_call(restarts: int) -> None:
     """Around 350 idempotent calls per restart, the server down 0.9 s each time: none fails."""
     with NatsServer() as server:
