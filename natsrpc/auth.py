@@ -152,15 +152,21 @@ def nats_options(
     return options
 
 
-def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
-    """Adds the security flags to ``parser``, each defaulting to its environment variable."""
+def add_arguments(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None, *, repeated: bool = False
+) -> None:
+    """Adds the security flags to ``parser``, each defaulting to its environment variable.
+
+    With ``repeated`` (a subcommand's copy of the flags, so they work after it too) they have no
+    default: the main parser's value stands unless the flag is given after the subcommand.
+    """
     env = os.environ if environ is None else environ
     group = parser.add_argument_group("security", "credentials, TLS and reply subjects (flags override env)")
     for option in OPTIONS:
         group.add_argument(
             option.flag,
             dest=option.keyword,
-            default=env.get(option.env) or None,
+            default=argparse.SUPPRESS if repeated else env.get(option.env) or None,
             metavar="FILE" if option.is_file else option.keyword.split("_")[-1].upper(),
             help=f"{option.help} (env {option.env}{'; prefer it: ps shows flags' if option.secret else ''})",
         )

@@ -25,13 +25,7 @@ def parser() -> argparse.ArgumentParser:
     """Returns the command-line parser of ``python -m natsrpc``."""
     p = argparse.ArgumentParser(prog="python -m natsrpc", description="Call and inspect natsrpc services.")
     p.add_argument("--version", action="version", version=f"natsrpc {natsrpc.__version__}")
-    p.add_argument(
-        "--url",
-        default=os.environ.get("NATS_URL", DEFAULT_URL),
-        help="NATS server URL(s), comma-separated (env NATS_URL; default %(default)s)",
-    )
-    auth.add_arguments(p)
-    logs.add_arguments(p, default_level="error")
+    _add_global_options(p)
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     call = commands.add_parser(
         "call",
@@ -57,7 +51,20 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sp.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies (default %(default)s)")
     bench.add_parser(commands)
+    for sub in commands.choices.values():  # the global options work after the command too
+        _add_global_options(sub, repeated=True)
     return p
+
+
+def _add_global_options(p: argparse.ArgumentParser, repeated: bool = False) -> None:
+    """Adds --url, the security flags and the logging flags; ``repeated`` for a subcommand's copy (no defaults)."""
+    p.add_argument(
+        "--url",
+        default=argparse.SUPPRESS if repeated else os.environ.get("NATS_URL", DEFAULT_URL),
+        help=f"NATS server URL(s), comma-separated (env NATS_URL; default {DEFAULT_URL})",
+    )
+    auth.add_arguments(p, repeated=repeated)
+    logs.add_arguments(p, default_level="error", repeated=repeated)
 
 
 async def _call(args: argparse.Namespace) -> int:

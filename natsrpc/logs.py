@@ -98,13 +98,16 @@ def default_format() -> str:
     return os.environ.get("NATSRPC_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_level: str) -> None:
-    """Adds ``--log-format`` and ``--log-level`` to ``parser``, defaulting to their environment variables."""
+def add_arguments(parser: argparse.ArgumentParser, default_level: str, *, repeated: bool = False) -> None:
+    """Adds ``--log-format`` and ``--log-level`` to ``parser``, defaulting to their environment variables.
+
+    With ``repeated`` (a subcommand's copy) they have no default, so the main parser's value stands.
+    """
     env_level = os.environ.get("NATSRPC_LOG_LEVEL", "").lower()
     parser.add_argument(
         "--log-format",
         choices=["console", "json"],
-        default=default_format(),
+        default=argparse.SUPPRESS if repeated else default_format(),
         help="how log lines look, always on stderr: console for people, json for collectors "
         "(env NATSRPC_LOG_FORMAT; default console on a terminal, json otherwise)",
     )
@@ -112,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_level: str) -> None:
         "--log-level",
         type=str.lower,
         choices=LEVELS,
-        default=env_level if env_level in LEVELS else default_level,
+        default=argparse.SUPPRESS if repeated else env_level if env_level in LEVELS else default_level,
         help=f"lowest level logged (env NATSRPC_LOG_LEVEL; default {default_level})",
     )
 

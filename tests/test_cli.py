@@ -75,6 +75,23 @@ class TestCall:
         assert (code, json.loads(out)) == (0, ["x", "y"])
 
 
+class TestGlobalOptions:
+    """--url, the security flags and the logging flags work before or after the command (issue 11, item 5)."""
+
+    async def test_options_after_the_command(self, nats_url: str, kv: KV) -> None:
+        """``call ... --url URL --log-level warning`` works, and a --url after the command wins over one before."""
+        assert await cli("call", "kv.put", '["c", "3"]', "--url", nats_url, "--log-level", "warning") == (
+            0, "null\n", "",
+        )  # fmt: skip
+        assert kv.data == {"c": "3"}
+        nowhere = f"nats://127.0.0.1:{free_port()}"
+        code, out, err = await cli("--url", nowhere, "call", "kv.get", '["c"]', "--url", nats_url)
+        assert (code, json.loads(out)) == (0, "3"), err
+        code, out, err = await cli("ls", "--json", "--url", nats_url, "--log-format", "json")
+        assert code == 0, err
+        assert "kv" in {reply["name"] for reply in json.loads(out)}
+
+
 class TestErrors:
     """Failed calls print the error on stderr and exit 1; bad usage exits 2."""
 
