@@ -66,14 +66,27 @@ class Memory(Service):
         """Stores ``text`` and returns its new id."""
         id_ = uuid.uuid4().hex
         vdb = self.ctx.client.proxy(VDB)
+        vector = await asyncio.to_thread(self.embed, text)  # CPU work off the event loop (1 MB: ~0.7 s)
         await self.call_service["kv"].put(KEY_PREFIX + id_, text)
-        await vdb.upsert(id_, self.embed(text), metadata)
+        try:
+            await vdb.upsert(id_, vector, metadata)
+        except BaseException:
+            # No orphan text: the memory is stored in both services or in neither. The delete is
+            # shielded so a cancelled remember still cleans up.
+            await asyncio.shield(self._drop_text(id_))
+            raise
         return id_
+
+    async def _drop_text(self, id_: str) -> None:
+        try:
+            await self.call_service["kv"].delete(KEY_PREFIX + id_)
+        except Exception as exc:
+            self.ctx.log.warning("could not remove the text of a failed remember", id=id_, error=repr(exc))
 
     @rpc(idempotent=True)
     async def recall(self, query: str, k: int = 5) -> list[MemoryItem]:
         """Returns the ``k`` memories most similar to ``query``, best first."""
-        hits = await self.ctx.client.proxy(VDB).search(self.embed(query), k)
+        hits = await self.ctx.client.proxy(VDB).search(await asyncio.to_thread(self.embed, query), k)
         kv = self.call_service["kv"]
         texts = await asyncio.gather(*(kv.get(KEY_PREFIX + hit.id) for hit in hits))
         return [

@@ -18,7 +18,10 @@ class Hit(msgspec.Struct):
 
 
 class VDB(Service):
-    """Stores vectors of one dimension (fixed by the first upsert, or ``dim`` in the config)."""
+    """Stores vectors of one dimension (``dim`` in the config, else the first upsert's until the store empties).
+
+    State lives in memory, per instance: run one instance (two would each hold half the vectors).
+    """
 
     name = "vdb"
     version = "1.0.0"
@@ -26,16 +29,19 @@ class VDB(Service):
 
     def __init__(self) -> None:
         self.vectors: dict[str, tuple[list[float], float, dict[str, str]]] = {}
-        self.dim: int | None = None
+        self.configured_dim: int | None = None  # from the config: fixed for good
+        self.dim: int | None = None  # the dimension held: the configured one, else the first upsert's
 
     async def setup(self) -> None:
         """Takes the vector dimension from the config, when given."""
         dim = self.ctx.config.get("dim")
-        self.dim = int(dim) if dim is not None else None
+        self.configured_dim = self.dim = int(dim) if dim is not None else None
 
     def _check(self, vector: list[float]) -> float:
         if not vector:
             raise BadRequest("vector must not be empty")
+        if not all(math.isfinite(x) for x in vector):
+            raise BadRequest("vector components must be finite numbers (no NaN or infinity)")
         if self.dim is not None and len(vector) != self.dim:
             raise BadRequest(f"vector has dimension {len(vector)}, this store holds dimension {self.dim}")
         return math.sqrt(sum(x * x for x in vector))
@@ -63,8 +69,11 @@ class VDB(Service):
 
     @rpc
     async def delete(self, id: str) -> bool:
-        """Removes ``id``; returns whether it existed."""
-        return self.vectors.pop(id, None) is not None
+        """Removes ``id``; returns whether it existed. An emptied store forgets a dimension it learnt."""
+        existed = self.vectors.pop(id, None) is not None
+        if not self.vectors:
+            self.dim = self.configured_dim
+        return existed
 
     @rpc(idempotent=True)
     async def count(self) -> int:

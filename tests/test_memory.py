@@ -218,13 +218,28 @@ class TestErrorsThroughMemory:
         assert elapsed < 1.0
         assert vdb.vectors == {}
 
-    async def test_failed_remember_runs_once(self, client: natsrpc.Client) -> None:
-        """A remember that failed at vdb (502, not retried) ran once: kv holds one orphan text, not one per retry."""
+    async def test_failed_remember_leaves_no_orphan_text(self, client: natsrpc.Client) -> None:
+        """A remember that failed at vdb (502, not retried) removes the text it put in kv: no orphan."""
         kv = KV()
         async with serve(client, kv, Memory()):
             with pytest.raises(natsrpc.BadGateway, match=r"memory\.remember -> vdb\.upsert"):
                 await client.call_service["memory"].remember("once")
-        assert list(kv.data.values()) == ["once"]
+        assert kv.data == {}
+
+    async def test_a_large_text_does_not_block_the_process(self, client: natsrpc.Client) -> None:
+        """While memory embeds a 1 MB text, the process's event loop keeps turning (no stall over 100 ms),
+        so a kv call served by the same process is not held up."""
+        async with serve(client, KV(), VDB(), Memory()):
+            memory = client.call_service["memory"].options(timeout=30)
+            remember = asyncio.ensure_future(memory.remember("word " * 200_000))
+            stall, last = 0.0, time.perf_counter()
+            while not remember.done():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                stall, last = max(stall, now - last), now
+            await remember
+            assert await client.call_service["kv"].get("anything") is None
+        assert stall < 0.1, f"the event loop stalled for {stall * 1e3:.0f} ms"
 
 
 class TestTracing:

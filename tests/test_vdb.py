@@ -150,6 +150,21 @@ class TestValidation:
             await proxy.search([1.0, 0.0], k)
         assert info.value.code == 400
 
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+    async def test_non_finite_components_are_bad_request(self, client: natsrpc.Client, vdb: VDB, bad: float) -> None:
+        """NaN and infinite components are refused with 400 (MessagePack can carry them), never stored."""
+        proxy = client.proxy(VDB, encoding="msgpack")
+        with pytest.raises(natsrpc.BadRequest, match="finite"):
+            await proxy.upsert("x", [1.0, bad])
+        assert vdb.vectors == {}
+
+    async def test_an_emptied_store_forgets_its_dimension(self, proxy: VDB) -> None:
+        """Upsert a 3-vector, delete it: a 256-vector is then accepted (the dimension was only learnt)."""
+        await proxy.upsert("a", [1.0, 0.0, 0.0])
+        assert await proxy.delete("a")
+        await proxy.upsert("b", [1.0] * 256)
+        assert await proxy.count() == 1
+
     async def test_empty_vector_is_bad_request(self, proxy: VDB) -> None:
         """An empty vector is a 400 on upsert and on search."""
         with pytest.raises(natsrpc.BadRequest, match="empty"):
