@@ -156,11 +156,27 @@ class Registry:
             if not waiter.done():
                 waiter.set_result(None)
         if previous is None:
+            self._warn_if_different(instances, state)
             self._emit(beat.name, state, "added")
         elif (previous.healthy, previous.draining) != (state.healthy, state.draining):
             self._emit(beat.name, state, "updated")
         else:
             self._emit(beat.name, state, "beat")
+
+    def _warn_if_different(self, instances: dict[str, InstanceState], new: InstanceState) -> None:
+        """Warns, once per new instance, when it serves other endpoints or another version than one
+        already known by the same name (two different services sharing a name, or a rolling upgrade)."""
+        for other in instances.values():
+            if other.id != new.id and (other.version, sorted(other.endpoints)) != (new.version, sorted(new.endpoints)):
+                log.warning(
+                    "two instances of one service name differ",
+                    service=new.service,
+                    instances=[
+                        f"{other.id} (version {other.version}: {', '.join(sorted(other.endpoints))})",
+                        f"{new.id} (version {new.version}: {', '.join(sorted(new.endpoints))})",
+                    ],
+                )
+                return
 
     def _forget_a_silent_service(self) -> bool:
         """Forgets one service name that has no instance left; returns False if every one has some."""

@@ -21,6 +21,7 @@ from typing import Any
 import nats
 import pytest
 import pytest_asyncio
+import structlog.testing
 from children import poll
 from micro_schemas import VALIDATORS, validate
 from nats.aio.client import Client as NatsConnection
@@ -804,3 +805,35 @@ class TestRegistryLive:
                     assert caller.circuit("discpulse").state is State.HALF_OPEN, probe
                     assert await caller.call_service["discpulse"].look() == "ok"
                 assert caller.circuit("discpulse").state is State.CLOSED
+
+
+class TestNameClashes:
+    """One service name served with different endpoints or versions in two processes is a warning."""
+
+    async def test_differing_instances_of_one_name_are_named_in_a_warning(self, nats_url: str) -> None:
+        """A second "kv" with other endpoints makes the registry warn once, naming both instance ids."""
+
+        class OtherKV(natsrpc.Service):
+            name = "kv"
+            version = "2.0.0"
+
+            @natsrpc.rpc
+            async def get(self, key: str) -> str | None:
+                return None
+
+        with structlog.testing.capture_logs() as captured:
+            async with (
+                natsrpc.connect(nats_url) as watcher,
+                natsrpc.connect(nats_url) as one,
+                natsrpc.connect(nats_url) as two,
+                serve(one, KV()) as first,
+                serve(two, OtherKV()) as second,
+            ):
+                assert watcher.registry is not None
+                await poll(lambda: watcher.registry is not None and len(watcher.registry.instances("kv")) == 2)
+                await poll(lambda: any(e["event"] == "two instances of one service name differ" for e in captured))
+                ids = {first.instances[0].id, second.instances[0].id}
+        warnings = [e for e in captured if e["event"] == "two instances of one service name differ"]
+        assert warnings[0]["log_level"] == "warning"
+        assert {entry.split(" ")[0] for entry in warnings[0]["instances"]} == ids
+        assert any("version 2.0.0: get" in entry for entry in warnings[0]["instances"])
