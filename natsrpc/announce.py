@@ -24,8 +24,6 @@ from natsrpc.protocol import Heartbeat
 
 log = logs.get_logger("natsrpc.announce")
 
-VERBS: Final = ("PING", "INFO", "STATS")
-
 
 class EndpointInfo(msgspec.Struct):
     """One endpoint in a ``$SRV.INFO`` reply."""
@@ -88,7 +86,11 @@ _encoder: Final = msgspec.json.Encoder()
 
 def control_subjects(verb: str, service: str, instance_id: str) -> list[str]:
     """Returns the three ``$SRV`` subjects one instance answers for ``verb``: bare, by name, by id."""
-    return [f"$SRV.{verb}", f"$SRV.{verb}.{service}", f"$SRV.{verb}.{service}.{instance_id}"]
+    return [
+        protocol.service_api_subject(verb),
+        protocol.service_api_subject(verb, service),
+        protocol.service_api_subject(verb, service, instance_id),
+    ]
 
 
 def rfc3339(epoch: float) -> str:
@@ -177,7 +179,7 @@ class Announcer:
     async def start(self) -> None:
         """Subscribes the ``$SRV`` subjects and starts beating."""
         for inst in self.instances:
-            for verb in VERBS:
+            for verb in protocol.SERVICE_API_VERBS:
                 cb = functools.partial(self._answer, verb, inst)
                 for subject in control_subjects(verb, inst.service.name, inst.id):
                     self._subs.append(await self.nc.subscribe(subject, cb=cb))

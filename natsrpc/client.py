@@ -39,7 +39,7 @@ from natsrpc.errors import (
     error_from_reply,
     translate_nats_errors,
 )
-from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy, check_headers, check_timeout
+from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy, check_encoding, check_headers, check_timeout
 from natsrpc.registry import InstanceState, Registry
 from natsrpc.retry import DEFAULT_RETRY, RetryPolicy, TokenBucket, run_with_retries
 
@@ -549,8 +549,10 @@ class Client:
 
     async def _attempt(self, subject: str, body: bytes, headers: dict[str, str], block: bytes, wait: float) -> Reply:
         """Sends the request once (``block`` is ``headers`` encoded) and waits up to ``wait`` s for the reply."""
-        if self._closed or self._broken:
-            raise ClientClosed("the client is closed") if self._closed or self._broken is None else self._broken
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if self._broken is not None:
+            raise self._broken
         loop = self._loop
         token = self._token()
         future: asyncio.Future[Reply] = loop.create_future()
@@ -584,8 +586,7 @@ class Client:
         client's registry never saw: neither says anything of the service's health (the circuit
         ignores both).
         """
-        head = self.prefix + "."
-        service = subject[len(head) :].split(".", 1)[0] if subject.startswith(head) else ""
+        service = protocol.call_service_name(subject, self.prefix)
         registry = self.registry
         if not service or registry is None:
             return NoResponders(f"no instance answers {subject} (service not running, or no such method)")
@@ -647,8 +648,7 @@ def check_client_options(*, timeout: object, encoding: object, prefix: object, c
         ConfigurationError: an option is unusable.
     """
     check_timeout("timeout", timeout)
-    if encoding not in ("json", "msgpack"):
-        raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
+    check_encoding(encoding)
     if not protocol.valid_prefix(prefix):
         raise ConfigurationError(f"prefix {prefix!r} is not a subject prefix (e.g. svc)")
     if not isinstance(caller, str) or not caller or not caller.isprintable():

@@ -314,8 +314,9 @@ class Host:
         except (asyncio.CancelledError, _Abandoned):
             if self._stopping:  # the drain timeout of a graceful stop passed: tell the caller
                 await self._reply_error(reply, route, Unavailable(f"{route.where}: cancelled, the instance stopped"))
-            elif self._cancelled_at_deadline(route):  # the caller gave up: nobody listens for a reply
-                pass
+            elif (current := context.active_call()) is not None and current.cancelled:
+                # The caller gave up: nobody listens for a reply, so it is only counted.
+                await self._reply_error("", route, DeadlineExceeded(f"{route.where}: cancelled at its deadline"))
             else:
                 raise
         except Exception as exc:
@@ -332,15 +333,6 @@ class Host:
         sets ``call.cancelled`` (all a plain def handler can be told: a thread cannot be interrupted)."""
         loop = self._loop
         return loop.call_at(loop.time() + deadline - time.time(), _expire, call, task)
-
-    def _cancelled_at_deadline(self, route: Route) -> bool:
-        """Whether the call being served was cancelled at its deadline (counted as an error if so)."""
-        call = context.active_call()
-        if call is None or not call.cancelled:
-            return False
-        route.stats.num_errors += 1
-        route.stats.last_error = f"{protocol.DEADLINE_EXCEEDED} {route.where}: cancelled at its deadline"
-        return True
 
     def _refuse_queued(self, request: Request) -> None:
         """Answers a request still queued when a graceful stop ran out of time: 503, not silence."""

@@ -92,6 +92,26 @@ def heartbeat_subject(service: str, instance_id: str, prefix: str = DEFAULT_PREF
     return f"{prefix}._hb.{service}.{instance_id}"
 
 
+SERVICE_API_VERBS: Final = ("PING", "INFO", "STATS")
+"""The NATS Service API questions every instance answers."""
+
+
+def service_api_subject(verb: str, service: str = "", instance_id: str = "") -> str:
+    """Returns a NATS Service API subject: ``$SRV.<verb>[.<service>[.<id>]]``."""
+    if not service:
+        return f"$SRV.{verb}"
+    return f"$SRV.{verb}.{service}.{instance_id}" if instance_id else f"$SRV.{verb}.{service}"
+
+
+def call_service_name(subject: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Returns the service a call subject ``<prefix>.<service>.<method>[.<id>]`` names, or "" if it names none."""
+    head = prefix + "."
+    if not subject.startswith(head):
+        return ""
+    service, dot, _ = subject[len(head) :].partition(".")
+    return service if dot else ""
+
+
 def parse_heartbeat_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
     """Returns (service, instance id) of a heartbeat subject ``svc._hb.<service>.<id>``, or None if it is not one."""
     head = f"{prefix}._hb."
@@ -130,9 +150,9 @@ _PROTOCOL_NAMES: Final = frozenset([DEADLINE, CALLER, ARGS_FORM, TRACEPARENT, CO
 def encode_headers(headers: Mapping[str, str]) -> bytes:
     """Encodes headers as nats-py does (``NATS/1.0``, ``Name: value`` lines), or b"" for none.
 
-    Every value, natsrpc's own included, is stripped and has its line breaks turned into spaces
-    (as nats-py does), so no value can add a header line; names other than natsrpc's own must be
-    HTTP tokens.
+    Any line break in any value, natsrpc's own included, becomes a space (as nats-py does), so no
+    value can add a header line. Names and values of headers other than natsrpc's own are
+    stripped, and those names must be HTTP tokens.
 
     Raises:
         ValueError: a name is not an HTTP token (callers raise ConfigurationError at the options).

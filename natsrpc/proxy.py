@@ -82,8 +82,8 @@ class CallOptions:
             if fields.get(key) is not None:
                 fields[key] = check_timeout(key, fields[key])
         encoding = fields.pop("encoding", None)
-        if encoding not in (None, "json", "msgpack"):
-            raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
+        if encoding is not None:
+            check_encoding(encoding)
         if "instance" in changes and not protocol.valid_name(changes["instance"]):
             raise ConfigurationError(f"instance id {changes['instance']!r} is not a subject token")
         headers = fields.pop("headers", None)
@@ -115,6 +115,16 @@ def check_timeout(name: str, value: object) -> float:
     if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
         raise ConfigurationError(f"{name} must be positive and at most {MAX_TIMEOUT:g} s, got {value!r}")
     return float(value)
+
+
+def check_encoding(value: object) -> None:
+    """Checks an encoding option.
+
+    Raises:
+        ConfigurationError: it is neither ``"json"`` nor ``"msgpack"``.
+    """
+    if value not in ("json", "msgpack"):
+        raise ConfigurationError(f"encoding must be 'json' or 'msgpack', got {value!r}")
 
 
 def check_headers(headers: Mapping[str, str]) -> None:

@@ -25,7 +25,6 @@ from natsrpc.protocol import Heartbeat
 log = logs.get_logger("natsrpc.registry")
 
 EXPIRY_INTERVALS: Final = 3  # an instance is gone after this many missed beats
-VERBS: Final = ("PING", "INFO", "STATS")
 
 heartbeat_decoder: Final = msgspec.json.Decoder(Heartbeat)
 
@@ -305,8 +304,8 @@ async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> li
 
     Replies are collected for ``wait`` seconds, since any number of instances may answer.
     """
-    if verb not in VERBS:
-        raise ValueError(f"verb must be one of {VERBS}, got {verb!r}")
+    if verb not in protocol.SERVICE_API_VERBS:
+        raise ValueError(f"verb must be one of {protocol.SERVICE_API_VERBS}, got {verb!r}")
     if service and not protocol.valid_name(service):
         raise ConfigurationError(f"service name {service!r} must match {protocol.NAME_PATTERN.pattern}")
     inbox = nc.new_inbox()
@@ -323,7 +322,7 @@ async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> li
 
     sub = await nc.subscribe(inbox, cb=collect)
     try:
-        subject = f"$SRV.{verb}.{service}" if service else f"$SRV.{verb}"
+        subject = protocol.service_api_subject(verb, service)
         sent = time.perf_counter()
         await nc.publish(subject, b"", reply=inbox)
         await asyncio.sleep(wait)
