@@ -23,6 +23,31 @@ from typing import Any
 from natsrpc.errors import ConfigurationError
 
 _POLL = 0.005
+# The keeper of a tethered server (run as ``python -I -c KEEPER nats-server args...``): it runs the
+# server as its child, passes SIGTERM/SIGINT on, and stops the server when its stdin, a pipe from
+# the process that started it, reads end-of-file: that process has exited, even SIGKILLed.
+KEEPER = """
+import os, signal, subprocess, sys, threading
+server = None
+def forward(signum, _frame):
+    if server is None:
+        sys.exit(128 + signum)
+    server.send_signal(signum)
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, forward)
+server = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+def watch():
+    while os.read(0, 512):
+        pass
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+threading.Thread(target=watch, daemon=True).start()
+code = server.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
 # Monitoring requests go to loopback directly, whatever HTTP(S)_PROXY says.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -77,6 +102,10 @@ class NatsServer:
         args: extra command-line arguments.
         binary: the nats-server path; found with :func:`find_binary` when None.
         monitor_port: HTTP monitoring port (``-m``), read with :meth:`monitor`; none when None.
+        tethered: run the server in a session of its own, so a terminal's Ctrl-C does not reach it
+            (the process that started it stops it, after draining), under a small keeper process
+            that stops it when this process exits, even when SIGKILLed. The runner's embedded
+            server is tethered; test servers are not (:meth:`pause` signals the server itself).
     """
 
     def __init__(
@@ -88,6 +117,7 @@ class NatsServer:
         args: Sequence[str] = (),
         binary: str | None = None,
         monitor_port: int | None = None,
+        tethered: bool = False,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -95,6 +125,7 @@ class NatsServer:
         self.config = config
         self.args = list(args)
         self.binary = binary or find_binary()
+        self.tethered = tethered
         self.process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="nats-server-", suffix=".log", delete=False)
 
@@ -139,9 +170,18 @@ class NatsServer:
         """
         if is_listening(self.host, self.port):
             raise ConfigurationError(f"something already listens on {self.host}:{self.port}")
-        self.process = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        if self.tethered:  # the keeper holds the read end of the pipe; this process, the write end
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-c", KEEPER, *self.command()],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE,
+                start_new_session=True,
+            )
+        else:
+            self.process = subprocess.Popen(
+                self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -172,18 +212,33 @@ class NatsServer:
             proc.kill()
             proc.wait()
 
-    def kill(self) -> None:
-        """Kills the server at once (SIGKILL), as a crash would."""
+    def terminate(self) -> None:
+        """Asks the server to stop (SIGTERM) without waiting for it."""
         proc = self.process
         if proc is not None and proc.poll() is None:
-            proc.kill()
+            proc.terminate()
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL), as a crash would (a tethered one with its keeper)."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            if self.tethered:
+                os.killpg(proc.pid, signal.SIGKILL)  # the keeper leads the session's only group
+            else:
+                proc.kill()
             proc.wait()
         self.paused = False
 
     paused = False
 
     def pause(self) -> None:
-        """Freezes the server (SIGSTOP): it keeps its sockets but answers nothing, like a hung host."""
+        """Freezes the server (SIGSTOP): it keeps its sockets but answers nothing, like a hung host.
+
+        Raises:
+            ConfigurationError: the server is tethered (the signal would reach its keeper only).
+        """
+        if self.tethered:
+            raise ConfigurationError("a tethered nats-server cannot be paused")
         if self.process is not None:
             self.process.send_signal(signal.SIGSTOP)
             if self.process.poll() is None:
@@ -206,6 +261,8 @@ class NatsServer:
     def close(self) -> None:
         """Stops the server and removes its log file."""
         self.stop()
+        if self.process is not None and self.process.stdin is not None:
+            self.process.stdin.close()
         self._log.close()
         Path(self._log.name).unlink(missing_ok=True)
 

@@ -35,6 +35,7 @@ log = logs.get_logger("natsrpc.run")
 EMBEDDED_HOST = "127.0.0.1"
 EMBEDDED_PORT = 4222
 EMBEDDED_NAME = "natsrpc-runner-"  # + the pid of the runner that started it: the server's name
+DRAIN_REPORT_EVERY = 1.0  # seconds between "draining" lines while a stop waits for calls in flight
 
 
 def load_services(specs: Sequence[str]) -> list[type[Service]]:
@@ -213,7 +214,12 @@ def _positive_seconds(text: str) -> float:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    """Runs the services described by parsed arguments until a stop signal; returns the exit code."""
+    """Runs the services described by parsed arguments until a stop signal; returns the exit code.
+
+    The first SIGINT or SIGTERM drains: no new requests, the calls in flight answered (their count
+    logged each second), then the connection and any embedded server stopped. A second one exits
+    at once with 128 + the signal's number (130 for Ctrl-C).
+    """
     classes = load_services(args.services)
     config = read_config(args.config)
     _check_urls(args.url)
@@ -221,15 +227,31 @@ async def serve(args: argparse.Namespace) -> int:
     # Signals are handled from here on, so one that arrives while an embedded server starts still
     # stops it on the way out (the finally below) instead of orphaning it.
     stop = asyncio.Event()
+    embedded: NatsServer | None = None
+    host: Host | None = None
+    report: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        in_flight = host.in_flight if host is not None else 0
+        print(f"natsrpc.run: second signal: exiting at once, {in_flight} calls unanswered", file=sys.stderr)
+        if embedded is not None:
+            embedded.terminate()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
     event_loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        event_loop.add_signal_handler(sig, stop.set)
-    embedded: NatsServer | None = None
+        event_loop.add_signal_handler(sig, on_signal, sig)
     url: str | None = args.url
     try:
         if args.embedded or (url is None and not is_listening(EMBEDDED_HOST, EMBEDDED_PORT)):
             port = EMBEDDED_PORT if not is_listening(EMBEDDED_HOST, EMBEDDED_PORT) else free_port()
-            embedded = NatsServer(port=port, host=EMBEDDED_HOST, args=["-n", f"{EMBEDDED_NAME}{os.getpid()}"])
+            embedded = NatsServer(
+                port=port, host=EMBEDDED_HOST, args=["-n", f"{EMBEDDED_NAME}{os.getpid()}"], tethered=True
+            )
             await anyio.to_thread.run_sync(embedded.start)
             url = embedded.url
             print(
@@ -242,7 +264,7 @@ async def serve(args: argparse.Namespace) -> int:
             if embedded is None and url is None:  # joined a server found on the default local port
                 print(f"natsrpc: using the nats-server at {auth.redacted(servers)}{_whose(client)}", file=sys.stderr)
             services = [cls() for cls in classes]
-            async with Host(
+            host = Host(
                 client,
                 services,
                 max_concurrency=args.max_concurrency,
@@ -250,14 +272,25 @@ async def serve(args: argparse.Namespace) -> int:
                 drain_timeout=args.drain_timeout,
                 config=config,
                 heartbeat_interval=args.heartbeat_interval,
-            ):
+            )
+            async with host:
                 log.info("ready", url=auth.redacted(servers), services=[s.name for s in services])
                 await stop.wait()
-                log.info("stopping: draining in-flight requests")
+                log.info("stopping: draining in-flight calls (a second Ctrl-C exits at once)", in_flight=host.in_flight)
+                report = asyncio.create_task(_report_drain(host))
     finally:
+        if report is not None:
+            report.cancel()
         if embedded is not None:
             await anyio.to_thread.run_sync(embedded.close)
     return 0
+
+
+async def _report_drain(host: Host) -> None:
+    """Logs the number of calls still in flight once a second while the host drains."""
+    while True:
+        await asyncio.sleep(DRAIN_REPORT_EVERY)
+        log.info("draining", in_flight=host.in_flight)
 
 
 def _whose(client: Any) -> str:

@@ -84,10 +84,12 @@ class Child:
 
 
 @asynccontextmanager
-async def child(*args: str) -> AsyncIterator[Child]:
+async def child(*args: str, new_session: bool = False) -> AsyncIterator[Child]:
     """Runs ``python *args`` from the repository root; stops it on the way out if it still runs.
 
-    SIGTERM first, so a runner stops its embedded nats-server (SIGKILL would orphan it on 4222).
+    SIGTERM first, so a runner drains and stops its embedded nats-server. With ``new_session`` the
+    child leads a process group of its own, as a command run from a terminal does, so a test can
+    signal the whole group (``os.killpg(child.proc.pid, ...)``), as a terminal's Ctrl-C does.
     """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -97,6 +99,7 @@ async def child(*args: str) -> AsyncIterator[Child]:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=new_session,
     )
     running = Child(proc)
     try:

@@ -16,10 +16,10 @@ class SlowWork(Service):
     name = "slowrun"
 
     @rpc
-    async def work(self, n: int) -> int:
-        """Publishes ``n`` on ``test.started``, sleeps WORK_SECONDS, returns ``n``."""
+    async def work(self, n: int, seconds: float = WORK_SECONDS) -> int:
+        """Publishes ``n`` on ``test.started``, sleeps ``seconds``, returns ``n``."""
         await self.ctx.client.nc.publish(STARTED_SUBJECT, str(n).encode())
-        await asyncio.sleep(WORK_SECONDS)
+        await asyncio.sleep(seconds)
         return n
 
     @rpc(idempotent=True)

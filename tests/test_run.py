@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from children import EXIT_TIMEOUT, REPO, STARTUP_TIMEOUT, Child, child, child_env
+from children import EXIT_TIMEOUT, REPO, STARTUP_TIMEOUT, Child, child, child_env, poll
 from nats.aio.msg import Msg
 
 import natsrpc
@@ -115,6 +116,77 @@ class TestGracefulStop:
         assert code == 0, runner.stderr
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("nats://").rpartition(":")
+    return host, int(port)
+
+
+class TestCtrlC:
+    """A terminal's Ctrl-C (SIGINT to the whole process group) drains; a second one exits at once.
+
+    The runner is started in a process group of its own, as a shell starts a command, and the
+    signal goes to that whole group, as a terminal sends it. The embedded server runs in a session
+    of its own, so the signal does not reach it: the runner stops it after draining.
+    """
+
+    async def _start_call(self, runner: Child, seconds: float) -> tuple[natsrpc.Client, str, asyncio.Future[int]]:
+        """Starts ``slowrun.work(7, seconds)`` on the runner's embedded server; returns once it runs."""
+        url = (await runner.wait_for_line(EMBEDDED_LINE)).group(1)
+        local = await connect_when_up(url, runner)
+        started = asyncio.Event()
+
+        async def on_started(_msg: Msg) -> None:
+            started.set()
+
+        await local.nc.subscribe("test.started", cb=on_started)
+        assert await until_served(runner, local.call_service["slowrun"].ping) == "pong"
+        call = asyncio.ensure_future(local.call_service["slowrun"].options(timeout=20).work(7, seconds))
+        await asyncio.wait_for(started.wait(), 10)
+        return local, url, call
+
+    async def test_sigint_to_the_group_drains_the_call_in_flight_and_exits_0(self) -> None:
+        """The call in flight succeeds, the count is logged each second, then server and runner stop."""
+        async with child("-m", "natsrpc.run", "tests.slow_service", "--embedded", new_session=True) as runner:
+            local, url, call = await self._start_call(runner, seconds=1.4)
+            try:
+                os.killpg(runner.proc.pid, signal.SIGINT)
+                assert await asyncio.wait_for(call, 10) == 7
+                assert await runner.wait() == 0, runner.stderr
+            finally:
+                await local.close()
+        events = [json.loads(line) for line in runner.lines if line.startswith("{")]
+        stopping = [e for e in events if e["event"].startswith("stopping")]
+        assert [e["in_flight"] for e in stopping] == [1], runner.stderr
+        assert [e["in_flight"] for e in events if e["event"] == "draining"] == [1], runner.stderr
+        assert "Error" not in runner.stderr  # no ConnectionRefusedError / FlushTimeoutError storm
+        assert not is_listening(*_host_port(url))
+
+    async def test_a_second_sigint_exits_at_once_with_130(self) -> None:
+        """During the drain, a second Ctrl-C ends the runner at once, and its embedded server with it."""
+        async with child("-m", "natsrpc.run", "tests.slow_service", "--embedded", new_session=True) as runner:
+            local, url, call = await self._start_call(runner, seconds=30)
+            try:
+                os.killpg(runner.proc.pid, signal.SIGINT)
+                await runner.wait_for_line(re.compile("stopping: draining"))
+                os.killpg(runner.proc.pid, signal.SIGINT)
+                assert await asyncio.wait_for(runner.proc.wait(), 2) == 130, runner.stderr
+                call.cancel()
+            finally:
+                await local.close()
+        assert "second signal: exiting at once, 1 calls unanswered" in runner.stderr
+        await poll(lambda: not is_listening(*_host_port(url)), "the embedded server stops with the runner")
+
+    async def test_a_sigkilled_runner_takes_its_embedded_server_down(self) -> None:
+        """The embedded server exits when the pipe from its runner closes, so it never outlives a SIGKILL."""
+        async with child("-m", "natsrpc.run", "services.kv", "--embedded", new_session=True) as runner:
+            url = (await runner.wait_for_line(EMBEDDED_LINE)).group(1)
+            local = await connect_when_up(url, runner)
+            await local.close()
+            runner.proc.kill()
+            await runner.wait()
+        await poll(lambda: not is_listening(*_host_port(url)), "the embedded server exits after its runner", 10)
+
+
 class TestEmbeddedServer:
     """With no server running, the runner starts an embedded one on 127.0.0.1:4222 and stops it on exit."""
 
@@ -165,8 +237,7 @@ class TestEmbeddedServer:
             with pytest.raises(natsrpc.NoResponders):
                 await probe.call_service["kv"].keys()
             assert await runner.stop(signal.SIGTERM) == 0, runner.stderr
-        host, _, port = url.removeprefix("nats://").rpartition(":")
-        assert not is_listening(host, int(port))
+        assert not is_listening(*_host_port(url))
 
 
 class TestOptions:
