@@ -14,6 +14,7 @@ from typing import Any, Final
 import msgspec
 import msgspec.inspect
 
+from natsrpc import strict
 from natsrpc.errors import BadRequest, DefinitionError
 
 json_encoder: Final = msgspec.json.Encoder()
@@ -25,6 +26,8 @@ _mixed_msgpack: Final = msgspec.msgpack.Decoder(tuple[list[Any], dict[str, Any]]
 _INDEX_PATH: Final = re.compile(r"`\$\[(\d+)\]")
 _ARRAY_TOO_SHORT: Final = re.compile(r"Expected `array` of at least length \d+, got (\d+)")
 _ARRAY_TOO_LONG: Final = re.compile(r"Expected `array` of at most length \d+")
+_UNKNOWN_FIELD: Final = re.compile(r"Object contains unknown field `([^`]*)`(?: - at `([^`]*)`)?")
+_EXACT: Final = {int: int, str: str, float: float, bool: bool, bytes: bytes, None: type(None), type(None): type(None)}
 _JSON_SPACE: Final = frozenset(b" \t\r\n")
 _MSGPACK_ARRAY_HEADS: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 
@@ -107,6 +110,11 @@ class Signature:
             self.msgpack_result = msgspec.msgpack.Decoder(self.return_type)
         except TypeError as exc:
             raise DefinitionError(f"{where}: unsupported return type: {exc}") from exc
+        # Return values of these types are sent as they are; others are checked against the annotation.
+        self._exact_result: type | None = _EXACT.get(self.return_type)
+        self._any_result = self.return_type in (Any, object)
+        # Arguments whose types hold Structs, dataclasses or TypedDicts that would drop unknown fields.
+        self._strict = tuple((f[0], c) for f in fields if (c := strict.checker(f[1])) is not None)
         for label, annotation in [*((f"argument {f[0]!r}", f[1]) for f in fields), ("return type", self.return_type)]:
             custom = _custom_classes(annotation)
             if custom:
@@ -131,13 +139,19 @@ class Signature:
             if msgpack:
                 positional = body[0] in _MSGPACK_ARRAY_HEADS
                 mp = self._msgpack_positional if positional else self._msgpack_named
-                return msgspec.structs.astuple(mp.decode(body))
+                values = msgspec.structs.astuple(mp.decode(body))
+                if self._strict:
+                    self._refuse_unknown_fields(body, msgpack, False)
+                return values
             first = body[0]
             if first in _JSON_SPACE:
                 body = body.strip() or b"{}"  # whitespace only counts as an empty body
                 first = body[0]
             js = self._json_positional if first == 0x5B else self._json_named  # '['
-            return msgspec.structs.astuple(js.decode(body))
+            values = msgspec.structs.astuple(js.decode(body))
+            if self._strict:
+                self._refuse_unknown_fields(body, msgpack, False)
+            return values
         except msgspec.ValidationError as exc:
             raise BadRequest(f"{self.where}: invalid arguments: {self._name_fields(str(exc))}") from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for bad UTF-8
@@ -155,7 +169,35 @@ class Signature:
             if key in named:
                 raise msgspec.ValidationError(f"got multiple values for argument `{key}`")
         named.update(kwargs)
-        return msgspec.structs.astuple(msgspec.convert(named, self.arguments_type))
+        values = msgspec.structs.astuple(msgspec.convert(named, self.arguments_type))
+        if self._strict:
+            self._refuse_unknown_fields(body, msgpack, True)
+        return values
+
+    def _refuse_unknown_fields(self, body: bytes, msgpack: bool, mixed: bool) -> None:
+        """Raises ValidationError for an unknown field nested in an argument (the body decoded fine)."""
+        raw = decode(body, msgpack)
+        if mixed:
+            named = dict(zip(self.names, raw[0], strict=False)) | raw[1]
+        elif isinstance(raw, list):
+            named = dict(zip(self.names, raw, strict=False))
+        else:
+            named = raw
+        for name, check in self._strict:
+            if name in named:
+                check(named[name], f"$.{name}")
+
+    def encode_result(self, value: Any, msgpack: bool) -> bytes:
+        """Returns the reply body for a handler's return value, checked against its annotation.
+
+        Raises:
+            msgspec.ValidationError: the value does not fit the return annotation (naming the field).
+            msgspec.EncodeError, TypeError, ValueError: msgspec cannot encode the value.
+        """
+        body = msgpack_encoder.encode(value) if msgpack else json_encoder.encode(value)
+        if type(value) is not self._exact_result and not self._any_result:
+            (self.msgpack_result if msgpack else self.json_result).decode(body)  # as the caller will decode it
+        return body
 
     def _name_fields(self, message: str) -> str:
         """Rewrites ``$[0]`` paths from positional decoding into ``$.name``, and array lengths into arguments."""
@@ -165,6 +207,9 @@ class Signature:
             return f"missing required argument `$.{missing[0]}`" if missing else message
         if _ARRAY_TOO_LONG.fullmatch(message):
             return f"too many arguments: takes at most {len(self.names)}"
+        unknown = _UNKNOWN_FIELD.fullmatch(message)
+        if unknown:  # msgspec names the object; say the field's own path: `$.op.scael`
+            return f"unknown field `{unknown.group(2) or '$'}.{unknown.group(1)}`"
 
         def name(match: re.Match[str]) -> str:
             index = int(match.group(1))

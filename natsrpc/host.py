@@ -18,7 +18,7 @@ import msgspec
 import nats.errors
 from nats.nuid import NUID
 
-from natsrpc import announce, codec, context, logs, protocol, transport
+from natsrpc import announce, context, logs, protocol, transport
 from natsrpc.client import Client
 from natsrpc.dispatch import Dispatcher, resume
 from natsrpc.errors import (
@@ -300,11 +300,9 @@ class Host:
                 if call.cancelled:
                     raise _Abandoned()
             try:
-                body = codec.encode(result, msgpack)
-            except (TypeError, ValueError, msgspec.EncodeError) as exc:
-                raise InternalError(
-                    f"{route.where}: cannot encode the return value: {exc}", type="EncodeError"
-                ) from exc
+                body = endpoint.signature.encode_result(result, msgpack)
+            except (TypeError, ValueError, msgspec.EncodeError, msgspec.ValidationError) as exc:
+                raise _unencodable(route, exc) from exc
             if reply and (len(body) > self.nc.max_payload or not transport.send(self.nc, reply, "", body)):
                 await self._reply(reply, route, body)  # too large, or not connected: the slow path
         except RemoteError as exc:
@@ -372,6 +370,19 @@ class Host:
 
 class _Abandoned(Exception):
     """A sync handler returned after its deadline: its result goes nowhere."""
+
+
+def _unencodable(route: Route, exc: Exception) -> InternalError:
+    """The 500 for a return value that does not fit its annotation or cannot be encoded; logged,
+    as it is a bug in the handler, and never sent as it is."""
+    if isinstance(exc, msgspec.ValidationError):
+        annotation = route.endpoint.signature.return_type
+        named = annotation.__qualname__ if isinstance(annotation, type) else repr(annotation).replace("typing.", "")
+        message = f"{route.where}: the return value does not fit its annotation {named}: {exc}"
+    else:
+        message = f"{route.where}: cannot encode the return value: {exc}"
+    log.error("return value refused", where=route.where, error=message)
+    return InternalError(message, type="EncodeError")
 
 
 def _expire(call: context.CallContext, task: asyncio.Task[Any] | None) -> None:
