@@ -27,7 +27,16 @@ _INDEX_PATH: Final = re.compile(r"`\$\[(\d+)\]")
 _ARRAY_TOO_SHORT: Final = re.compile(r"Expected `array` of at least length \d+, got (\d+)")
 _ARRAY_TOO_LONG: Final = re.compile(r"Expected `array` of at most length \d+")
 _UNKNOWN_FIELD: Final = re.compile(r"Object contains unknown field `([^`]*)`(?: - at `([^`]*)`)?")
-_EXACT: Final[dict[Any, type]] = {int: int, str: str, float: float, bool: bool, bytes: bytes, None: type(None), type(None): type(None)}
+# Return annotations whose values are sent unchecked when of exactly that type (bool is not an int here).
+_EXACT: Final[dict[Any, type]] = {
+    int: int,
+    str: str,
+    float: float,
+    bool: bool,
+    bytes: bytes,
+    None: type(None),
+    type(None): type(None),
+}
 _JSON_SPACE: Final = frozenset(b" \t\r\n")
 _MSGPACK_ARRAY_HEADS: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 
