@@ -11,7 +11,7 @@ other node, polling (a cluster forms in 25-50 ms, sometimes ~1 s)::
         cluster.nodes[0].restart()
         cluster.wait_for_routes()            # the mesh of the live nodes is whole again
 
-The pytest fixture ``nats_cluster`` (:mod:`natsrpc.testing`) gives each test a started 3-node cluster.
+The pytest fixture ``natsrpc_cluster`` (:mod:`natsrpc.testing`) gives each test a started 3-node cluster.
 This lives apart from :mod:`natsrpc.embedded`, which owns one server process.
 """
 
