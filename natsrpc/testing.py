@@ -30,7 +30,7 @@ import pytest
 try:
     import pytest_asyncio
 except ImportError:  # natsrpc[testing] installs it; without it natsrpc_client says what is missing
-    pytest_asyncio = None
+    pytest_asyncio = None  # type: ignore[assignment]
 
 from natsrpc.client import Client
 from natsrpc.cluster import NatsCluster
