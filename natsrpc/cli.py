@@ -37,6 +37,11 @@ def parser() -> argparse.ArgumentParser:
     call.add_argument("arguments", nargs="?", default="", metavar="JSON", help="arguments as JSON (default: none)")
     call.add_argument("--timeout", type=float, default=5.0, help="seconds (default %(default)s)")
     call.add_argument("-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="extra request header")
+    call.add_argument(
+        "--json",
+        action="store_true",
+        help='print a failure as {"error": {"code", "type", "message", "data"}} on stdout (a reply is JSON anyway)',
+    )
     for name, help_text, service_arg in (
         ("ls", "list live services, versions, instances and endpoints", None),
         ("info", "show one service's instances and endpoints", "SERVICE"),
@@ -94,13 +99,26 @@ async def _call(args: argparse.Namespace) -> int:
             options = CallOptions(timeout=args.timeout, headers=headers or None)
             msg = await client.request(protocol.endpoint_subject(service, method, client.prefix), body, options)
     except RemoteError as exc:
-        print(f"error {exc.code} {exc.type}: {exc.message}", file=sys.stderr)
-        return 1
+        return _failed(args.json, exc.code, exc.type, exc.message, exc.data)
     except (CallError, ConnectionLost) as exc:
-        print(f"error {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return _failed(args.json, None, type(exc).__name__, str(exc), None)
     print(msg.data.decode(errors="replace") if msg.data else "null")
     return 0
+
+
+def _failed(as_json: bool, code: int | None, type_: str, message: str, data: Any) -> int:
+    """Prints a failed call: as the JSON error object on stdout, or as text on stderr; returns 1.
+
+    The text is ``error <code> <type>: <message>`` (no code when no reply came), then
+    ``data: <JSON>`` when the service sent data with its error (``ServiceError(409, "...", data)``).
+    """
+    if as_json:
+        print(msgspec.json.encode({"error": {"code": code, "type": type_, "message": message, "data": data}}).decode())
+        return 1
+    print(f"error {'' if code is None else f'{code} '}{type_}: {message}", file=sys.stderr)
+    if data is not None:
+        print(f"data: {msgspec.json.encode(data).decode()}", file=sys.stderr)
+    return 1
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

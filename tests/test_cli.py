@@ -45,6 +45,17 @@ async def cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+class Refuser(natsrpc.Service):
+    """Raises a business error with data."""
+
+    name = "refuser"
+
+    @natsrpc.rpc
+    async def take(self, item: str) -> None:
+        """Refuses every item with 409 and the item in the data."""
+        raise natsrpc.ServiceError(409, f"{item} is taken", {"item": item, "by": "ann"})
+
+
 @pytest_asyncio.fixture
 async def kv(client: natsrpc.Client) -> AsyncIterator[KV]:
     """The example KV service, hosted on the test's client."""
@@ -102,6 +113,29 @@ class TestErrors:
         assert out == ""
         assert err.startswith("error 400 BadRequest: ")
         assert "value" in err  # the message names the missing field
+
+    async def test_service_error_data_is_printed(self, client: natsrpc.Client, nats_url: str) -> None:
+        """A ServiceError's data follows its message, as JSON on a ``data:`` line."""
+        async with serve(client, Refuser()):
+            code, out, err = await cli("--url", nats_url, "call", "refuser.take", '["pen"]')
+        assert (code, out) == (1, "")
+        assert err == 'error 409 ServiceError: pen is taken\ndata: {"item":"pen","by":"ann"}\n'
+
+    async def test_json_prints_the_error_object_on_stdout(self, client: natsrpc.Client, nats_url: str) -> None:
+        """With --json a failure is the wire's error object on stdout, for scripts; stderr stays empty."""
+        async with serve(client, Refuser()):
+            code, out, err = await cli("--url", nats_url, "call", "refuser.take", '["pen"]', "--json")
+        assert (code, err) == (1, "")
+        error = {"code": 409, "type": "ServiceError", "message": "pen is taken", "data": {"item": "pen", "by": "ann"}}
+        assert json.loads(out) == {"error": error}
+
+    async def test_json_error_without_a_reply_has_no_code(self, nats_url: str) -> None:
+        """A call no service answers is {"error": {"code": null, "type": "NoResponders", ...}}."""
+        code, out, err = await cli("--url", nats_url, "call", "nobody.here", "--json")
+        assert (code, err) == (1, "")
+        error = json.loads(out)["error"]
+        assert (error["code"], error["type"], error["data"]) == (None, "NoResponders", None)
+        assert "nobody" in error["message"]
 
     async def test_invalid_json_exits_2_without_sending(self, client: natsrpc.Client, nats_url: str, kv: KV) -> None:
         """Arguments that are not JSON exit 2 and nothing reaches the service's subjects."""
