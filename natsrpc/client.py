@@ -99,6 +99,9 @@ class Client:
             self.registry.on_change(self._on_registry_change)
         self._owns_connection = owns_connection
         self._pending: dict[str, asyncio.Future[Reply]] = {}
+        # Tokens of calls published while nats-py was reconnecting: it holds them in its buffer and
+        # sends them after the reconnect, so the disconnect that was under way does not fail them.
+        self._parked: set[str] = set()
         self._called: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
         self._subjects: dict[tuple[str, str, str | None], str] = {}  # checked names -> their subject
         self._random = b""
@@ -142,11 +145,14 @@ class Client:
         self._connected.clear()
         if self.registry is not None:
             self._disconnected_at = self.registry.clock()
-        self.fail_pending(ConnectionLost("the connection to the NATS server broke while the call was pending"))
+        self.fail_pending(
+            ConnectionLost("the connection to the NATS server broke while the call was pending"), keep=self._parked
+        )
 
     def on_reconnected(self) -> None:
         """Notes that the connection is back (connection's nats-py callback): probes open circuits, tells listeners."""
         self._connected.set()
+        self._parked.clear()  # sent with the reconnect: from now on in flight like any other call
         self.probe_open_circuits()
         for listener in list(self._reconnect_listeners):
             try:
@@ -271,11 +277,13 @@ class Client:
                     log.warning("close failed, dropping the socket", error=repr(close_exc))
                     transport.drop_socket(self.nc)
 
-    def fail_pending(self, error: Exception) -> None:
-        """Fails every pending call with ``error`` (the connection broke or closed)."""
+    def fail_pending(self, error: Exception, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Fails every pending call with ``error`` (the connection broke or closed), but those in ``keep``."""
         pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
+        for token, future in pending.items():
+            if token in keep:
+                self._pending[token] = future
+            elif not future.done():
                 future.set_exception(error)
 
     def refuse(self, operation: str, subject: str) -> None:
@@ -562,6 +570,8 @@ class Client:
         try:
             inbox = self._inbox + token
             if not transport.send(self.nc, subject, inbox, body, block):
+                if not self.nc.is_connected:  # nats-py buffers it until it has reconnected
+                    self._parked.add(token)
                 try:
                     await transport.publish(self.nc, subject, body, inbox, headers)
                 except nats.errors.Error as exc:
@@ -572,6 +582,8 @@ class Client:
             timer.cancel()
             self._pending.pop(token, None)
             del self._called[token]
+            if self._parked:
+                self._parked.discard(token)
         if reply_headers:
             if reply_headers.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not data:
                 raise self._no_responders(subject)

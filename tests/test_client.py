@@ -246,6 +246,20 @@ class TestConnectionBreaks:
             assert_natsrpc_error(result)
         assert caller.pending_calls == 0
 
+    async def test_calls_sent_while_reconnecting_are_not_failed_by_that_disconnect(
+        self, client: natsrpc.Client, nats_url: str
+    ) -> None:
+        """A non-idempotent call made after nats-py saw the break, but before its disconnect callback
+        ran, waits in nats-py's buffer and is sent after the reconnect: it succeeds, not ConnectionLost."""
+        kv = KV()
+        async with serve(client, kv), natsrpc.connect(nats_url) as caller:
+            await caller.call_service["kv"].put("warm", "up")
+            await caller.nc.force_reconnect()  # RECONNECTING now; the disconnect callback runs later
+            assert not caller.nc.is_connected
+            assert await caller.call_service["kv"].options(timeout=5).put("a", "1") is None
+            assert kv.data["a"] == "1"
+            assert caller.pending_calls == 0
+
     async def test_close_fails_a_pending_call_with_client_closed(self, client: natsrpc.Client, nats_url: str) -> None:
         """Closing a client fails its pending calls (awaited directly or spawned) with ClientClosed."""
         gate = Gate()

@@ -95,7 +95,9 @@ class TestTheReadme:
             for program in programs():
                 result = run([sys.executable, "-c", program])
                 assert result.returncode == 0, f"{program}\n{result.stderr}"
-                shown = [line.split("# -> ", 1)[1] for line in program.splitlines() if "print(" in line and "# -> " in line]
+                shown = [
+                    line.split("# -> ", 1)[1] for line in program.splitlines() if "print(" in line and "-> " in line
+                ]
                 assert result.stdout.splitlines() == shown, program
                 assert result.stderr == "", program
             assert await runner.stop() == 0, runner.stderr
