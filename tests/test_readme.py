@@ -96,7 +96,7 @@ class TestTheReadme:
                 result = run([sys.executable, "-c", program])
                 assert result.returncode == 0, f"{program}\n{result.stderr}"
                 shown = [
-                    line.split("# -> ", 1)[1] for line in program.splitlines() if "print(" in line and "-> " in line
+                    line.split("# -> ", 1)[1] for line in program.splitlines() if "print(" in line and "# -> " in line
                 ]
                 assert result.stdout.splitlines() == shown, program
                 assert result.stderr == "", program
