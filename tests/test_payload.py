@@ -32,7 +32,7 @@ from natsrpc.codec import Signature
 from natsrpc.testing import serve
 
 MAX = 4096  # max_payload of this module's server
-DECODE_EXAMPLES = 10_000  # P4: bodies fuzzed through Signature.decode_arguments
+DECODE_EXAMPLES = 10_000  # P4: bodies fuzzed through Signature.decode_arguments (-m slow; 2,000 by default)
 NETWORK_EXAMPLES = 500  # P4: requests fuzzed through a hosted service
 REPLY_BUDGET = 1.0  # seconds for one fuzzed request's reply on a shared 2-core machine (typically ~1 ms)
 
@@ -307,12 +307,16 @@ def check_decoded(name: str, decoded: tuple[Any, ...]) -> None:
 class TestFuzzDecode:
     """P4: every body either decodes to arguments that fit the signature or raises BadRequest, nothing else."""
 
-    def test_ten_thousand_bodies(self) -> None:
-        """10,000 hypothesis bodies (random, malformed, mistyped, truncated, mixed form) against five signatures."""
+    @pytest.mark.parametrize(
+        "examples", [2_000, pytest.param(DECODE_EXAMPLES, marks=pytest.mark.slow)], ids=lambda n: f"{n}-bodies"
+    )
+    def test_random_bodies(self, examples: int) -> None:
+        """Hypothesis bodies (random, malformed, mistyped, truncated, mixed form) against five signatures:
+        2,000 in the default suite, P4's 10,000 with ``-m slow``."""
         outcomes: Counter[str] = Counter()
 
         @settings(
-            max_examples=DECODE_EXAMPLES,
+            max_examples=examples,
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -334,7 +338,7 @@ class TestFuzzDecode:
                 outcomes["400"] += 1
 
         fuzz()
-        assert sum(outcomes.values()) >= DECODE_EXAMPLES
+        assert sum(outcomes.values()) >= examples
         assert outcomes["400"] > outcomes["decoded"] > 0, outcomes  # both paths exercised
 
     def test_valid_bodies_decode(self) -> None:
