@@ -4,7 +4,7 @@ Also in tests/test_host.py (``TestPayloadLimits``, ``TestBadInput``): a request 
 not with its headers (P2), a body of exactly max_payload (P1), a reply over the limit as 413 (P3),
 and a table of hand-picked malformed bodies. This file adds what those leave out: caller headers and
 msgpack bodies over the limit, proof that nothing was sent, 413 seen by a plain NATS caller, and
-hypothesis fuzzing of the decode path (10,000 bodies) and of a hosted service (500 requests).
+hypothesis fuzzing of the decode path (2,000 bodies; 10,000 with -m slow) and of a hosted service (500 requests).
 """
 
 from __future__ import annotations
