@@ -33,6 +33,7 @@ from natsrpc.errors import (
     RemoteError,
     ReplyTooLarge,
     ServiceError,
+    StreamInterrupted,
     Unavailable,
 )
 from natsrpc.host import Host
@@ -70,6 +71,7 @@ __all__ = [
     "Service",
     "ServiceContext",
     "ServiceError",
+    "StreamInterrupted",
     "SyncClient",
     "Unavailable",
     "connect",

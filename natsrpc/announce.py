@@ -103,6 +103,8 @@ def endpoint_metadata(instance: Instance, name: str) -> dict[str, str]:
     route = instance.routes[name]
     signature = route.endpoint.signature
     metadata = {"idempotent": "true" if route.endpoint.idempotent else "false"}
+    if route.endpoint.streaming:
+        metadata["streaming"] = "true"  # result_schema then describes each item
     if route.endpoint.description:
         metadata["description"] = route.endpoint.description
     try:
@@ -212,6 +214,7 @@ class Announcer:
         for inst, healthy in zip(self.instances, health, strict=True):
             svc = inst.service
             idempotent = sorted(name for name, route in inst.routes.items() if route.endpoint.idempotent)
+            streaming = sorted(name for name, route in inst.routes.items() if route.endpoint.streaming)
             beat = Heartbeat(
                 svc.name,
                 inst.id,
@@ -222,6 +225,7 @@ class Announcer:
                 inst.draining,
                 self.interval,
                 idempotent,
+                streaming,
             )
             try:
                 await self.nc.publish(protocol.heartbeat_subject(svc.name, inst.id, self.prefix), _encoder.encode(beat))

@@ -37,11 +37,21 @@ from natsrpc.errors import (
     PayloadTooLarge,
     PermissionDenied,
     error_from_reply,
+    streaming_awaited,
     translate_nats_errors,
 )
-from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy, check_encoding, check_headers, check_timeout
+from natsrpc.proxy import (
+    Call,
+    CallOptions,
+    ServiceDirectory,
+    TypedProxy,
+    check_encoding,
+    check_headers,
+    check_timeout,
+)
 from natsrpc.registry import InstanceState, Registry
 from natsrpc.retry import DEFAULT_RETRY, RetryPolicy, TokenBucket, run_with_retries
+from natsrpc.streams import consume
 
 S = TypeVar("S")
 
@@ -102,6 +112,7 @@ class Client:
         # Tokens of calls published while nats-py was reconnecting: it holds them in its buffer and
         # sends them after the reconnect, so the disconnect that was under way does not fail them.
         self._parked: set[str] = set()
+        self._streams: dict[str, consume.Receiver] = {}  # streams in progress, by reply token
         self._called: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
         self._subjects: dict[tuple[str, str, str | None], str] = {}  # checked names -> their subject
         self._random = b""
@@ -148,6 +159,7 @@ class Client:
         self.fail_pending(
             ConnectionLost("the connection to the NATS server broke while the call was pending"), keep=self._parked
         )
+        self._fail_streams(ConnectionLost("the connection to the NATS server broke during the stream"))
 
     def on_reconnected(self) -> None:
         """Notes that the connection is back (connection's nats-py callback): probes open circuits, tells listeners."""
@@ -257,6 +269,7 @@ class Client:
         if self.registry is not None:
             await self.registry.stop()
         self.fail_pending(ClientClosed("the client was closed while the call was pending"))
+        self._fail_streams(ClientClosed("the client was closed during the stream"))
         # Spawned calls now end with ClientClosed (failed above, or refused by the closed flag):
         # await them rather than cancel them, so awaiting one raises ClientClosed, not CancelledError.
         tasks = self._tasks - {asyncio.current_task()}
@@ -276,6 +289,12 @@ class Client:
                     # (already CLOSED, socket still open): close the socket so nothing leaks.
                     log.warning("close failed, dropping the socket", error=repr(close_exc))
                     transport.drop_socket(self.nc)
+
+    def _fail_streams(self, error: CallError) -> None:
+        """Fails every stream in progress (its messages sent meanwhile are lost, so it cannot go on)."""
+        for receiver in list(self._streams.values()):
+            receiver.fail(error)
+            receiver.cancel()
 
     def fail_pending(self, error: Exception, keep: set[str] | frozenset[str] = frozenset()) -> None:
         """Fails every pending call with ``error`` (the connection broke or closed), but those in ``keep``."""
@@ -317,6 +336,7 @@ class Client:
         if self._broken is None:
             self._broken = error
         self.fail_pending(error)
+        self._fail_streams(error)
         self._connected.set()  # calls waiting for a reconnect retry now, and fail with ``error``
         if not self.nc.is_closed:
             self.spawn(self._close_connection())
@@ -345,10 +365,12 @@ class Client:
         options: CallOptions | None,
         spawn: bool,
         result: Any = None,
-    ) -> Awaitable[Any]:
-        """Returns the call as a coroutine, or as a started task when ``spawn`` (the proxies use this)."""
-        coro = self.call(service, method, args, kwargs, options, result)
-        return self.spawn(coro) if spawn else coro
+    ) -> Any:
+        """Returns the call to await or iterate (a :class:`~natsrpc.proxy.Call`), or a started task
+        when ``spawn`` (the proxies use this)."""
+        if spawn:
+            return self.spawn(self.call(service, method, args, kwargs, options, result))
+        return Call(self, service, method, args, kwargs, options, result)
 
     async def call(
         self,
@@ -377,11 +399,9 @@ class Client:
         if subject is None:
             subject = self._subject(service, method, opts.instance)
         if self.registry is not None:
-            methods = self.registry.methods(service)
-            if methods is not None and method not in methods:
-                missing = NotFound(f"{service} has no method {method!r} (it has: {', '.join(sorted(methods))})")
-                missing.hop = f"{service}.{method}"
-                raise missing
+            unary = self.registry.unary_methods(service)
+            if unary is not None and method not in unary:
+                self._refuse_unknown(service, method)
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         headers = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else None
         # One instance: no load balancing, so no circuit of the whole service.
@@ -395,6 +415,104 @@ class Client:
             error = BadReply(f"the reply of {service}.{method} does not decode: {exc}")
             error.hop = f"{service}.{method}"
             raise error from exc
+
+    def _refuse_unknown(self, service: str, method: str, streaming: bool = False) -> None:
+        """Raises, without sending, for a method discovery says the service lacks, or serves the other way.
+
+        Raises:
+            NotFound: no instance of the service has the method.
+            BadRequest: the method streams and was awaited (or, with ``streaming``, the reverse is fine).
+        """
+        assert self.registry is not None
+        methods = self.registry.methods(service) or frozenset()
+        if method not in methods:
+            error: CallError = NotFound(f"{service} has no method {method!r} (it has: {', '.join(sorted(methods))})")
+        elif streaming:
+            return
+        else:
+            error = streaming_awaited(f"{service}.{method}")
+        error.hop = f"{service}.{method}"
+        raise error
+
+    def stream(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: CallOptions | None = None,
+        result: Any = None,
+        *,
+        window: int = protocol.DEFAULT_WINDOW,
+    ) -> consume.Stream[Any]:
+        """Calls a streaming endpoint; returns its items as an async iterator (the request goes out on
+        the first ``__anext__``).
+
+        A unary endpoint called this way gives its one result as the only item. The stream's
+        timeout bounds the whole stream. Streams are neither retried nor counted by the circuit
+        breaker: once items flowed, a retry would repeat them.
+
+        Args:
+            service, method, args, kwargs, options, result: as for :meth:`call`.
+            window: the most items the server may send beyond those consumed (flow control).
+
+        Raises:
+            ConfigurationError: a name or the window is unusable.
+        """
+        opts = options or self.default_options
+        subject = self._subjects.get((service, method, opts.instance))
+        if subject is None:
+            subject = self._subject(service, method, opts.instance)
+        if isinstance(window, bool) or not isinstance(window, int) or not 0 < window <= protocol.MAX_WINDOW:
+            raise ConfigurationError(f"window must be a whole number from 1 to {protocol.MAX_WINDOW}, got {window!r}")
+        decode = consume.decoder_of(result, opts.msgpack)
+        kwargs = kwargs or {}
+
+        def open_stream() -> consume.Receiver:
+            if self._closed:
+                raise ClientClosed("the client is closed")
+            if self._broken is not None:
+                raise self._broken
+            if self.registry is not None and self.registry.methods(service) is not None:
+                self._refuse_unknown(service, method, streaming=True)
+            body, mixed = codec.encode_arguments(args, kwargs, opts.msgpack)
+            extra = {protocol.STREAM: str(window)}
+            if mixed:
+                extra[protocol.ARGS_FORM] = protocol.MIXED_ARGS
+            headers, timeout = self._headers(subject, opts, extra)
+            block = protocol.encode_headers(headers)
+            if len(body) + len(block) > self.nc.max_payload:
+                raise PayloadTooLarge(
+                    f"request to {subject} is {len(body) + len(block)} bytes with headers, "
+                    f"over max_payload {self.nc.max_payload}"
+                )
+            token = self._token()
+            reply = self._inbox + token
+            receiver = consume.Receiver(
+                self.nc, subject, reply, service, self.prefix, window, decode, self._forget_stream
+            )
+            receiver.expire_at(self._loop_time() + timeout, timeout)
+            self._streams[token] = receiver
+            if not transport.send(self.nc, subject, reply, body, block):
+                self.spawn(self._send_stream_request(receiver, subject, body, headers))
+            return receiver
+
+        return consume.Stream(open_stream)
+
+    def _forget_stream(self, receiver: consume.Receiver) -> None:
+        self._streams.pop(receiver.reply[len(self._inbox) :], None)
+
+    async def _send_stream_request(
+        self, receiver: consume.Receiver, subject: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        try:
+            await transport.publish(self.nc, subject, body, receiver.reply, headers)
+        except nats.errors.Error as exc:
+            try:
+                with translate_nats_errors(subject):
+                    raise exc from None
+            except CallError as error:
+                receiver.fail(error)
 
     def _subject(self, service: str, method: str, instance: str | None) -> str:
         """Returns the subject of a call, after checking its names (cached: the check runs once per name).
@@ -578,6 +696,9 @@ class Client:
                     with translate_nats_errors(subject):
                         raise exc from None
             data, reply_headers = await future
+        except asyncio.CancelledError:  # the caller gave up: the service cancels the handler too
+            self._cancel_remote(subject, self._inbox + token)
+            raise
         finally:
             timer.cancel()
             self._pending.pop(token, None)
@@ -645,12 +766,33 @@ class Client:
         return headers, timeout
 
     def _resolve(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-        """Hands a reply to the call waiting for it (called as nats-py parses the message)."""
-        future = self._pending.pop(subject[len(self._inbox) :], None)
+        """Hands a reply to the call waiting for it, or a stream's message to its receiver (called as
+        nats-py parses the message)."""
+        token = subject[len(self._inbox) :]
+        future = self._pending.pop(token, None)
         if future is not None and not future.done():
             future.set_result((data, headers))
+            return
+        receiver = self._streams.get(token)
+        if receiver is not None:
+            receiver.deliver(data, headers)
         else:
             self.stray_replies += 1
+
+    def _cancel_remote(self, subject: str, reply: str) -> None:
+        """Tells every instance of the called service that the call replying to ``reply`` is cancelled."""
+        service = protocol.call_service_name(subject, self.prefix)
+        if not service:
+            return
+        cancels, body = protocol.cancel_subject(service, self.prefix), reply.encode()
+        if not transport.send(self.nc, cancels, "", body, b""):
+            self.spawn(self._publish_quietly(cancels, body))
+
+    async def _publish_quietly(self, subject: str, body: bytes) -> None:
+        try:
+            await transport.publish(self.nc, subject, body)
+        except nats.errors.Error as exc:
+            log.debug("cancel not sent", subject=subject, error=repr(exc))
 
 
 def check_client_options(*, timeout: object, encoding: object, prefix: object, caller: object) -> None:

@@ -6,8 +6,10 @@ is defined; its decoders and encoders are reused for every message.
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import re
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -37,6 +39,7 @@ _EXACT: Final[dict[Any, type]] = {
     None: type(None),
     type(None): type(None),
 }
+_ASYNC_ITERATORS: Final = (collections.abc.AsyncIterator, collections.abc.AsyncGenerator, collections.abc.AsyncIterable)
 _JSON_SPACE: Final = frozenset(b" \t\r\n")
 _MSGPACK_ARRAY_HEADS: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 
@@ -99,6 +102,10 @@ class Signature:
             raise DefinitionError(f"{where}: needs a return annotation (use '-> None' for none)")
         self.required: frozenset[str] = frozenset(p.name for p in params if p.default is p.empty)
         self.return_type: Any = hints["return"]
+        # A streaming endpoint (-> AsyncIterator[T]) encodes and decodes each item as a T.
+        self.streaming = typing.get_origin(self.return_type) in _ASYNC_ITERATORS
+        if self.streaming:
+            (self.return_type, *_) = typing.get_args(self.return_type) or (Any,)
         struct_name = where.replace(".", "_").replace("-", "_") + "_args"
         try:
             # kw_only lets a required keyword-only parameter follow one with a default, as Python does;

@@ -27,12 +27,14 @@ class CallContext:
             any call it makes).
         caller: ``<service>/<instance-id>`` of the calling service, or ``"client"``.
         headers: the request headers as received.
-        cancelled: True once the call was cancelled (its deadline passed): a plain ``def``
-            handler, which cannot be interrupted, should check it and give up.
+        cancelled: True once the call was cancelled (its deadline passed, or its caller cancelled
+            it): a plain ``def`` handler, which cannot be interrupted, should check it and give up.
+        cancel_reason: why it was cancelled ("" while it is not).
     """
 
     __slots__ = (
-        "_traceparent", "caller", "cancelled", "deadline", "headers", "instance", "method", "parent", "service",
+        "_traceparent", "caller", "cancel_reason", "cancelled", "deadline", "headers", "instance", "method",
+        "parent", "service",
     )  # fmt: skip
 
     def __init__(
@@ -54,6 +56,7 @@ class CallContext:
         self.headers: Mapping[str, str] = headers if headers is not None else {}
         self._traceparent = ""
         self.cancelled = False
+        self.cancel_reason = ""
 
     def remaining(self) -> float:
         """Returns the seconds left before the deadline (negative once it passed)."""

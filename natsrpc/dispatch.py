@@ -111,6 +111,17 @@ class Dispatcher(Generic[Item]):
         elif self.active == 0 and self._done is not None:
             self._done.set()
 
+    def withdraw(self, match: Callable[[Item], bool]) -> bool:
+        """Drops the first queued item ``match`` accepts (its caller cancelled it); returns whether one was."""
+        for item in self._queue:
+            if match(item):
+                self._queue.remove(item)
+                self.active -= 1
+                if self.active == 0 and self._done is not None:
+                    self._done.set()
+                return True
+        return False
+
     async def wait_idle(self, wait: float) -> bool:
         """Waits up to ``wait`` seconds for every item to finish; returns whether they all did."""
         if self.active:

@@ -19,7 +19,9 @@ The tree::
         ├── NoResponders           nobody subscribes to the subject
         ├── CallTimeout            no reply before the deadline (also a TimeoutError)
         ├── CircuitOpen            the circuit breaker refuses the call
-        ├── BadReply               a success reply does not decode as the return type
+        ├── BadReply               a success reply does not decode as the return type, or a
+        │                          stream's messages break the protocol
+        ├── StreamInterrupted      a stream's server went silent for 3 keepalive intervals
         ├── PayloadTooLarge        headers + body exceed the server's max_payload
         ├── PermissionDenied       the server refused a publish or subscribe of this connection
         │   └── AuthenticationFailed   the server refused the connection's credentials
@@ -102,6 +104,13 @@ class BadRequest(RemoteError):
     """Raised when the service could not decode or validate the arguments (400)."""
 
     default_code = protocol.BAD_REQUEST
+
+
+def streaming_awaited(where: str) -> BadRequest:
+    """The 400 for a streaming endpoint that was awaited: its type tells clients to iterate instead."""
+    return BadRequest(
+        f"{where} is a streaming endpoint: iterate it (async for ...), do not await it", type="StreamingEndpoint"
+    )
 
 
 class NotFound(RemoteError):
@@ -193,6 +202,10 @@ class CallTimeout(CallError, TimeoutError):
 
 class BadReply(CallError):
     """Raised when a successful reply cannot be decoded (as the method's declared return type)."""
+
+
+class StreamInterrupted(CallError):
+    """Raised when a stream's server sent nothing (not even a keepalive) for 3 keepalive intervals."""
 
 
 class CircuitOpen(CallError):

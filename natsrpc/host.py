@@ -38,6 +38,7 @@ from natsrpc.errors import (
 )
 from natsrpc.instance import Instance, Request, Route
 from natsrpc.service import Service, ServiceContext
+from natsrpc.streams import produce
 
 log = logs.get_logger("natsrpc.host")
 
@@ -45,6 +46,8 @@ DEFAULT_MAX_CONCURRENCY = 100
 DEFAULT_MAX_QUEUE = 100
 DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_HANDLER_TIMEOUT = 30.0
+CANCELLED = 499  # counted (never sent) for a call its caller cancelled, as nginx logs a closed request
+_MAX_REPLY_SUBJECT = 512  # a cancel naming a longer reply subject names no call of ours
 
 
 class Host:
@@ -60,6 +63,8 @@ class Host:
         config: per-service configuration sections, by service name (``self.ctx.config``).
         heartbeat_interval: seconds between heartbeats (jittered); see :mod:`natsrpc.announce`.
         discoverable: answer ``$SRV.PING/INFO/STATS`` and publish heartbeats.
+        stream_keepalive: seconds between the keepalives of an idle stream; a client silent for 3
+            of them is given up (its generator closed).
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class Host:
         config: Mapping[str, Mapping[str, Any]] | None = None,
         heartbeat_interval: float = protocol.DEFAULT_HEARTBEAT_INTERVAL,
         discoverable: bool = True,
+        stream_keepalive: float = protocol.DEFAULT_KEEPALIVE,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ConfigurationError("max_concurrency must be >= 1 and max_queue >= 0")
@@ -99,6 +105,10 @@ class Host:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = False  # the drain timeout passed: handlers still running are being cancelled
+        self.stream_keepalive = stream_keepalive
+        self._producers: dict[str, produce.Producer] = {}  # the streams being served, by token
+        # Calls a caller may cancel, by reply subject: handlers that suspended, and streams.
+        self._cancellable: dict[str, tuple[context.CallContext, asyncio.Task[Any] | None]] = {}
 
     async def __aenter__(self) -> Host:
         await self.start()
@@ -152,6 +162,10 @@ class Host:
             await self._subscribe(subject, protocol.QUEUE_GROUP, functools.partial(self._admit, route))
         wildcard = protocol.instance_wildcard(inst.service.name, inst.id, prefix)
         await self._subscribe(wildcard, "", functools.partial(self._admit_instance_request, inst))
+        await self._subscribe(protocol.control_wildcard(inst.service.name, inst.id, prefix), "", self._admit_control)
+        cancels = protocol.cancel_subject(inst.service.name, prefix)
+        if all(sub.subject != cancels for sub in self._subs):  # one per service, however many instances
+            await self._subscribe(cancels, "", self._admit_cancel)
         log.info(
             "serving", service=inst.service.name, version=inst.service.version, instance=inst.id,
             endpoints=sorted(inst.routes),
@@ -220,6 +234,33 @@ class Host:
             return
         self._admit(route, subject, reply, data, headers)
 
+    def _admit_control(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Hands a stream's control message (ack, keepalive, cancel) to its producer; others are dropped."""
+        producer = self._producers.get(subject[subject.rfind(".") + 1 :])
+        if producer is not None:
+            producer.on_control(headers)
+
+    def _admit_cancel(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Cancels the call whose reply subject the message names, if it runs or waits here.
+
+        A handler running is cancelled (a plain ``def`` one sees ``current_call().cancelled``); a
+        request still queued is dropped. Nothing is sent: the caller has gone.
+        """
+        target = data.decode("utf-8", "replace") if len(data) <= _MAX_REPLY_SUBJECT else ""
+        if not target:
+            return
+        entry = self._cancellable.get(target)
+        if entry is not None:
+            call, task = entry
+            call.cancelled = True
+            call.cancel_reason = "cancelled by its caller"
+            if task is not None:
+                task.cancel()
+            return
+        for inst in self.instances:
+            if inst.pool is not None and inst.pool.withdraw(lambda request: request[1] == target):
+                return
+
     def _admit(self, route: Route, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         """Admits a request as it arrives: starts its task, or refuses it at once (503 stopped, 429 full)."""
         inst = route.instance
@@ -256,6 +297,7 @@ class Host:
         inst = route.instance
         endpoint = route.endpoint
         started = time.perf_counter_ns()
+        producer: produce.Producer | None = None
         if headers is None:
             headers = {}
             msgpack = mixed = False
@@ -279,50 +321,142 @@ class Host:
             )
             context.enter(call)
             args, kwargs = endpoint.signature.call_parts(values)
-            if endpoint.is_async:
-                coro = route.handler(*args, **kwargs)
-                try:  # the first step here: most handlers finish in it, and need no deadline timer
-                    yielded = coro.send(None)
-                except StopIteration as stop:
-                    result = stop.value
+            if endpoint.streaming:
+                window = produce.window_of(headers)
+                if window is not None:
+                    producer = self._producer(route, reply, call, window, msgpack)
+                    await self._run_stream(producer, route.handler(*args, **kwargs), reply, call, deadline)
+                    return
+                body = await self._collect(route, route.handler(*args, **kwargs), reply, call, headers, msgpack)
+            else:
+                if endpoint.is_async:
+                    coro = route.handler(*args, **kwargs)
+                    try:  # the first step here: most handlers finish in it, and need no deadline timer
+                        yielded = coro.send(None)
+                    except StopIteration as stop:
+                        result = stop.value
+                    else:
+                        task = asyncio.current_task()
+                        timer = self._deadline_timer(call, deadline, task)
+                        if reply:
+                            self._cancellable[reply] = (call, task)
+                        try:
+                            result = await resume(coro, yielded)
+                        finally:
+                            timer.cancel()
+                            if reply:
+                                self._cancellable.pop(reply, None)
                 else:
-                    timer = self._deadline_timer(call, deadline, asyncio.current_task())
+                    timer = self._deadline_timer(call, deadline, None)
+                    if reply:
+                        self._cancellable[reply] = (call, None)
                     try:
-                        result = await resume(coro, yielded)
+                        result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
                     finally:
                         timer.cancel()
-            else:
-                timer = self._deadline_timer(call, deadline, None)
-                try:
-                    result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
-                finally:
-                    timer.cancel()
-                if call.cancelled:
-                    raise _Abandoned()
-            try:
-                body = endpoint.signature.encode_result(result, msgpack)
-            except (TypeError, ValueError, msgspec.EncodeError, msgspec.ValidationError) as exc:
-                raise _unencodable(route, exc) from exc
+                        if reply:
+                            self._cancellable.pop(reply, None)
+                    if call.cancelled:
+                        raise _Abandoned()
+                body = self._encode(route, result, msgpack)
             if reply and (len(body) > self.nc.max_payload or not transport.send(self.nc, reply, "", body)):
                 await self._reply(reply, route, body)  # too large, or not connected: the slow path
         except RemoteError as exc:
-            await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc)
+            await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc, producer)
         except CallError as exc:  # a call this handler made failed without a reply
-            await self._reply_error(reply, route, _downstream(route, exc))
+            await self._reply_error(reply, route, _downstream(route, exc), producer)
         except (asyncio.CancelledError, _Abandoned):
             if self._stopping:  # the drain timeout of a graceful stop passed: tell the caller
-                await self._reply_error(reply, route, Unavailable(f"{route.where}: cancelled, the instance stopped"))
+                stopped = Unavailable(f"{route.where}: cancelled, the instance stopped")
+                await self._reply_error(reply, route, stopped, producer)
             elif (current := context.active_call()) is not None and current.cancelled:
-                # The caller gave up: nobody listens for a reply, so it is only counted.
-                await self._reply_error("", route, DeadlineExceeded(f"{route.where}: cancelled at its deadline"))
+                # The caller gave up, or its deadline passed: nobody listens for a reply, so it is only counted.
+                reason = current.cancel_reason or "its deadline passed"
+                if reason.startswith("its deadline"):
+                    gone: RemoteError = DeadlineExceeded(f"{route.where}: cancelled at its deadline")
+                else:
+                    gone = remote_error(CANCELLED, f"{route.where}: {reason}", "Cancelled")
+                await self._reply_error("", route, gone)
             else:
                 raise
         except Exception as exc:
-            await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__))
+            await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__), producer)
             log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
             route.stats.processing_time_ns += time.perf_counter_ns() - started
             inst.pool.finished()  # type: ignore[union-attr]  # a request is served only by its pool
+
+    def _encode(self, route: Route, result: Any, msgpack: bool) -> bytes:
+        """Encodes a return value or stream item, checked against its annotation (a 500 if it does not fit)."""
+        try:
+            return route.endpoint.signature.encode_result(result, msgpack)
+        except (TypeError, ValueError, msgspec.EncodeError, msgspec.ValidationError) as exc:
+            raise _unencodable(route, exc) from exc
+
+    def _producer(
+        self, route: Route, reply: str, call: context.CallContext, window: int, msgpack: bool
+    ) -> produce.Producer:
+        """Makes the producer of a stream request, with its own control subject."""
+        inst = route.instance
+        token = produce.new_token()
+        control = protocol.control_subject(inst.service.name, inst.id, token, self.client.prefix)
+        producer = produce.Producer(
+            self.nc, reply, control, window, self.stream_keepalive,
+            functools.partial(self._encode, route, msgpack=msgpack), call, route.where,
+        )  # fmt: skip
+        self._producers[token] = producer
+        return producer
+
+    async def _run_stream(
+        self,
+        producer: produce.Producer,
+        items: Any,
+        reply: str,
+        call: context.CallContext,
+        deadline: float,
+    ) -> None:
+        """Runs a stream to its end, bounded by the call's deadline; cancellable by its caller."""
+        task = asyncio.current_task()
+        timer = self._deadline_timer(call, deadline, task)
+        self._cancellable[reply] = (call, task)
+        try:
+            await producer.run(items)
+        finally:
+            timer.cancel()
+            self._cancellable.pop(reply, None)
+            del self._producers[producer.control[producer.control.rfind(".") + 1 :]]
+
+    async def _collect(
+        self, route: Route, items: Any, reply: str, call: context.CallContext, headers: dict[str, str], msgpack: bool
+    ) -> bytes:
+        """Answers a plain request to a streaming endpoint: every item in one array reply, if they fit.
+
+        A natsrpc client's ``await`` (its requests always carry a deadline) gets a 400 saying to
+        iterate instead.
+        """
+        if protocol.DEADLINE in headers:
+            await items.aclose()
+            raise BadRequest(f"{route.where} is a streaming endpoint: iterate it (async for ...), do not await it")
+        bodies: list[bytes] = []
+        size = 2
+        task = asyncio.current_task()
+        timer = self._deadline_timer(call, call.deadline, task)
+        self._cancellable[reply] = (call, task)
+        try:
+            async for item in items:
+                body = self._encode(route, item, msgpack)
+                size += len(body) + 1
+                if size > self.nc.max_payload:
+                    raise ReplyTooLarge(
+                        f"{route.where}: the items exceed max_payload {self.nc.max_payload} as one reply; "
+                        f"request a stream (header {protocol.STREAM}, see docs/protocol.md)"
+                    )
+                bodies.append(body)
+        finally:
+            timer.cancel()
+            self._cancellable.pop(reply, None)
+            await items.aclose()
+        return produce.array_reply(bodies, msgpack)
 
     def _deadline_timer(
         self, call: context.CallContext, deadline: float, task: asyncio.Task[Any] | None
@@ -346,16 +480,23 @@ class Host:
         else:
             await self._publish(reply, body, None)
 
-    async def _reply_error(self, reply: str, route: Route | None, error: RemoteError) -> None:
+    async def _reply_error(
+        self, reply: str, route: Route | None, error: RemoteError, stream: produce.Producer | None = None
+    ) -> None:
+        """Counts an error and sends its reply (numbered as the stream's last message, for a stream)."""
         if route is not None:
             route.stats.num_errors += 1
             route.stats.last_error = f"{error.code} {error.message}"[:512]
         if not reply:
             return
         headers, body = error_reply(error)
+        if stream is not None:
+            headers.update(stream.closing_headers())
         block = protocol.encode_headers(headers)
         if len(body) + len(block) > self.nc.max_payload:
             headers, body = error_reply(remote_error(error.code, error.message[:1024], error.type))
+            if stream is not None:
+                headers.update(stream.closing_headers())
             block = protocol.encode_headers(headers)
         if not transport.send(self.nc, reply, "", body, block):
             await self._publish(reply, body, headers)
@@ -388,6 +529,7 @@ def _unencodable(route: Route, exc: Exception) -> InternalError:
 def _expire(call: context.CallContext, task: asyncio.Task[Any] | None) -> None:
     """Marks a call cancelled at its deadline and cancels the task serving it."""
     call.cancelled = True
+    call.cancel_reason = "its deadline passed"
     if task is not None:
         task.cancel()
 

@@ -33,11 +33,23 @@ CONTENT_TYPE: Final = "Content-Type"
 ERROR: Final = "Nats-Service-Error"
 ERROR_CODE: Final = "Nats-Service-Error-Code"
 STATUS: Final = "Status"  # set by nats-py from the server's inline status line
+# Streams (docs/protocol.md): the request asks for one, each message the server sends is numbered.
+STREAM: Final = "Natsrpc-Stream"  # request: the window, the most items sent beyond the client's ack
+SEQ: Final = "Natsrpc-Seq"  # server message: 0 the start, 1.. the items, then the end or an error
+CONTROL: Final = "Natsrpc-Control"  # start message: the subject the client sends acks, keepalives, cancel to
+KEEPALIVE: Final = "Natsrpc-Keepalive"  # start message: the interval (s); alone: a keepalive
+END: Final = "Natsrpc-End"  # the end message: the number of items sent
+ACK: Final = "Natsrpc-Ack"  # control message: the client consumed the items up to this seq
+CANCEL: Final = "Natsrpc-Cancel"  # control message: the client gives up; the generator is closed
 
 # Header values.
 JSON: Final = "application/json"
 MSGPACK: Final = "application/msgpack"
 MIXED_ARGS: Final = "mixed"  # body is [[positional...], {named...}]
+
+DEFAULT_WINDOW: Final = 64  # items a stream may have sent and not yet acknowledged
+MAX_WINDOW: Final = 1024  # the largest window a server grants
+DEFAULT_KEEPALIVE: Final = 1.0  # seconds between keepalives of an idle stream; 3 missed = dead peer
 
 # Status codes used in error replies.
 BAD_REQUEST: Final = 400
@@ -92,6 +104,37 @@ def heartbeat_subject(service: str, instance_id: str, prefix: str = DEFAULT_PREF
     return f"{prefix}._hb.{service}.{instance_id}"
 
 
+def control_subject(service: str, instance_id: str, token: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Returns the control subject of one stream: ``svc._ctl.<service>.<id>.<token>``."""
+    return f"{prefix}._ctl.{service}.{instance_id}.{token}"
+
+
+def control_wildcard(service: str, instance_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Returns the one subscription an instance needs for the control subjects of all its streams."""
+    return f"{prefix}._ctl.{service}.{instance_id}.*"
+
+
+def parse_control_subject(subject: str, service: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    """Returns the stream token of a control subject of ``service``, or None if it is not one.
+
+    A client checks the control subject a server names before sending anything to it, so a
+    responder cannot make it publish elsewhere.
+    """
+    head = f"{prefix}._ctl.{service}."
+    if not subject.startswith(head):
+        return None
+    instance_id, dot, token = subject[len(head) :].partition(".")
+    return token if dot and valid_name(instance_id) and valid_name(token) else None
+
+
+def cancel_subject(service: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Returns the subject every instance of ``service`` hears cancels on: ``svc._cancel.<service>``.
+
+    The body of a cancel is the reply subject of the call to cancel.
+    """
+    return f"{prefix}._cancel.{service}"
+
+
 SERVICE_API_VERBS: Final = ("PING", "INFO", "STATS")
 """The NATS Service API questions every instance answers."""
 
@@ -139,12 +182,15 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     draining: bool
     interval: float
     idempotent: list[str] = []
+    streaming: list[str] = []
 
 
 # Header blocks: encoded and parsed here, in one place, for both sides.
 
 _NEWLINES: Final = str.maketrans({"\r": " ", "\n": " "})
-_PROTOCOL_NAMES: Final = frozenset([DEADLINE, CALLER, ARGS_FORM, TRACEPARENT, CONTENT_TYPE])
+_PROTOCOL_NAMES: Final = frozenset(
+    [DEADLINE, CALLER, ARGS_FORM, TRACEPARENT, CONTENT_TYPE, STREAM, SEQ, CONTROL, KEEPALIVE, END, ACK, CANCEL]
+)
 
 
 def encode_headers(headers: Mapping[str, str]) -> bytes:

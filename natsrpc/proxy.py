@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 
 from natsrpc import protocol
@@ -31,6 +31,17 @@ class Invoker(Protocol):
         result: Any = None,
     ) -> Any:
         """Starts the call: returns an awaitable or task (async) or the result or a Future (sync)."""
+
+    def stream(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: CallOptions | None = None,
+        result: Any = None,
+    ) -> Any:
+        """Calls a streaming endpoint: returns its items as an async (or, sync, a plain) iterator."""
 
 
 class OptionChanges(TypedDict, total=False):
@@ -216,6 +227,63 @@ class MethodCaller:
         return self._client.invoke(self._service, self._method, args, kwargs, self._options, self._spawn)
 
 
+class Call(Coroutine[Any, Any, Any]):
+    """One call made with the sugar: ``await`` it for a unary endpoint's result, or iterate it
+    (``async for``) for a streaming endpoint's items.
+
+    It is a coroutine (``asyncio.create_task(call)``, ``gather`` and ``wait_for`` take it); the
+    request goes out when it is first awaited, stepped or iterated.
+    """
+
+    __slots__ = ("_args", "_client", "_coro", "_kwargs", "_method", "_options", "_result", "_service")
+
+    def __init__(
+        self,
+        client: Any,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        options: CallOptions | None,
+        result: Any,
+    ) -> None:
+        self._client = client
+        self._service = service
+        self._method = method
+        self._args = args
+        self._kwargs = kwargs
+        self._options = options
+        self._result = result
+        self._coro: Coroutine[Any, Any, Any] | None = None
+
+    def _call(self) -> Coroutine[Any, Any, Any]:
+        coro = self._coro
+        if coro is None:
+            coro = self._coro = self._client.call(
+                self._service, self._method, self._args, self._kwargs, self._options, self._result
+            )
+        return coro
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._call().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._call().send(value)
+
+    def throw(self, *exc: Any) -> Any:
+        return self._call().throw(*exc)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
+
+    def __aiter__(self) -> Any:
+        return self._client.stream(self._service, self._method, self._args, self._kwargs, self._options, self._result)
+
+    def __repr__(self) -> str:
+        return f"<Call {self._service}.{self._method}>"
+
+
 class TypedProxy:
     """``client.proxy(KV)``: calls checked against the Service class, returns decoded to its types."""
 
@@ -240,8 +308,15 @@ class TypedProxy:
             options = dataclasses.replace(options, idempotent=endpoint.idempotent)
         decoder = signature.msgpack_result if options.msgpack else signature.json_result
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return client.invoke(name, endpoint.name, (), signature.bind(args, kwargs), options, False, decoder)
+        if endpoint.streaming:
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return client.stream(name, endpoint.name, (), signature.bind(args, kwargs), options, decoder)
+
+        else:
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return client.invoke(name, endpoint.name, (), signature.bind(args, kwargs), options, False, decoder)
 
         call.__name__ = attr
         call.__doc__ = endpoint.fn.__doc__

@@ -11,7 +11,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
@@ -46,6 +46,7 @@ class InstanceState:
     interval: float
     last_seen: float
     idempotent: list[str]
+    streaming: list[str] = field(default_factory=list)
 
     @property
     def live(self) -> bool:
@@ -89,6 +90,7 @@ class Registry:
         self._count = 0  # instances tracked, over all services
         self._last_beat: dict[str, float] = {}  # service -> when its latest beat arrived (clock)
         self._methods: dict[str, frozenset[str]] = {}  # service -> endpoints of its tracked instances
+        self._unary: dict[str, frozenset[str]] = {}  # service -> those endpoints that do not stream
         self._beat_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._callbacks: list[ChangeCallback] = []
         self._sub: Any = None
@@ -145,6 +147,7 @@ class Registry:
             beat.interval,
             self.clock(),
             beat.idempotent,
+            beat.streaming,
         )
         instances[beat.id] = state
         if previous is None or previous.endpoints != state.endpoints:
@@ -190,12 +193,19 @@ class Registry:
         """Returns the endpoints the tracked instances of ``service`` serve, or None when none is tracked."""
         return self._methods.get(service)
 
+    def unary_methods(self, service: str) -> frozenset[str] | None:
+        """Returns the endpoints of ``service`` that answer with one reply (awaited, not iterated), or None."""
+        return self._unary.get(service)
+
     def _update_methods(self, service: str) -> None:
         instances = self._services.get(service)
         if instances:
-            self._methods[service] = frozenset(name for state in instances.values() for name in state.endpoints)
+            methods = frozenset(name for state in instances.values() for name in state.endpoints)
+            self._methods[service] = methods
+            self._unary[service] = methods - {name for state in instances.values() for name in state.streaming}
         else:
             self._methods.pop(service, None)
+            self._unary.pop(service, None)
 
     def last_beat(self, service: str) -> float:
         """Returns when (on :attr:`clock`) the latest beat of ``service`` arrived, or -inf if none did."""

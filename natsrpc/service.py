@@ -65,6 +65,7 @@ class Endpoint:
         fn: the unbound function.
         is_async: whether it is a coroutine function (plain ``def`` runs in a worker thread).
         idempotent: whether a timed-out call may be retried.
+        streaming: whether it is an async generator (``-> AsyncIterator[T]``), streaming its items.
         signature: argument/return codecs.
         description: the first line of the docstring.
     """
@@ -76,6 +77,7 @@ class Endpoint:
     idempotent: bool
     signature: Signature
     description: str = ""
+    streaming: bool = False
 
 
 @dataclass(slots=True)
@@ -185,13 +187,20 @@ def _collect_endpoints(cls: type[Service]) -> dict[str, Endpoint]:
             if name in endpoints:
                 raise DefinitionError(f"{where}: two methods use the endpoint name {name!r}")
             doc = inspect.getdoc(value) or ""
+            signature = Signature(value, where)
+            streaming = inspect.isasyncgenfunction(value)
+            if streaming and not signature.streaming:
+                raise DefinitionError(f"{where}: an async generator must be annotated '-> AsyncIterator[ItemType]'")
+            if signature.streaming and not streaming:
+                raise DefinitionError(f"{where}: '-> AsyncIterator[...]' needs an async generator (async def, yield)")
             endpoints[name] = Endpoint(
                 name=name,
                 attr=attr,
                 fn=value,
                 is_async=inspect.iscoroutinefunction(value),
                 idempotent=options.idempotent,
-                signature=Signature(value, where),
+                signature=signature,
                 description=doc.splitlines()[0] if doc else "",
+                streaming=streaming,
             )
     return endpoints

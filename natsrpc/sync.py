@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 from natsrpc.client import Client
 from natsrpc.connection import DEFAULT_URL, connect
-from natsrpc.errors import ClientClosed
+from natsrpc.errors import BadRequest, ClientClosed
 from natsrpc.proxy import CallOptions, ServiceDirectory, TypedProxy
 from natsrpc.service import Service
+from natsrpc.streams import consume
 
 T = TypeVar("T")
 
@@ -69,12 +71,39 @@ class SyncClient:
         spawn: bool,
         result: Any = None,
     ) -> Any:
-        """Runs the call on the client's loop; returns its result, or a Future when ``spawn``."""
+        """Runs the call on the client's loop; returns its result, or a Future when ``spawn``.
+
+        A streaming endpoint (known from discovery, or saying so when called) gives an iterator of
+        its items instead: ``for item in c.call_service["llm"].tokens("hi")``.
+        """
+        registry = self._client.registry
+        if not spawn and registry is not None:
+            unary = registry.unary_methods(service)
+            if unary is not None and method not in unary and method in (registry.methods(service) or ()):
+                return self.stream(service, method, args, kwargs, options, result)
         future = self._submit(self._client.call(service, method, args, kwargs, options, result))
         if spawn:
             return future
         timeout = (options or self.default_options).timeout + _GRACE
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except BadRequest as exc:
+            if exc.type != "StreamingEndpoint":
+                raise
+            return self.stream(service, method, args, kwargs, options, result)
+
+    def stream(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: CallOptions | None = None,
+        result: Any = None,
+    ) -> SyncStream[Any]:
+        """Calls a streaming endpoint; returns a blocking iterator of its items (see :meth:`Client.stream`)."""
+        stream = self._client.stream(service, method, args, kwargs, options, result)
+        return SyncStream(self, stream, (options or self.default_options).timeout + _GRACE)
 
     def proxy(self, service: type[Service], **options: Any) -> Any:
         """Returns a proxy of ``service`` whose methods block and return decoded, typed results."""
@@ -143,6 +172,43 @@ class SyncClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class SyncStream(Iterator[T]):
+    """A stream's items for blocking code: ``for item in stream``; :meth:`close` (or dropping it) cancels it."""
+
+    def __init__(self, owner: SyncClient, stream: consume.Stream[T], wait: float) -> None:
+        self._owner = owner
+        self._stream = stream
+        self._wait = wait
+        self._done = False
+
+    def __iter__(self) -> SyncStream[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        try:
+            return self._owner._submit(self._next()).result(self._wait)
+        except StopAsyncIteration:
+            self._done = True
+            raise StopIteration from None
+
+    async def _next(self) -> T:
+        return await self._stream.__anext__()
+
+    def close(self) -> None:
+        """Cancels the stream if it has not ended (the server closes its generator)."""
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(ClientClosed):
+                self._owner._submit(self._stream.aclose()).result(self._wait)
+
+    def __del__(self) -> None:
+        if not self._done:
+            with contextlib.suppress(Exception):  # the client or its loop may be gone already
+                self.close()
 
 
 async def _connect(servers: str | list[str], options: dict[str, Any]) -> Client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,19 +51,23 @@ def mypy_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tupl
     (directory / "typed_proxy.py").write_text(TYPED_PROXY.read_text())
     bad = directory / "bad_calls.py"
     bad.write_text(BAD_CALLS)
-    stdout, stderr, _ = api.run(
-        [
-            "--config-file",
-            str(ROOT / "pyproject.toml"),
-            "--cache-dir",
-            str(ROOT / ".mypy_cache"),
-            "--no-pretty",
-            "--show-error-codes",
-            "--no-error-summary",
-            str(directory / "typed_proxy.py"),
-            str(bad),
-        ]
-    )
+    limit = sys.getrecursionlimit()  # mypy raises it for the whole process: restore it for later tests
+    try:
+        stdout, stderr, _ = api.run(
+            [
+                "--config-file",
+                str(ROOT / "pyproject.toml"),
+                "--cache-dir",
+                str(ROOT / ".mypy_cache"),
+                "--no-pretty",
+                "--show-error-codes",
+                "--no-error-summary",
+                str(directory / "typed_proxy.py"),
+                str(bad),
+            ]
+        )
+    finally:
+        sys.setrecursionlimit(limit)
     assert stderr == ""
     errors: dict[str, list[tuple[int, str, str]]] = {}
     for line in stdout.splitlines():

@@ -1,0 +1,322 @@
+"""The client side of a stream: the items of a streaming endpoint, in order, as an async iterator.
+
+A :class:`Receiver` takes the stream's messages as the client's reply subscription hands them over
+(:meth:`Receiver.deliver`), checks that they follow the protocol (sequence numbers without gaps or
+repeats, no more than ``window`` beyond the last ack, a control subject of the called service) and
+queues at most ``window`` of them. The consumer takes items with :meth:`Receiver.next`; every half
+window consumed, the receiver acknowledges them on the stream's control subject, which lets the
+server send more. It sends a keepalive when it has sent nothing for an interval and fails the
+stream with :class:`~natsrpc.errors.StreamInterrupted` when the server has sent nothing for three.
+
+:class:`Stream` is what callers iterate. Leaving the ``async for`` early (``break``, an exception),
+calling :meth:`Stream.aclose` or cancelling the consuming task cancels the stream: the server closes
+its generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import nats.errors
+
+from natsrpc import codec, logs, protocol, transport
+from natsrpc.errors import (
+    BadReply,
+    CallError,
+    CallTimeout,
+    NoResponders,
+    StreamInterrupted,
+    error_from_reply,
+)
+from natsrpc.streams.produce import MISSED_KEEPALIVES
+
+T = TypeVar("T")
+
+log = logs.get_logger("natsrpc.streams")
+
+_ITEM, _END, _ERROR = 0, 1, 2
+_MIN_KEEPALIVE, _MAX_KEEPALIVE = 0.01, 3600.0
+
+
+class Receiver:
+    """The client's state of one stream, from the request until its end.
+
+    Args:
+        nc: the client's connection.
+        subject: the request subject (for messages).
+        reply: this stream's reply subject.
+        service: the service called: the control subject the server names must be one of its.
+        prefix: the subject prefix.
+        window: the window asked for.
+        decode: turns an item's body into its value (a msgspec decoder's ``decode``, or None for the raw bytes).
+        on_done: called once when the stream ends, however it ends (the client forgets it).
+    """
+
+    def __init__(
+        self,
+        nc: Any,
+        subject: str,
+        reply: str,
+        service: str,
+        prefix: str,
+        window: int,
+        decode: Callable[[bytes], Any] | None,
+        on_done: Callable[[Receiver], None],
+    ) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.reply = reply
+        self.service = service
+        self.prefix = prefix
+        self.window = window
+        self.decode = decode
+        self._on_done = on_done
+        self.loop = asyncio.get_running_loop()
+        self.control = ""  # named by the start message
+        self.keepalive = 0.0
+        self.done = False  # ended: the end, an error, a cancel
+        self.unary = False  # the endpoint answered with one plain reply (it does not stream)
+        self._expected = 0  # the sequence number due next
+        self._consumed = 0
+        self._acked = 0  # the last ack sent
+        self._queue: deque[tuple[int, Any]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._heard = self._last_sent = self.loop.time()
+        self._timers: list[asyncio.TimerHandle] = []
+
+    def expire_at(self, when: float, timeout: float) -> None:
+        """Fails the stream at loop time ``when``: a stream's deadline bounds the whole stream."""
+        message = (
+            f"{self.subject}: the stream did not end within its timeout of {timeout:g} s "
+            "(set a longer one with .options(timeout=...) for long streams)"
+        )
+        self._timers.append(self.loop.call_at(when, self._fail_and_cancel, CallTimeout(message)))
+
+    def deliver(self, data: bytes, headers: dict[str, str] | None) -> None:
+        """Takes one message from the reply subject (called as nats-py parses it)."""
+        if self.done:
+            return
+        self._heard = self.loop.time()
+        h = headers or {}
+        seq_text = h.get(protocol.SEQ)
+        if seq_text is None:
+            self._unnumbered(data, h)
+            return
+        if not (seq_text.isascii() and seq_text.isdigit() and len(seq_text) <= 12):
+            self._violation(f"sequence number {seq_text[:20]!r} is not a number")
+            return
+        seq = int(seq_text)
+        if seq != self._expected:
+            self._violation(f"message {seq} arrived where {self._expected} was due")
+            return
+        self._expected += 1
+        if protocol.ERROR_CODE in h:
+            self._push(_ERROR, error_from_reply(h, data))
+        elif seq == 0:
+            self._start(h)
+        elif not self.control:
+            self._violation("an item before the start message")
+        elif protocol.END in h:
+            count = h[protocol.END]
+            if count != str(seq - 1):
+                self._violation(f"the end says {count[:20]!r} items, {seq - 1} were sent")
+            else:
+                self._push(_END, None)
+        elif seq > self._acked + self.window:
+            self._violation(f"item {seq} is beyond the window ({self.window} after ack {self._acked})")
+        else:
+            self._push(_ITEM, data)
+
+    def _unnumbered(self, data: bytes, h: dict[str, str]) -> None:
+        """A message without a sequence number: a keepalive, an error before the stream started
+        (400, 429, ...), the server's no-responders status, or the plain reply of a unary endpoint."""
+        if protocol.KEEPALIVE in h and self.control:
+            return
+        if h.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not data:
+            self._push(_ERROR, NoResponders(f"no instance answers {self.subject} (service not running)"))
+        elif protocol.ERROR_CODE in h:
+            self._push(_ERROR, error_from_reply(h, data))
+        elif self._expected == 0:  # not a streaming endpoint: its one result is the only item
+            self.unary = True
+            self._expected = 1
+            self._queue.append((_ITEM, data))
+            self._push(_END, None)
+        else:
+            self._violation("a message without a sequence number")
+
+    def _start(self, h: dict[str, str]) -> None:
+        control = h.get(protocol.CONTROL, "")
+        if protocol.parse_control_subject(control, self.service, self.prefix) is None:
+            self._violation(f"the start names {control[:80]!r}, not a control subject of {self.service}")
+            return
+        try:
+            keepalive = float(h.get(protocol.KEEPALIVE, ""))
+        except ValueError:
+            keepalive = -1.0
+        if not _MIN_KEEPALIVE <= keepalive <= _MAX_KEEPALIVE:
+            self._violation(f"keepalive interval {h.get(protocol.KEEPALIVE, '')[:20]!r} is not usable")
+            return
+        self.control = control
+        self.keepalive = keepalive
+        self._timers.append(self.loop.call_later(keepalive, self._tick))
+
+    async def next(self) -> Any:
+        """Returns the next item, decoded.
+
+        Raises:
+            StopAsyncIteration: the stream ended.
+            CallError: the stream failed (RemoteError from the service, StreamInterrupted, ...).
+        """
+        while not self._queue:
+            if self.done:
+                raise StopAsyncIteration
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            except asyncio.CancelledError:  # the consuming task was cancelled: so is the stream
+                self.cancel()
+                raise
+        kind, value = self._queue.popleft()
+        if kind == _END:
+            self._finish()
+            raise StopAsyncIteration
+        if kind == _ERROR:
+            self._finish()
+            raise value
+        self._consumed += 1
+        if self.control and self._consumed - self._acked >= max(1, self.window // 2):
+            self._acked = self._consumed
+            self._send({protocol.ACK: str(self._consumed)})
+        if self.decode is None:
+            return value
+        try:
+            return self.decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            self.cancel()
+            raise BadReply(f"item {self._consumed - 1} of {self.subject} does not decode: {exc}") from exc
+
+    def cancel(self) -> None:
+        """Gives the stream up: tells the server (which closes its generator) unless it ended already."""
+        if self.done:
+            return
+        if self.control:
+            self._send({protocol.CANCEL: "1"})
+        else:  # before the start: the control subject is not known yet, every instance hears this
+            service_cancels = protocol.cancel_subject(self.service, self.prefix)
+            if not transport.send(self.nc, service_cancels, "", self.reply.encode(), b""):
+                self.loop.create_task(self._publish(service_cancels, self.reply.encode(), None))
+        self._finish()
+
+    def fail(self, error: CallError) -> None:
+        """Ends the stream with ``error`` for the consumer (the connection broke, the client closed)."""
+        if not self.done:
+            self._queue.clear()
+            self._push(_ERROR, error)
+
+    def _fail_and_cancel(self, error: CallError) -> None:
+        if not self.done:
+            self.fail(error)
+            self._queue_cancel()
+
+    def _queue_cancel(self) -> None:
+        """Tells the server the stream is given up, keeping the queued error for the consumer."""
+        if self.control:
+            self._send({protocol.CANCEL: "1"})
+
+    def _violation(self, problem: str) -> None:
+        """The server broke the protocol: the consumer gets BadReply, the server a cancel."""
+        self._fail_and_cancel(BadReply(f"{self.subject}: stream protocol: {problem}"))
+
+    def _push(self, kind: int, value: Any) -> None:
+        self._queue.append((kind, value))
+        if kind != _ITEM:
+            for timer in self._timers:  # nothing more to wait for
+                timer.cancel()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            for timer in self._timers:
+                timer.cancel()
+            self._on_done(self)
+
+    def _tick(self) -> None:
+        if self.done:
+            return
+        now = self.loop.time()
+        if now - self._heard > MISSED_KEEPALIVES * self.keepalive:
+            silent = f"{self.subject}: the server sent nothing for {MISSED_KEEPALIVES} keepalive intervals"
+            self._fail_and_cancel(StreamInterrupted(silent))
+            return
+        if now - self._last_sent >= self.keepalive * 0.9:
+            self._send({protocol.KEEPALIVE: "1"})
+        self._timers.append(self.loop.call_later(self.keepalive, self._tick))
+
+    def _send(self, headers: dict[str, str]) -> None:
+        self._last_sent = self.loop.time()
+        if not transport.send(self.nc, self.control, "", b"", protocol.encode_headers(headers)):
+            self.loop.create_task(self._publish(self.control, b"", headers))
+
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            await transport.publish(self.nc, subject, body, headers=headers)
+        except nats.errors.Error as exc:
+            log.debug("stream control message not sent", subject=subject, error=repr(exc))
+
+
+class Stream(AsyncIterator[T], Generic[T]):
+    """The items of one call to a streaming endpoint: ``async for item in stream``.
+
+    The request is sent on the first ``__anext__``. Dropping the stream before its end (leaving
+    the loop with ``break``), :meth:`aclose`, or cancelling the task iterating it cancels the
+    call: the server closes its generator.
+    """
+
+    def __init__(self, open_: Callable[[], Receiver]) -> None:
+        self._open = open_
+        self._receiver: Receiver | None = None
+
+    @property
+    def receiver(self) -> Receiver | None:
+        """The stream's receiver once the request was sent (None before)."""
+        return self._receiver
+
+    def __aiter__(self) -> Stream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        receiver = self._receiver
+        if receiver is None:
+            receiver = self._receiver = self._open()
+        item: T = await receiver.next()
+        return item
+
+    async def aclose(self) -> None:
+        """Cancels the stream if it has not ended (the server closes its generator)."""
+        if self._receiver is not None:
+            self._receiver.cancel()
+
+    def __del__(self) -> None:
+        receiver = self._receiver
+        if receiver is not None and not receiver.done:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is listening anyway
+                receiver.loop.call_soon_threadsafe(receiver.cancel)
+
+    def __await__(self) -> Any:
+        raise TypeError("a stream is iterated (async for item in ...), not awaited")
+
+
+def decoder_of(result: Any, msgpack: bool) -> Callable[[bytes], Any]:
+    """Returns the item decoder: a typed msgspec decoder's ``decode``, or plain JSON/MessagePack."""
+    if result is not None:
+        decode: Callable[[bytes], Any] = result.decode
+        return decode
+    return lambda data: codec.decode(data, msgpack) if data else None
