@@ -29,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     call = commands.add_parser(
         "call",
-        help="call one method and print its JSON reply",
-        description="Call SERVICE.METHOD with JSON arguments (an object of named or an array of positional ones).",
+        help="call one method and print its JSON reply (a stream's items one per line)",
+        description="Call SERVICE.METHOD with JSON arguments (an object of named or an array of positional ones). "
+        "A streaming endpoint's items are printed one JSON value per line, as they arrive.",
         epilog='example: python -m natsrpc call kv.put \'{"key":"a","value":"1"}\'',
     )
     call.add_argument("target", metavar="SERVICE.METHOD")
@@ -97,12 +98,15 @@ async def _call(args: argparse.Namespace) -> int:
     try:
         async with connect(args.url, name="natsrpc-cli", **auth.from_args(args)) as client:
             options = CallOptions(timeout=args.timeout, headers=headers or None)
-            msg = await client.request(protocol.endpoint_subject(service, method, client.prefix), body, options)
+            subject = protocol.endpoint_subject(service, method, client.prefix)
+            # Asked as a stream: a streaming endpoint's items come one JSON line each, and a unary
+            # endpoint's reply as the only item.
+            async for item in client.stream_request(subject, body, options):
+                print(item.decode(errors="replace") if item else "null", flush=True)
     except RemoteError as exc:
         return _failed(args.json, exc.code, exc.type, exc.message, exc.data)
     except (CallError, ConnectionLost) as exc:
         return _failed(args.json, None, type(exc).__name__, str(exc), None)
-    print(msg.data.decode(errors="replace") if msg.data else "null")
     return 0
 
 

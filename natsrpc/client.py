@@ -463,22 +463,61 @@ class Client:
         subject = self._subjects.get((service, method, opts.instance))
         if subject is None:
             subject = self._subject(service, method, opts.instance)
+        body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
+        extra = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else {}
+        return self._stream(
+            subject, service, method, body, opts, extra, consume.decoder_of(result, opts.msgpack), window
+        )
+
+    def stream_request(
+        self,
+        subject: str,
+        body: bytes,
+        options: CallOptions | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        window: int = protocol.DEFAULT_WINDOW,
+    ) -> consume.Stream[bytes]:
+        """Sends an encoded request as a stream request; its items are the raw message bodies.
+
+        The command line's ``call`` uses it: a unary endpoint's reply comes as the only item.
+
+        Raises:
+            ConfigurationError: the subject is not a call subject under this client's prefix, or a
+                header or the window is unusable.
+        """
+        service = protocol.call_service_name(subject, self.prefix)
+        if not protocol.valid_subject(subject) or not protocol.valid_name(service):
+            raise ConfigurationError(f"subject {subject!r} is not a call subject (<prefix>.<service>.<method>)")
+        if headers:
+            check_headers(headers)
+        return self._stream(
+            subject, service, "", body, options or self.default_options, dict(headers or {}), None, window
+        )
+
+    def _stream(
+        self,
+        subject: str,
+        service: str,
+        method: str,
+        body: bytes,
+        opts: CallOptions,
+        extra: dict[str, str],
+        decode: Callable[[bytes], Any] | None,
+        window: int,
+    ) -> consume.Stream[Any]:
+        """Returns the stream of one request, sent on its first ``__anext__``."""
         if isinstance(window, bool) or not isinstance(window, int) or not 0 < window <= protocol.MAX_WINDOW:
             raise ConfigurationError(f"window must be a whole number from 1 to {protocol.MAX_WINDOW}, got {window!r}")
-        decode = consume.decoder_of(result, opts.msgpack)
-        kwargs = kwargs or {}
+        extra[protocol.STREAM] = str(window)
 
         def open_stream() -> consume.Receiver:
             if self._closed:
                 raise ClientClosed("the client is closed")
             if self._broken is not None:
                 raise self._broken
-            if self.registry is not None and self.registry.methods(service) is not None:
+            if method and self.registry is not None and self.registry.methods(service) is not None:
                 self._refuse_unknown(service, method, streaming=True)
-            body, mixed = codec.encode_arguments(args, kwargs, opts.msgpack)
-            extra = {protocol.STREAM: str(window)}
-            if mixed:
-                extra[protocol.ARGS_FORM] = protocol.MIXED_ARGS
             headers, timeout = self._headers(subject, opts, extra)
             block = protocol.encode_headers(headers)
             if len(body) + len(block) > self.nc.max_payload:

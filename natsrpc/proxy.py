@@ -264,8 +264,10 @@ class Call(Coroutine[Any, Any, Any]):
             )
         return coro
 
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._call().__await__()
+    def __await__(self) -> Generator[Any, None, Any]:  # the usual path: awaited once, at once
+        return self._client.call(  # type: ignore[no-any-return]
+            self._service, self._method, self._args, self._kwargs, self._options, self._result
+        ).__await__()
 
     def send(self, value: Any) -> Any:
         return self._call().send(value)
