@@ -35,6 +35,7 @@ from natsrpc.errors import (
     Unavailable,
     error_reply,
     remote_error,
+    streaming_awaited,
 )
 from natsrpc.instance import Instance, Request, Route
 from natsrpc.service import Service, ServiceContext
@@ -436,7 +437,7 @@ class Host:
         """
         if protocol.DEADLINE in headers:
             await items.aclose()
-            raise BadRequest(f"{route.where} is a streaming endpoint: iterate it (async for ...), do not await it")
+            raise streaming_awaited(route.where)
         bodies: list[bytes] = []
         size = 2
         task = asyncio.current_task()

@@ -183,6 +183,12 @@ def parser() -> argparse.ArgumentParser:
         help="seconds between heartbeats; clients expire an instance after 3 missed ones "
         "(env NATSRPC_HEARTBEAT_INTERVAL; default %(default)s)",
     )
+    p.add_argument(
+        "--stream-keepalive",
+        type=_positive_seconds,
+        default=str(protocol.DEFAULT_KEEPALIVE),
+        help="seconds between keepalives of an idle stream; a caller silent for 3 is given up (default %(default)s)",
+    )
     auth.add_arguments(p)
     return p
 
@@ -272,6 +278,7 @@ async def serve(args: argparse.Namespace) -> int:
                 drain_timeout=args.drain_timeout,
                 config=config,
                 heartbeat_interval=args.heartbeat_interval,
+                stream_keepalive=args.stream_keepalive,
             )
             async with host:
                 log.info("ready", url=auth.redacted(servers), services=[s.name for s in services])
