@@ -8,6 +8,7 @@ when the connection breaks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import os
@@ -119,6 +120,8 @@ class Client:
         self._random_at = 0
         self._broken: CallError | None = None  # why no call can succeed any more (refused inbox, credentials)
         self.stray_replies = 0
+        self.max_reply_size = protocol.DEFAULT_MAX_REPLY_SIZE
+        """The largest reply taken in chunks (a reply over max_payload); a larger one raises ReplyTooLarge."""
         """Replies that arrived for no pending call (late, duplicated or forged): dropped and counted."""
         self._inbox = f"{transport.inbox_prefix(nc)}.{NUID().next().decode()}."
         self._reply_sub: Any = None
@@ -735,6 +738,8 @@ class Client:
                     with translate_nats_errors(subject):
                         raise exc from None
             data, reply_headers = await future
+            if reply_headers is not None and protocol.SEQ in reply_headers:
+                data, reply_headers = await self._joined_reply(token, wait), None
         except asyncio.CancelledError:  # the caller gave up: the service cancels the handler too
             self._cancel_remote(subject, self._inbox + token)
             raise
@@ -810,6 +815,8 @@ class Client:
         token = subject[len(self._inbox) :]
         future = self._pending.pop(token, None)
         if future is not None and not future.done():
+            if headers is not None and protocol.SEQ in headers:  # a reply too large for one message
+                self._take_chunks(token, data, headers)
             future.set_result((data, headers))
             return
         receiver = self._streams.get(token)
@@ -817,6 +824,31 @@ class Client:
             receiver.deliver(data, headers)
         else:
             self.stray_replies += 1
+
+    def _take_chunks(self, token: str, data: bytes, headers: dict[str, str]) -> None:
+        """Starts taking a reply sent in chunks: its receiver exists before the next chunk is parsed."""
+        subject = self._called.get(token, "")
+        service = protocol.call_service_name(subject, self.prefix)
+        receiver = consume.Receiver(
+            self.nc, subject, self._inbox + token, service, self.prefix, protocol.DEFAULT_WINDOW, None,
+            self._forget_stream, self.max_reply_size,
+        )  # fmt: skip
+        self._streams[token] = receiver
+        receiver.deliver(data, headers)
+
+    async def _joined_reply(self, token: str, wait: float) -> bytes:
+        """Returns a reply sent in chunks, joined, within ``wait`` seconds."""
+        receiver = self._streams.get(token)
+        if receiver is None:  # its start broke the protocol, and the receiver is gone already
+            raise BadReply("a reply in chunks ended before it started")
+        receiver.expire_at(self._loop_time() + wait, wait)
+        try:
+            data: bytes = await receiver.next()
+            with contextlib.suppress(StopAsyncIteration):
+                await receiver.next()
+        except StopAsyncIteration:
+            raise BadReply(f"the reply of {receiver.subject} in chunks was empty") from None
+        return data
 
     def _cancel_remote(self, subject: str, reply: str) -> None:
         """Tells every instance of the called service that the call replying to ``reply`` is cancelled."""

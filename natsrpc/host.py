@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio.to_thread
@@ -66,6 +66,8 @@ class Host:
         discoverable: answer ``$SRV.PING/INFO/STATS`` and publish heartbeats.
         stream_keepalive: seconds between the keepalives of an idle stream; a client silent for 3
             of them is given up (its generator closed).
+        max_reply_size: the largest reply sent: one over the server's max_payload goes to natsrpc
+            clients in chunks (docs/protocol.md); above this it is a 413.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Host:
         heartbeat_interval: float = protocol.DEFAULT_HEARTBEAT_INTERVAL,
         discoverable: bool = True,
         stream_keepalive: float = protocol.DEFAULT_KEEPALIVE,
+        max_reply_size: int = protocol.DEFAULT_MAX_REPLY_SIZE,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ConfigurationError("max_concurrency must be >= 1 and max_queue >= 0")
@@ -107,6 +110,7 @@ class Host:
         self._started = False
         self._stopping = False  # the drain timeout passed: handlers still running are being cancelled
         self.stream_keepalive = stream_keepalive
+        self.max_reply_size = max_reply_size
         self._producers: dict[str, produce.Producer] = {}  # the streams being served, by token
         # Calls a caller may cancel, by reply subject: handlers that suspended, and streams.
         self._cancellable: dict[str, tuple[context.CallContext, asyncio.Task[Any] | None]] = {}
@@ -361,7 +365,13 @@ class Host:
                         raise _Abandoned()
                 body = self._encode(route, result, msgpack)
             if reply and (len(body) > self.nc.max_payload or not transport.send(self.nc, reply, "", body)):
-                await self._reply(reply, route, body)  # too large, or not connected: the slow path
+                if self.nc.max_payload < len(body) <= self.max_reply_size and protocol.DEADLINE in headers:
+                    # A natsrpc client (its requests carry a deadline) takes it in chunks, as a stream.
+                    producer = self._producer(route, reply, call, protocol.DEFAULT_WINDOW, msgpack, len(body))
+                    size = self.nc.max_payload - protocol.CHUNK_OVERHEAD
+                    await self._run_stream(producer, produce.chunks(body, size), reply, call, deadline)
+                else:
+                    await self._reply(reply, route, body)  # too large, or not connected: the slow path
         except RemoteError as exc:
             await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc, producer)
         except CallError as exc:  # a call this handler made failed without a reply
@@ -395,16 +405,21 @@ class Host:
             raise _unencodable(route, exc) from exc
 
     def _producer(
-        self, route: Route, reply: str, call: context.CallContext, window: int, msgpack: bool
+        self, route: Route, reply: str, call: context.CallContext, window: int, msgpack: bool, chunked: int = 0
     ) -> produce.Producer:
-        """Makes the producer of a stream request, with its own control subject."""
+        """Makes the producer of a stream request (or of a reply of ``chunked`` bytes sent in chunks),
+        with its own control subject."""
         inst = route.instance
         token = produce.new_token()
         control = protocol.control_subject(inst.service.name, inst.id, token, self.client.prefix)
+        if chunked:
+            encode: Callable[[Any], bytes] = bytes
+            start = {protocol.CHUNKED: str(chunked)}
+        else:
+            encode, start = functools.partial(self._encode, route, msgpack=msgpack), {}
         producer = produce.Producer(
-            self.nc, reply, control, window, self.stream_keepalive,
-            functools.partial(self._encode, route, msgpack=msgpack), call, route.where,
-        )  # fmt: skip
+            self.nc, reply, control, window, self.stream_keepalive, encode, call, route.where, start
+        )
         self._producers[token] = producer
         return producer
 
@@ -476,7 +491,11 @@ class Host:
         """Sends a reply: an error reply if it is over max_payload, else through nats-py."""
         if len(body) > self.nc.max_payload:
             limit = self.nc.max_payload
-            error = ReplyTooLarge(f"{route.where}: reply of {len(body)} bytes exceeds max_payload {limit}")
+            if len(body) > self.max_reply_size:
+                why = f"max_reply_size {self.max_reply_size}"
+            else:
+                why = f"max_payload {limit} (only natsrpc clients take replies in chunks)"
+            error = ReplyTooLarge(f"{route.where}: reply of {len(body)} bytes exceeds {why}")
             await self._reply_error(reply, route, error)
         else:
             await self._publish(reply, body, None)

@@ -41,6 +41,7 @@ KEEPALIVE: Final = "Natsrpc-Keepalive"  # start message: the interval (s); alone
 END: Final = "Natsrpc-End"  # the end message: the number of items sent
 ACK: Final = "Natsrpc-Ack"  # control message: the client consumed the items up to this seq
 CANCEL: Final = "Natsrpc-Cancel"  # control message: the client gives up; the generator is closed
+CHUNKED: Final = "Natsrpc-Chunked"  # start message: a reply over max_payload, this many bytes in chunks
 
 # Header values.
 JSON: Final = "application/json"
@@ -50,6 +51,8 @@ MIXED_ARGS: Final = "mixed"  # body is [[positional...], {named...}]
 DEFAULT_WINDOW: Final = 64  # items a stream may have sent and not yet acknowledged
 MAX_WINDOW: Final = 1024  # the largest window a server grants
 DEFAULT_KEEPALIVE: Final = 1.0  # seconds between keepalives of an idle stream; 3 missed = dead peer
+DEFAULT_MAX_REPLY_SIZE: Final = 64 * 1024 * 1024  # the largest reply sent (or taken) in chunks
+CHUNK_OVERHEAD: Final = 64  # bytes a chunk leaves under max_payload for its header block
 
 # Status codes used in error replies.
 BAD_REQUEST: Final = 400
@@ -189,7 +192,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
 
 _NEWLINES: Final = str.maketrans({"\r": " ", "\n": " "})
 _PROTOCOL_NAMES: Final = frozenset(
-    [DEADLINE, CALLER, ARGS_FORM, TRACEPARENT, CONTENT_TYPE, STREAM, SEQ, CONTROL, KEEPALIVE, END, ACK, CANCEL]
+    [DEADLINE, CALLER, ARGS_FORM, TRACEPARENT, CONTENT_TYPE, STREAM, SEQ, CONTROL, KEEPALIVE, END, ACK, CANCEL, CHUNKED]
 )
 
 

@@ -189,6 +189,13 @@ def parser() -> argparse.ArgumentParser:
         default=str(protocol.DEFAULT_KEEPALIVE),
         help="seconds between keepalives of an idle stream; a caller silent for 3 is given up (default %(default)s)",
     )
+    p.add_argument(
+        "--max-reply-size",
+        type=_count(1),
+        default=protocol.DEFAULT_MAX_REPLY_SIZE,
+        help="bytes: the largest reply sent; one over the server's max_payload goes to natsrpc clients in "
+        "chunks (default %(default)s, 64 MiB)",
+    )
     auth.add_arguments(p)
     return p
 
@@ -279,6 +286,7 @@ async def serve(args: argparse.Namespace) -> int:
                 config=config,
                 heartbeat_interval=args.heartbeat_interval,
                 stream_keepalive=args.stream_keepalive,
+                max_reply_size=args.max_reply_size,
             )
             async with host:
                 log.info("ready", url=auth.redacted(servers), services=[s.name for s in services])

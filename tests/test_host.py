@@ -514,18 +514,23 @@ class TestPayloadLimits:
                 assert await blob.echo(data="small") == 5
             assert server_side.nc.is_connected
 
-    async def test_reply_over_limit_is_413(self, small_server: natsrpc.NatsServer) -> None:
-        """A reply too large arrives as ReplyTooLarge (413), fast, and both connections stay up."""
+    async def test_reply_over_limit_comes_in_chunks_and_over_max_reply_size_is_413(
+        self, small_server: natsrpc.NatsServer
+    ) -> None:
+        """A reply over max_payload reaches a natsrpc caller whole (sent in chunks); one over the host's
+        max_reply_size is ReplyTooLarge (413), fast; both connections stay up."""
         async with natsrpc.connect(small_server.url) as server_side, natsrpc.connect(small_server.url) as caller:
-            async with serve(server_side, Blob()):
+            async with serve(server_side, Blob(), max_reply_size=self.MAX * 3):
                 blob = caller.call_service["th-blob"].options(timeout=3)
-                result, elapsed = await timed(blob.make(self.MAX + 100))
+                assert await blob.make(self.MAX + 100) == "x" * (self.MAX + 100)
+                result, elapsed = await timed(blob.make(self.MAX * 3 + 100))
                 assert isinstance(result, natsrpc.ReplyTooLarge), result
                 assert result.code == 413
+                assert "max_reply_size" in result.message
                 assert elapsed < 1.0
                 assert caller.nc.is_connected
                 assert server_side.nc.is_connected
-                # a reply right at the limit goes through: the JSON string adds its two quotes
+                # a reply right at the limit goes as one message: the JSON string adds its two quotes
                 assert await blob.make(self.MAX - 2) == "x" * (self.MAX - 2)
                 assert await blob.make(10) == "x" * 10
             assert server_side.nc.is_connected

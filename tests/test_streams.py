@@ -372,6 +372,76 @@ class TestUnaryCancellation:
         assert 3.0 < float(remaining) <= 4.0
 
 
+class Blobs(Service):
+    """Replies of any size."""
+
+    name = "blobs"
+
+    @rpc
+    async def text(self, n: int) -> str:
+        """Returns ``n`` x's."""
+        return "x" * n
+
+    @rpc
+    async def raw(self, n: int) -> bytes:
+        """Returns ``n`` bytes."""
+        return bytes(range(256)) * (n // 256)
+
+
+class TestLargeReplies:
+    """A unary reply over max_payload travels in chunks and arrives as an ordinary return value."""
+
+    async def test_an_8_mib_reply_arrives_whole(self, client: natsrpc.Client) -> None:
+        """8 MiB through the sugar and 3 MiB of bytes through the typed proxy, with max_payload 1 MiB."""
+        assert client.nc.max_payload <= 1024 * 1024
+        async with serve(client, Blobs()):
+            text = await client.call_service["blobs"].text(8 * 1024 * 1024)
+            assert text == "x" * (8 * 1024 * 1024)
+            assert await client.proxy(Blobs).raw(3 * 1024 * 1024) == bytes(range(256)) * (3 * 1024 * 4)
+            assert await client.call_service["blobs"].options(encoding="msgpack").text(2_000_000) == "x" * 2_000_000
+
+    async def test_over_max_reply_size_is_413(self, client: natsrpc.Client) -> None:
+        async with serve(client, Blobs(), max_reply_size=3_000_000):
+            with pytest.raises(natsrpc.ReplyTooLarge, match="max_reply_size 3000000"):
+                await client.call_service["blobs"].text(3_000_001)
+
+    async def test_a_plain_requester_gets_a_413(self, client: natsrpc.Client, nc: NatsConnection) -> None:
+        """Only natsrpc clients (whose requests carry a deadline) take chunks; ``nats req`` gets a 413."""
+        async with serve(client, Blobs()):
+            reply = await nc.request("svc.blobs.text", b"[2000000]", timeout=5)
+        assert reply.headers is not None
+        assert reply.headers[protocol.ERROR_CODE] == "413"
+
+    async def test_the_client_refuses_more_than_its_max_reply_size(self, client: natsrpc.Client) -> None:
+        """A client takes at most ``client.max_reply_size`` in chunks; the server stops sending."""
+        async with serve(client, Blobs()):
+            client.max_reply_size = 1_500_000
+            with pytest.raises(natsrpc.ReplyTooLarge, match="this client's max_reply_size"):
+                await client.call_service["blobs"].text(2_000_000)
+            assert await client.call_service["blobs"].text(3) == "xxx"
+
+    async def test_chunks_that_disagree_with_the_announced_size(
+        self, client: natsrpc.Client, nc: NatsConnection
+    ) -> None:
+        """A server whose chunks do not add up to the size it announced: BadReply, not a wrong value."""
+
+        async def respond(msg: Msg) -> None:
+            start = {protocol.SEQ: "0", protocol.CONTROL: "svc._ctl.fake.I1.T1", protocol.KEEPALIVE: "1"}
+            await nc.publish(msg.reply, b"", headers=start | {protocol.CHUNKED: "10"})
+            await nc.publish(msg.reply, b'"abc"', headers={protocol.SEQ: "1"})
+            await nc.publish(msg.reply, b"", headers={protocol.SEQ: "2", protocol.END: "1"})
+
+        await nc.subscribe("svc.fake.chunks", cb=respond)
+        await nc.flush()
+        with pytest.raises(natsrpc.BadReply, match="the chunks hold 5 bytes, 10 were announced"):
+            await client.call_service["fake"].chunks()
+
+    async def test_requests_over_max_payload_still_raise_before_sending(self, client: natsrpc.Client) -> None:
+        async with serve(client, Blobs()):
+            with pytest.raises(natsrpc.PayloadTooLarge):
+                await client.call_service["blobs"].text("9" * (client.nc.max_payload + 1))
+
+
 class TestBadPeers:
     """A peer that breaks the stream protocol ends the stream with a clear error; nothing crashes or hangs."""
 

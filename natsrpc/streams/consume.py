@@ -30,6 +30,7 @@ from natsrpc.errors import (
     CallError,
     CallTimeout,
     NoResponders,
+    ReplyTooLarge,
     StreamInterrupted,
     error_from_reply,
 )
@@ -55,6 +56,10 @@ class Receiver:
         window: the window asked for.
         decode: turns an item's body into its value (a msgspec decoder's ``decode``, or None for the raw bytes).
         on_done: called once when the stream ends, however it ends (the client forgets it).
+        max_reply_size: the largest reply taken in chunks (a start announcing more is refused).
+
+    A reply too large for one message comes as a stream whose start says ``Natsrpc-Chunked: <bytes>``:
+    the receiver joins its chunks (acknowledging them as they arrive) into one item.
     """
 
     def __init__(
@@ -67,8 +72,12 @@ class Receiver:
         window: int,
         decode: Callable[[bytes], Any] | None,
         on_done: Callable[[Receiver], None],
+        max_reply_size: int = protocol.DEFAULT_MAX_REPLY_SIZE,
     ) -> None:
         self.nc = nc
+        self.max_reply_size = max_reply_size
+        self._chunked = -1  # the announced size of a reply sent in chunks; -1 for a stream of items
+        self._joined = bytearray()
         self.subject = subject
         self.reply = reply
         self.service = service
@@ -125,10 +134,22 @@ class Receiver:
             count = h[protocol.END]
             if count != str(seq - 1):
                 self._violation(f"the end says {count[:20]!r} items, {seq - 1} were sent")
+            elif self._chunked >= 0 and len(self._joined) != self._chunked:
+                self._violation(f"the chunks hold {len(self._joined)} bytes, {self._chunked} were announced")
             else:
+                if self._chunked >= 0:
+                    self._queue.append((_ITEM, bytes(self._joined)))
                 self._push(_END, None)
         elif seq > self._acked + self.window:
             self._violation(f"item {seq} is beyond the window ({self.window} after ack {self._acked})")
+        elif self._chunked >= 0:  # a chunk: joined here, acknowledged as it arrives
+            if len(self._joined) + len(data) > self._chunked:
+                self._violation(f"the chunks exceed the {self._chunked} bytes announced")
+                return
+            self._joined += data
+            if seq - self._acked >= max(1, self.window // 2):
+                self._acked = seq
+                self._send({protocol.ACK: str(seq)})
         else:
             self._push(_ITEM, data)
 
@@ -161,6 +182,20 @@ class Receiver:
         if not _MIN_KEEPALIVE <= keepalive <= _MAX_KEEPALIVE:
             self._violation(f"keepalive interval {h.get(protocol.KEEPALIVE, '')[:20]!r} is not usable")
             return
+        chunked = h.get(protocol.CHUNKED)
+        if chunked is not None:
+            if not (chunked.isascii() and chunked.isdigit() and len(chunked) <= 15):
+                self._violation(f"{protocol.CHUNKED} {chunked[:20]!r} is not a size")
+                return
+            if int(chunked) > self.max_reply_size:
+                self.control = control  # so the cancel reaches the server
+                too_large = ReplyTooLarge(
+                    f"{self.subject}: the reply of {chunked} bytes exceeds this client's max_reply_size "
+                    f"{self.max_reply_size}"
+                )
+                self._fail_and_cancel(too_large)
+                return
+            self._chunked = int(chunked)
         self.control = control
         self.keepalive = keepalive
         self._timers.append(self.loop.call_later(keepalive, self._tick))

@@ -60,6 +60,7 @@ class Producer:
         encode: encodes one item (checked against the item annotation); raises as ``encode_result``.
         call: the call's context (its ``cancelled`` is set when the stream is given up).
         where: ``service.method``, for messages.
+        start: more headers for the start message (``Natsrpc-Chunked`` for a reply sent in chunks).
     """
 
     def __init__(
@@ -72,8 +73,10 @@ class Producer:
         encode: Callable[[Any], bytes],
         call: CallContext,
         where: str,
+        start: dict[str, str] | None = None,
     ) -> None:
         self.nc = nc
+        self._start = start or {}
         self.reply = reply
         self.control = control
         self.window = window
@@ -99,7 +102,8 @@ class Producer:
             asyncio.CancelledError: the client cancelled or went silent, or the deadline passed.
         """
         self._task = asyncio.current_task()
-        self._send({protocol.SEQ: "0", protocol.CONTROL: self.control, protocol.KEEPALIVE: f"{self.keepalive:g}"})
+        start = {protocol.SEQ: "0", protocol.CONTROL: self.control, protocol.KEEPALIVE: f"{self.keepalive:g}"}
+        await self._emit(start | self._start)
         self._ticker = self._loop.call_later(self.keepalive, self._tick)
         try:
             while True:
@@ -119,9 +123,9 @@ class Producer:
                 while seq > self.acked + self.window:  # out of credit: wait for the client's ack
                     self._credit.clear()
                     await self._credit.wait()
-                self._send(headers, body, block)
+                await self._emit(headers, body, block)
                 self.sent = seq
-            self._send({protocol.SEQ: str(self.sent + 1), protocol.END: str(self.sent)})
+            await self._emit({protocol.SEQ: str(self.sent + 1), protocol.END: str(self.sent)})
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._error is not None and task is not None and task.uncancel() == 0:
@@ -179,19 +183,33 @@ class Producer:
             self._send({protocol.KEEPALIVE: "1"})
         self._ticker = self._loop.call_later(self.keepalive, self._tick)
 
-    def _send(self, headers: dict[str, str], body: bytes = b"", block: bytes | None = None) -> None:
-        """Queues one message of the stream on nats-py's buffer; never waits (flow control is by credit)."""
+    async def _emit(self, headers: dict[str, str], body: bytes = b"", block: bytes | None = None) -> None:
+        """Sends one numbered message: queued on nats-py's buffer at once, or (buffer full, not
+        connected) through nats-py's publish, awaited, so the messages keep their order."""
         self._last_sent = self._loop.time()
         if block is None:
             block = protocol.encode_headers(headers)
         if not transport.send(self.nc, self.reply, "", body, block):
-            self._loop.create_task(self._publish(headers, body))
+            await self._publish(headers, body)
+
+    def _send(self, headers: dict[str, str]) -> None:
+        """Sends a keepalive (unnumbered: its order does not matter) without waiting."""
+        self._last_sent = self._loop.time()
+        if not transport.send(self.nc, self.reply, "", b"", protocol.encode_headers(headers)):
+            self._loop.create_task(self._publish(headers, b""))
 
     async def _publish(self, headers: dict[str, str], body: bytes) -> None:
         try:
             await transport.publish(self.nc, self.reply, body, headers=headers)
         except nats.errors.Error as exc:
             log.warning("stream message not sent", where=self.where, error=repr(exc))
+
+
+async def chunks(body: bytes, size: int) -> AsyncGenerator[bytes, None]:
+    """Yields ``body`` in pieces of at most ``size`` bytes (a reply too large for one message)."""
+    view = memoryview(body)
+    for start in range(0, len(body), size):
+        yield bytes(view[start : start + size])
 
 
 def array_reply(bodies: list[bytes], msgpack: bool) -> bytes:
