@@ -52,7 +52,7 @@ DEFAULT_WINDOW: Final = 64  # items a stream may have sent and not yet acknowled
 MAX_WINDOW: Final = 1024  # the largest window a server grants
 DEFAULT_KEEPALIVE: Final = 1.0  # seconds between keepalives of an idle stream; 3 missed = dead peer
 DEFAULT_MAX_REPLY_SIZE: Final = 64 * 1024 * 1024  # the largest reply sent (or taken) in chunks
-CHUNK_OVERHEAD: Final = 64  # bytes a chunk leaves under max_payload for its header block
+CHUNK_OVERHEAD: Final = 512  # bytes a chunk leaves under max_payload for its header block (the first names more)
 
 # Status codes used in error replies.
 BAD_REQUEST: Final = 400
@@ -235,13 +235,27 @@ _HEADER_START_LEN: Final = len(HEADER_START)
 _ASCII_SPACE: Final = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() would take Unicode spaces too
 
 
+_SEQ_BLOCK: Final = b"NATS/1.0\r\nNatsrpc-Seq: "
+_SEQ_BLOCK_LEN: Final = len(_SEQ_BLOCK)
+
+
+def seq_block(seq: int) -> bytes:
+    """Returns the header block of a stream item: ``Natsrpc-Seq`` alone (what encode_headers would make)."""
+    return b"NATS/1.0\r\nNatsrpc-Seq: %d\r\n\r\n" % seq
+
+
 def parse_headers(headers: bytes) -> dict[str, str] | None:
     """Parses a header block without a status line (the same dict nats-py's parser returns).
 
     The block is decoded once (``\\r\\n`` cannot occur inside a UTF-8 sequence, so this equals
     decoding each value), then split: one decode instead of one per name and value. Lines without a
     colon, or with an empty name or whitespace, control characters or non-ASCII in the name, are skipped.
+    A stream item's block (``Natsrpc-Seq`` alone, digits) is read without the split.
     """
+    if headers.startswith(_SEQ_BLOCK) and headers.endswith(b"\r\n\r\n"):
+        digits = headers[_SEQ_BLOCK_LEN:-4]
+        if digits.isdigit():
+            return {SEQ: digits.decode()}
     end = -4 if headers.endswith(b"\r\n\r\n") else len(headers)  # no empty lines to skip
     out: dict[str, str] = {}
     for line in headers[_HEADER_START_LEN:end].decode("utf-8", "replace").split("\r\n"):

@@ -90,7 +90,7 @@ class Receiver:
         self.keepalive = 0.0
         self.done = False  # ended: the end, an error, a cancel
         self.unary = False  # the endpoint answered with one plain reply (it does not stream)
-        self._expected = 0  # the sequence number due next
+        self._expected = 1  # the sequence number due next
         self._consumed = 0
         self._acked = 0  # the last ack sent
         self._queue: deque[tuple[int, Any]] = deque()
@@ -112,6 +112,8 @@ class Receiver:
             return
         self._heard = self.loop.time()
         h = headers or {}
+        if not self.control and protocol.CONTROL in h and not self._start(h):  # the stream's first message
+            return
         seq_text = h.get(protocol.SEQ)
         if seq_text is None:
             self._unnumbered(data, h)
@@ -123,13 +125,20 @@ class Receiver:
         if seq != self._expected:
             self._violation(f"message {seq} arrived where {self._expected} was due")
             return
-        self._expected += 1
+        self._expected = seq + 1
+        if len(h) == 1 and seq > 0 and self._chunked < 0 and self.control:  # the usual message: an item
+            if seq > self._acked + self.window:
+                self._violation(f"item {seq} is beyond the window ({self.window} after ack {self._acked})")
+                return
+            self._queue.append((_ITEM, data))
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
         if protocol.ERROR_CODE in h:
             self._push(_ERROR, error_from_reply(h, data))
-        elif seq == 0:
-            self._start(h)
         elif not self.control:
-            self._violation("an item before the start message")
+            self._violation(f"message {seq} came before any message naming the control subject")
         elif protocol.END in h:
             count = h[protocol.END]
             if count != str(seq - 1):
@@ -156,37 +165,41 @@ class Receiver:
     def _unnumbered(self, data: bytes, h: dict[str, str]) -> None:
         """A message without a sequence number: a keepalive, an error before the stream started
         (400, 429, ...), the server's no-responders status, or the plain reply of a unary endpoint."""
-        if protocol.KEEPALIVE in h and self.control:
+        if protocol.KEEPALIVE in h:
+            if not self.control:
+                self._violation("a keepalive that does not name the control subject came first")
             return
         if h.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not data:
             self._push(_ERROR, NoResponders(f"no instance answers {self.subject} (service not running)"))
         elif protocol.ERROR_CODE in h:
             self._push(_ERROR, error_from_reply(h, data))
-        elif self._expected == 0:  # not a streaming endpoint: its one result is the only item
+        elif self._expected == 1 and not self.control:  # not a streaming endpoint: its result is the only item
             self.unary = True
-            self._expected = 1
+            self._expected = 2
             self._queue.append((_ITEM, data))
             self._push(_END, None)
         else:
             self._violation("a message without a sequence number")
 
-    def _start(self, h: dict[str, str]) -> None:
+    def _start(self, h: dict[str, str]) -> bool:
+        """Reads the first message's control subject, keepalive interval and (a reply in chunks) size;
+        returns False when they break the protocol (the stream is failed then)."""
         control = h.get(protocol.CONTROL, "")
         if protocol.parse_control_subject(control, self.service, self.prefix) is None:
-            self._violation(f"the start names {control[:80]!r}, not a control subject of {self.service}")
-            return
+            self._violation(f"the first message names {control[:80]!r}, not a control subject of {self.service}")
+            return False
         try:
             keepalive = float(h.get(protocol.KEEPALIVE, ""))
         except ValueError:
             keepalive = -1.0
         if not _MIN_KEEPALIVE <= keepalive <= _MAX_KEEPALIVE:
             self._violation(f"keepalive interval {h.get(protocol.KEEPALIVE, '')[:20]!r} is not usable")
-            return
+            return False
         chunked = h.get(protocol.CHUNKED)
         if chunked is not None:
             if not (chunked.isascii() and chunked.isdigit() and len(chunked) <= 15):
                 self._violation(f"{protocol.CHUNKED} {chunked[:20]!r} is not a size")
-                return
+                return False
             if int(chunked) > self.max_reply_size:
                 self.control = control  # so the cancel reaches the server
                 too_large = ReplyTooLarge(
@@ -194,11 +207,12 @@ class Receiver:
                     f"{self.max_reply_size}"
                 )
                 self._fail_and_cancel(too_large)
-                return
+                return False
             self._chunked = int(chunked)
         self.control = control
         self.keepalive = keepalive
         self._timers.append(self.loop.call_later(keepalive, self._tick))
+        return True
 
     async def next(self) -> Any:
         """Returns the next item, decoded.

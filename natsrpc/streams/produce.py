@@ -1,8 +1,9 @@
 """The server side of a stream: an endpoint's async generator, its items sent as the client acknowledges them.
 
-A :class:`Producer` sends the start message (sequence 0, naming the stream's control subject and
-keepalive interval), then each item as it is yielded (sequence 1, 2, ...), never more than
-``window`` beyond the client's last acknowledgement, then the end (the item count). It sends a
+A :class:`Producer` sends each item as it is yielded (sequence 1, 2, ...), never more than
+``window`` beyond the client's last acknowledgement, then the end (the item count). The first
+message it sends, whatever it is (an item, the end, an error or a keepalive), also names the
+stream's control subject and keepalive interval. It sends a
 keepalive when it has sent nothing for an interval, and gives the stream up when the client has
 sent nothing for three. Control messages that break the protocol end the stream with a 400; a
 cancel, a silent client or the deadline close the generator (its ``finally`` runs) and send nothing.
@@ -76,7 +77,12 @@ class Producer:
         start: dict[str, str] | None = None,
     ) -> None:
         self.nc = nc
-        self._start = start or {}
+        # Headers the first message carries, whatever it is; None once it went out.
+        self._first: dict[str, str] | None = {
+            protocol.CONTROL: control,
+            protocol.KEEPALIVE: f"{keepalive:g}",
+            **(start or {}),
+        }
         self.reply = reply
         self.control = control
         self.window = window
@@ -94,7 +100,7 @@ class Producer:
         self._ticker: asyncio.TimerHandle | None = None
 
     async def run(self, items: AsyncGenerator[Any, None]) -> None:
-        """Sends the start, every item under credit, then the end; always closes ``items``.
+        """Sends every item under credit, then the end; always closes ``items``.
 
         Raises:
             RemoteError: the generator raised one, an item does not fit, or the client broke the
@@ -102,30 +108,36 @@ class Producer:
             asyncio.CancelledError: the client cancelled or went silent, or the deadline passed.
         """
         self._task = asyncio.current_task()
-        start = {protocol.SEQ: "0", protocol.CONTROL: self.control, protocol.KEEPALIVE: f"{self.keepalive:g}"}
-        await self._emit(start | self._start)
         self._ticker = self._loop.call_later(self.keepalive, self._tick)
         try:
+            nc, reply, encode, send, loop = self.nc, self.reply, self.encode, transport.send, self._loop
+            next_item = items.__anext__
             while True:
                 try:
-                    item = await items.__anext__()
+                    item = await next_item()
                 except StopAsyncIteration:
                     break
                 seq = self.sent + 1
-                body = self.encode(item)
-                headers = {protocol.SEQ: str(seq)}
-                block = protocol.encode_headers(headers)
-                if len(body) + len(block) > self.nc.max_payload:
+                body = encode(item)
+                if self._first is None:
+                    headers = None
+                    block = protocol.seq_block(seq)
+                else:
+                    headers = self._with_first({protocol.SEQ: str(seq)})
+                    block = protocol.encode_headers(headers)
+                if len(body) + len(block) > nc.max_payload:
                     raise ReplyTooLarge(
                         f"{self.where}: stream item at index {seq - 1} is {len(body)} bytes, "
-                        f"over max_payload {self.nc.max_payload}"
+                        f"over max_payload {nc.max_payload}"
                     )
                 while seq > self.acked + self.window:  # out of credit: wait for the client's ack
                     self._credit.clear()
                     await self._credit.wait()
-                await self._emit(headers, body, block)
+                self._last_sent = loop.time()
+                if not send(nc, reply, "", body, block):  # buffer full, or not connected: in order, awaited
+                    await self._publish(headers or {protocol.SEQ: str(seq)}, body)
                 self.sent = seq
-            await self._emit({protocol.SEQ: str(self.sent + 1), protocol.END: str(self.sent)})
+            await self._emit(self._with_first({protocol.SEQ: str(self.sent + 1), protocol.END: str(self.sent)}))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._error is not None and task is not None and task.uncancel() == 0:
@@ -137,8 +149,14 @@ class Producer:
             await items.aclose()  # the generator's finally runs now, whatever ended the stream
 
     def closing_headers(self) -> dict[str, str]:
-        """The headers an error reply ending this stream carries: the next sequence number."""
-        return {protocol.SEQ: str(self.sent + 1)}
+        """The headers an error reply ending this stream carries: the next sequence number (and the
+        control subject, if it is the stream's first message)."""
+        return self._with_first({protocol.SEQ: str(self.sent + 1)})
+
+    def _with_first(self, headers: dict[str, str]) -> dict[str, str]:
+        """Adds the first message's headers to ``headers`` if nothing was sent yet."""
+        first, self._first = self._first, None
+        return headers if first is None else headers | first
 
     def on_control(self, headers: dict[str, str] | None) -> None:
         """Takes a message from the client on the control subject: an ack, a keepalive or a cancel."""
@@ -180,7 +198,7 @@ class Producer:
             self.give_up(f"its caller went silent ({MISSED_KEEPALIVES} keepalive intervals)")
             return
         if now - self._last_sent >= self.keepalive * 0.9:
-            self._send({protocol.KEEPALIVE: "1"})
+            self._send(self._with_first({protocol.KEEPALIVE: f"{self.keepalive:g}"}))
         self._ticker = self._loop.call_later(self.keepalive, self._tick)
 
     async def _emit(self, headers: dict[str, str], body: bytes = b"", block: bytes | None = None) -> None:
