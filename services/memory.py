@@ -11,12 +11,13 @@ import hashlib
 import math
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import msgspec
 
 from natsrpc import Service, rpc
-from services.vdb import VDB
+from services.vdb import VDB, Hit
 
 KEY_PREFIX = "memory:"
 _WORD = re.compile(r"[a-z0-9]+")
@@ -94,6 +95,27 @@ class Memory(Service):
             for hit, text in zip(hits, texts, strict=True)
             if text is not None
         ]
+
+    @rpc(idempotent=True)
+    async def recall_stream(self, query: str, k: int = 5) -> AsyncIterator[MemoryItem]:
+        """Streams the ``k`` memories most similar to ``query`` as their texts come back from kv
+        (fastest first, not best first: each item carries its score)."""
+        hits = await self.ctx.client.proxy(VDB).search(await asyncio.to_thread(self.embed, query), k)
+        kv = self.call_service["kv"]
+
+        async def fetch(hit: Hit) -> tuple[Hit, str | None]:
+            text: str | None = await kv.get(KEY_PREFIX + hit.id)
+            return hit, text
+
+        pending = [asyncio.ensure_future(fetch(hit)) for hit in hits]
+        try:
+            for done in asyncio.as_completed(pending):
+                hit, text = await done
+                if text is not None:
+                    yield MemoryItem(hit.id, text, hit.score, hit.metadata)
+        finally:
+            for task in pending:  # the caller left early: stop the lookups still running
+                task.cancel()
 
     @rpc
     async def forget(self, id: str) -> bool:

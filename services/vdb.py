@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import AsyncIterator
 
 import msgspec
 
@@ -74,6 +76,20 @@ class VDB(Service):
         if not self.vectors:
             self.dim = self.configured_dim
         return existed
+
+    @rpc(idempotent=True)
+    async def scan(self, batch: int = 100) -> AsyncIterator[Hit]:
+        """Streams every stored vector as a Hit (score 1.0), ``batch`` at a time between yields to the loop.
+
+        It streams what was stored when the scan started; later upserts and deletes do not disturb it.
+        """
+        if batch < 1:
+            raise BadRequest(f"batch must be >= 1, got {batch}")
+        snapshot = [(id_, metadata) for id_, (_, _, metadata) in self.vectors.items()]
+        for start in range(0, len(snapshot), batch):
+            for id_, metadata in snapshot[start : start + batch]:
+                yield Hit(id_, 1.0, metadata)
+            await asyncio.sleep(0)  # other calls run between batches
 
     @rpc(idempotent=True)
     async def count(self) -> int:

@@ -180,6 +180,27 @@ class TestInOneProcess:
             assert {r["id"] for r in recalled} == set(ids[1:])
 
 
+class TestRecallStream:
+    """recall_stream streams memories as kv returns their texts: a stream through one service hop."""
+
+    async def test_streams_the_same_memories_as_recall(self, client: natsrpc.Client) -> None:
+        async with serve(client, KV(), VDB(), Memory()):
+            ids = await remember_all(client)
+            await client.call_service["kv"].delete(KEY_PREFIX + ids[2])  # its text is gone: skipped
+            streamed = [m async for m in client.proxy(Memory).recall_stream("cat on the mat", 3)]  # type: ignore[attr-defined]
+            recalled = await client.proxy(Memory).recall("cat on the mat", 3)
+        assert sorted(streamed, key=lambda m: -m.score) == recalled
+        assert {m.id for m in streamed} == set(ids[:2])
+
+    async def test_leaving_early_stops_the_stream(self, client: natsrpc.Client) -> None:
+        async with serve(client, KV(), VDB(), Memory()):
+            await remember_all(client)
+            async for memory in client.call_service["memory"].recall_stream("cat", 3):
+                assert memory["text"] in TEXTS
+                break
+            assert await client.call_service["memory"].recall("cat", 1)  # the service serves on
+
+
 class TestErrorsThroughMemory:
     """A failure in kv or vdb reaches the client through memory, naming the hop that failed."""
 

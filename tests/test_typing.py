@@ -34,6 +34,8 @@ async def misuse(client: natsrpc.Client) -> None:
     await store.list_keys("a", 10)  # E: call-arg
     await store.get(key="a", other=1)  # E: call-arg
     not_awaited: Item | None = store.get("a")  # E: assignment
+    wrong_items: list[int] = [item async for item in store.scan("a")]  # E: misc
+    [item async for item in store.scan(prefix=1)]  # E: arg-type
 """
 
 EXPECTED = [

@@ -103,6 +103,27 @@ class TestSearch:
         assert await proxy.search([1.0, 2.0], 3) == []
 
 
+class TestScan:
+    """scan streams every stored vector, in batches."""
+
+    async def test_scan_streams_every_vector(self, client: natsrpc.Client, proxy: VDB) -> None:
+        for i in range(250):
+            await proxy.upsert(f"v{i}", [1.0, float(i)], {"n": str(i)})
+        hits = [hit async for hit in proxy.scan(batch=100)]  # type: ignore[attr-defined]
+        assert [h.id for h in hits] == [f"v{i}" for i in range(250)]
+        assert all(isinstance(h, Hit) and h.metadata == {"n": h.id[1:]} for h in hits)
+        assert [h async for h in client.call_service["vdb"].scan()] == [
+            {"id": h.id, "score": 1.0, "metadata": h.metadata} for h in hits
+        ]
+
+    async def test_an_empty_store_scans_nothing(self, proxy: VDB) -> None:
+        assert [h async for h in proxy.scan()] == []  # type: ignore[attr-defined]
+
+    async def test_a_bad_batch_is_bad_request(self, proxy: VDB) -> None:
+        with pytest.raises(natsrpc.BadRequest, match="batch must be >= 1"):
+            await anext(aiter(proxy.scan(batch=0)))  # type: ignore[attr-defined]
+
+
 class TestDelete:
     """Delete removes a vector and says whether it existed."""
 

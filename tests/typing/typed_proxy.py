@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import msgspec
 
 import natsrpc
@@ -40,6 +42,11 @@ class Store(Service):
     async def clear(self) -> None:
         """Removes every item."""
 
+    @rpc
+    async def scan(self, prefix: str = "") -> AsyncIterator[Item]:
+        """Streams the items whose keys start with ``prefix``."""
+        yield Item(prefix, "")
+
 
 async def use_store(client: natsrpc.Client) -> None:
     """Calls every endpoint with well-typed arguments and assigns results to annotated variables."""
@@ -52,4 +59,5 @@ async def use_store(client: natsrpc.Client) -> None:
     await store.clear()
     fast = client.proxy(Store, timeout=0.5)
     again: Item | None = await fast.get(key=stored.key)
-    print(stored, by_name, found, keys, some_keys, again)
+    streamed: list[Item] = [item async for item in store.scan("a")]
+    print(stored, by_name, found, keys, some_keys, again, streamed)
