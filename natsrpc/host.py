@@ -327,6 +327,8 @@ class Host:
             context.enter(call)
             args, kwargs = endpoint.signature.call_parts(values)
             if endpoint.streaming:
+                if not reply:  # a stream sent nowhere would publish to an empty subject
+                    raise BadRequest(f"{route.where} streams: the request needs a reply subject")
                 window = produce.window_of(headers)
                 if window is not None:
                     producer = self._producer(route, reply, call, window, msgpack)

@@ -536,6 +536,23 @@ class TestBadPeers:
         await poll(lambda: bool(streams.closed), "the generator closed")
         assert await natsrpc_echo(nc) == b'"ok"'
 
+    async def test_a_stream_request_without_a_reply_subject_is_refused(
+        self, client: natsrpc.Client, nc: NatsConnection
+    ) -> None:
+        """Published with no reply subject, a stream request is counted as a 400 and sends nothing: a
+        stream sent to an empty subject would make the server drop the host's connection."""
+        service = Streams()
+        async with serve(client, service) as host:
+            stats = host.instances[0].routes["count"].stats
+            await nc.publish("svc.streams.count", b'{"n":3}', headers={protocol.STREAM: "4"})
+            await nc.publish("svc.streams.count", b'{"n":3}')
+            await nc.flush()
+            await poll(lambda: stats.num_errors == 2, "both requests counted as errors")
+            assert stats.last_error.startswith("400 ")
+            assert service.yielded == 0
+            assert client.nc.stats["reconnects"] == 0
+            assert await natsrpc_echo(nc) == b'"ok"'
+
     async def test_a_bad_window_is_a_400(self, nc: NatsConnection, streams: Streams) -> None:
         reply = await nc.request("svc.streams.count", b'{"n":3}', timeout=2, headers={protocol.STREAM: "lots"})
         assert reply.headers is not None
