@@ -168,7 +168,6 @@ def parse_deadline(headers: Mapping[str, str] | None, default_timeout: float) ->
     if headers is not None:
         value = headers.get(protocol.DEADLINE)
         if value is not None:
-            if len(value) <= _MAX_DEADLINE_DIGITS and value.isascii() and value.isdigit():
-                return int(value) / 1000
-            return None
+            millis = protocol.parse_count(value, _MAX_DEADLINE_DIGITS)
+            return None if millis is None else millis / 1000
     return time.time() + default_timeout

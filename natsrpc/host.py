@@ -332,7 +332,7 @@ class Host:
                 window = produce.window_of(headers)
                 if window is not None:
                     producer = self._producer(route, reply, call, window, msgpack)
-                    await self._run_stream(producer, route.handler(*args, **kwargs), reply, call, deadline)
+                    await self._run_stream(producer, route.handler(*args, **kwargs), reply, call)
                     return
                 body = await self._collect(route, route.handler(*args, **kwargs), reply, call, headers, msgpack)
             else:
@@ -343,26 +343,17 @@ class Host:
                     except StopIteration as stop:
                         result = stop.value
                     else:
-                        task = asyncio.current_task()
-                        timer = self._deadline_timer(call, deadline, task)
-                        if reply:
-                            self._cancellable[reply] = (call, task)
+                        timer = self._watch(call, reply, asyncio.current_task())
                         try:
                             result = await resume(coro, yielded)
                         finally:
-                            timer.cancel()
-                            if reply:
-                                self._cancellable.pop(reply, None)
+                            self._unwatch(reply, timer)
                 else:
-                    timer = self._deadline_timer(call, deadline, None)
-                    if reply:
-                        self._cancellable[reply] = (call, None)
+                    timer = self._watch(call, reply, None)
                     try:
                         result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
                     finally:
-                        timer.cancel()
-                        if reply:
-                            self._cancellable.pop(reply, None)
+                        self._unwatch(reply, timer)
                     if call.cancelled:
                         raise _Abandoned()
                 body = self._encode(route, result, msgpack)
@@ -371,7 +362,7 @@ class Host:
                     # A natsrpc client (its requests carry a deadline) takes it in chunks, as a stream.
                     producer = self._producer(route, reply, call, protocol.DEFAULT_WINDOW, msgpack, len(body))
                     size = self.nc.max_payload - protocol.CHUNK_OVERHEAD
-                    await self._run_stream(producer, produce.chunks(body, size), reply, call, deadline)
+                    await self._run_stream(producer, produce.chunks(body, size), reply, call)
                 else:
                     await self._reply(reply, route, body)  # too large, or not connected: the slow path
         except RemoteError as exc:
@@ -425,23 +416,13 @@ class Host:
         self._producers[token] = producer
         return producer
 
-    async def _run_stream(
-        self,
-        producer: produce.Producer,
-        items: Any,
-        reply: str,
-        call: context.CallContext,
-        deadline: float,
-    ) -> None:
+    async def _run_stream(self, producer: produce.Producer, items: Any, reply: str, call: context.CallContext) -> None:
         """Runs a stream to its end, bounded by the call's deadline; cancellable by its caller."""
-        task = asyncio.current_task()
-        timer = self._deadline_timer(call, deadline, task)
-        self._cancellable[reply] = (call, task)
+        timer = self._watch(call, reply, asyncio.current_task())
         try:
             await producer.run(items)
         finally:
-            timer.cancel()
-            self._cancellable.pop(reply, None)
+            self._unwatch(reply, timer)
             del self._producers[producer.control[producer.control.rfind(".") + 1 :]]
 
     async def _collect(
@@ -457,9 +438,7 @@ class Host:
             raise streaming_awaited(route.where)
         bodies: list[bytes] = []
         size = 2
-        task = asyncio.current_task()
-        timer = self._deadline_timer(call, call.deadline, task)
-        self._cancellable[reply] = (call, task)
+        timer = self._watch(call, reply, asyncio.current_task())
         try:
             async for item in items:
                 body = self._encode(route, item, msgpack)
@@ -471,18 +450,26 @@ class Host:
                     )
                 bodies.append(body)
         finally:
-            timer.cancel()
-            self._cancellable.pop(reply, None)
+            self._unwatch(reply, timer)
             await items.aclose()
         return produce.array_reply(bodies, msgpack)
 
-    def _deadline_timer(
-        self, call: context.CallContext, deadline: float, task: asyncio.Task[Any] | None
-    ) -> asyncio.TimerHandle:
-        """At the deadline the caller has given up: the timer cancels ``task`` (an async handler's) and
-        sets ``call.cancelled`` (all a plain def handler can be told: a thread cannot be interrupted)."""
+    def _watch(self, call: context.CallContext, reply: str, task: asyncio.Task[Any] | None) -> asyncio.TimerHandle:
+        """Makes a call that is about to wait cancellable; undo with :meth:`_unwatch` when it stops waiting.
+
+        At the deadline the caller has given up: the returned timer cancels ``task`` (an async
+        handler's) and sets ``call.cancelled`` (all a plain def handler can be told: a thread cannot
+        be interrupted). A cancel naming ``reply`` does the same before it.
+        """
+        if reply:
+            self._cancellable[reply] = (call, task)
         loop = self._loop
-        return loop.call_at(loop.time() + deadline - time.time(), _expire, call, task)
+        return loop.call_at(loop.time() + call.deadline - time.time(), _expire, call, task)
+
+    def _unwatch(self, reply: str, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        if reply:
+            self._cancellable.pop(reply, None)
 
     def _refuse_queued(self, request: Request) -> None:
         """Answers a request still queued when a graceful stop ran out of time: 503, not silence."""
@@ -511,14 +498,13 @@ class Host:
             route.stats.last_error = f"{error.code} {error.message}"[:512]
         if not reply:
             return
+        closing = stream.closing_headers() if stream is not None else {}  # once: it takes the first headers
         headers, body = error_reply(error)
-        if stream is not None:
-            headers.update(stream.closing_headers())
+        headers.update(closing)
         block = protocol.encode_headers(headers)
         if len(body) + len(block) > self.nc.max_payload:
             headers, body = error_reply(remote_error(error.code, error.message[:1024], error.type))
-            if stream is not None:
-                headers.update(stream.closing_headers())
+            headers.update(closing)
             block = protocol.encode_headers(headers)
         if not transport.send(self.nc, reply, "", body, block):
             await self._publish(reply, body, headers)

@@ -51,6 +51,7 @@ MIXED_ARGS: Final = "mixed"  # body is [[positional...], {named...}]
 DEFAULT_WINDOW: Final = 64  # items a stream may have sent and not yet acknowledged
 MAX_WINDOW: Final = 1024  # the largest window a server grants
 DEFAULT_KEEPALIVE: Final = 1.0  # seconds between keepalives of an idle stream; 3 missed = dead peer
+MAX_SEQ_DIGITS: Final = 12  # the longest sequence number or ack a peer may send
 DEFAULT_MAX_REPLY_SIZE: Final = 64 * 1024 * 1024  # the largest reply sent (or taken) in chunks
 CHUNK_OVERHEAD: Final = 512  # bytes a chunk leaves under max_payload for its header block (the first names more)
 
@@ -233,6 +234,17 @@ def clean_header_value(value: str) -> str:
 HEADER_START: Final = b"NATS/1.0\r\n"
 _HEADER_START_LEN: Final = len(HEADER_START)
 _ASCII_SPACE: Final = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() would take Unicode spaces too
+
+
+def parse_count(value: str, max_digits: int) -> int | None:
+    """Returns a header value that holds a whole number of at most ``max_digits`` ASCII digits, or None.
+
+    For every numeric natsrpc header: deadlines, windows, sequence numbers, acks, sizes. No sign,
+    space, underscore or non-ASCII digit passes (``int()`` would take them).
+    """
+    if len(value) <= max_digits and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 _SEQ_BLOCK: Final = b"NATS/1.0\r\nNatsrpc-Seq: "

@@ -352,7 +352,6 @@ class TestUnaryCancellation:
 
     async def test_uncancelled_calls_cost_no_cancel_message(self, client: natsrpc.Client, nats_url: str) -> None:
         """Calls that finish send nothing on the cancel subject."""
-        down, middle = Down(), Middle()
         cancels: list[Msg] = []
         async with serve(client, Streams()), natsrpc.connect(nats_url) as spy:
             sub = await spy.nc.subscribe("svc._cancel.>", cb=_collect(cancels))
@@ -363,7 +362,6 @@ class TestUnaryCancellation:
             await spy.nc.flush()
             await sub.unsubscribe()
         assert cancels == []
-        del down, middle
 
     async def test_streams_inside_services_carry_the_trace_and_deadline(self, client: natsrpc.Client) -> None:
         async with serve(client, Middle(), Inner(), Down()):

@@ -42,6 +42,7 @@ log = logs.get_logger("natsrpc.streams")
 
 _ITEM, _END, _ERROR = 0, 1, 2
 _MIN_KEEPALIVE, _MAX_KEEPALIVE = 0.01, 3600.0
+_MAX_SIZE_DIGITS = 15
 
 
 class Receiver:
@@ -118,10 +119,10 @@ class Receiver:
         if seq_text is None:
             self._unnumbered(data, h)
             return
-        if not (seq_text.isascii() and seq_text.isdigit() and len(seq_text) <= 12):
+        seq = protocol.parse_count(seq_text, protocol.MAX_SEQ_DIGITS)
+        if seq is None:
             self._violation(f"sequence number {seq_text[:20]!r} is not a number")
             return
-        seq = int(seq_text)
         if seq != self._expected:
             self._violation(f"message {seq} arrived where {self._expected} was due")
             return
@@ -197,10 +198,11 @@ class Receiver:
             return False
         chunked = h.get(protocol.CHUNKED)
         if chunked is not None:
-            if not (chunked.isascii() and chunked.isdigit() and len(chunked) <= 15):
+            size = protocol.parse_count(chunked, _MAX_SIZE_DIGITS)
+            if size is None:
                 self._violation(f"{protocol.CHUNKED} {chunked[:20]!r} is not a size")
                 return False
-            if int(chunked) > self.max_reply_size:
+            if size > self.max_reply_size:
                 self.control = control  # so the cancel reaches the server
                 too_large = ReplyTooLarge(
                     f"{self.subject}: the reply of {chunked} bytes exceeds this client's max_reply_size "
@@ -208,7 +210,7 @@ class Receiver:
                 )
                 self._fail_and_cancel(too_large)
                 return False
-            self._chunked = int(chunked)
+            self._chunked = size
         self.control = control
         self.keepalive = keepalive
         self._timers.append(self.loop.call_later(keepalive, self._tick))

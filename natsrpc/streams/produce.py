@@ -27,7 +27,7 @@ log = logs.get_logger("natsrpc.streams")
 MISSED_KEEPALIVES = 3
 """Intervals of silence after which the peer of a stream counts as dead."""
 
-_MAX_ACK_DIGITS = 12
+_MAX_WINDOW_DIGITS = 6
 
 
 def new_token() -> str:
@@ -44,9 +44,10 @@ def window_of(headers: dict[str, str]) -> int | None:
     value = headers.get(protocol.STREAM)
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit() and 0 < len(value) <= 6 and int(value) > 0):
+    window = protocol.parse_count(value, _MAX_WINDOW_DIGITS)
+    if not window:  # None or 0
         raise BadRequest(f"header {protocol.STREAM} {value[:20]!r} is not a window (a positive whole number)")
-    return min(int(value), protocol.MAX_WINDOW)
+    return min(window, protocol.MAX_WINDOW)
 
 
 class Producer:
@@ -167,10 +168,10 @@ class Producer:
             return
         ack = headers.get(protocol.ACK)
         if ack is not None:
-            if not (ack.isascii() and ack.isdigit() and len(ack) <= _MAX_ACK_DIGITS):
+            n = protocol.parse_count(ack, protocol.MAX_SEQ_DIGITS)
+            if n is None:
                 self.fail(f"ack {ack[:20]!r} is not a sequence number")
                 return
-            n = int(ack)
             if not self.acked < n <= self.sent:
                 self.fail(f"ack {n} after ack {self.acked}, with {self.sent} items sent")
                 return
