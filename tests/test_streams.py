@@ -337,18 +337,18 @@ class TestUnaryCancellation:
     async def test_a_queued_request_cancelled_never_runs(self, client: natsrpc.Client) -> None:
         """With one slot taken, a cancelled queued call is dropped: its handler never starts."""
         down = Down()
-        async with serve(client, down, max_concurrency=1):
+        async with serve(client, down, max_concurrency=1) as host:
             first = asyncio.ensure_future(client.call_service["down"].options(timeout=20).wait())
             await asyncio.wait_for(down.started.wait(), 5)
-            host_queue = asyncio.ensure_future(client.call_service["down"].options(timeout=20).wait())
-            await asyncio.sleep(0.05)  # the second request reaches the queue
-            host_queue.cancel()
-            await asyncio.sleep(0.05)
+            queued = asyncio.ensure_future(client.call_service["down"].options(timeout=20).wait())
+            await poll(lambda: host.in_flight == 2, "the second request queued")
+            queued.cancel()
+            await poll(lambda: host.in_flight == 1, "the queued request withdrawn", 1.0)
             down.started.clear()
             first.cancel()
-            await poll(lambda: len(down.cancelled_at) == 1, "the first call cancelled", 1.0)
-            await asyncio.sleep(0.1)
-            assert not down.started.is_set()  # the queued one was withdrawn, not started
+            await poll(lambda: host.in_flight == 0, "the first call cancelled", 1.0)
+        assert len(down.cancelled_at) == 1
+        assert not down.started.is_set()  # the queued one never started
 
     async def test_uncancelled_calls_cost_no_cancel_message(self, client: natsrpc.Client, nats_url: str) -> None:
         """Calls that finish send nothing on the cancel subject."""
