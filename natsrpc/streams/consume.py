@@ -243,6 +243,13 @@ class Receiver:
         if self.control and self._consumed - self._acked >= max(1, self.window // 2):
             self._acked = self._consumed
             self._send({protocol.ACK: str(self._consumed)})
+            # Let nats-py's flusher send the ack now, while the queued items are consumed, so the
+            # server sends on instead of waiting for the queue to drain (a stall per window).
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
         if self.decode is None:
             return value
         try:
