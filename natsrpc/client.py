@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -41,6 +41,7 @@ from natsrpc.errors import (
     streaming_awaited,
     translate_nats_errors,
 )
+from natsrpc.observe.middleware import Invocation, Middleware, check_middleware, compose, hooks
 from natsrpc.proxy import (
     Call,
     CallOptions,
@@ -81,6 +82,10 @@ class Client:
         discovery: follow heartbeats in :attr:`registry` (feeds the circuit breakers).
         circuit: circuit-breaker settings; None turns circuit breaking off.
         retry: the default retry policy (``natsrpc.retry.NO_RETRIES`` turns retries off).
+        middleware: runs around every call and stream this client makes, the first listed
+            outermost (:mod:`natsrpc.observe.middleware`). A middleware may also have
+            ``on_retry(service, method)`` and ``on_circuit(service, state)`` methods: they
+            are told of each retry and each change of a circuit's state.
     """
 
     def __init__(
@@ -95,8 +100,14 @@ class Client:
         discovery: bool = True,
         circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
         retry: RetryPolicy = DEFAULT_RETRY,
+        middleware: Sequence[Middleware] | None = None,
     ) -> None:
         check_client_options(timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
+        check_middleware(middleware)
+        self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
+        """The middleware every call goes through (outermost first)."""
+        self._middleware = compose(self.middleware)
+        self._retry_hooks = hooks(self.middleware, "on_retry")
         self.nc = nc
         self.prefix = prefix
         self.caller = caller
@@ -105,6 +116,14 @@ class Client:
         """Live instances per service, from heartbeats (None when discovery is off)."""
         self.circuits: Circuits | None = Circuits(circuit) if circuit is not None else None
         """The circuit breakers, one per service (None when circuit breaking is off)."""
+        circuit_hooks = hooks(self.middleware, "on_circuit")
+        if self.circuits is not None and circuit_hooks:
+
+            def tell_circuit(service: str, old: State, new: State) -> None:
+                for hook in circuit_hooks:
+                    hook(service, new)
+
+            self.circuits.on_state_change = tell_circuit
         self._buckets: dict[str, TokenBucket] = {}  # retry budgets, per service; at most MAX_BUCKETS
         if self.registry is not None and self.circuits is not None:
             self.registry.on_change(self._on_registry_change)
@@ -383,6 +402,8 @@ class Client:
         kwargs: Mapping[str, Any] | None = None,
         options: CallOptions | None = None,
         result: Any = None,
+        *,
+        _through: Invocation | None = None,
     ) -> Any:
         """Calls ``service.method`` and returns its decoded reply (the proxies call this).
 
@@ -398,6 +419,8 @@ class Client:
             CallError: a subclass says why (RemoteError, NoResponders, CallTimeout, ...).
         """
         opts = options or self.default_options
+        if self._middleware is not None and _through is None:
+            return await self._call_through(service, method, args, kwargs or {}, opts, result)
         subject = self._subjects.get((service, method, opts.instance))
         if subject is None:
             subject = self._subject(service, method, opts.instance)
@@ -407,9 +430,14 @@ class Client:
                 self._refuse_unknown(service, method)
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         headers = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else None
+        if _through is not None and _through.headers:
+            check_headers(_through.headers)
+            headers = {**_through.headers, **(headers or {})}
         # One instance: no load balancing, so no circuit of the whole service.
         breaker = self.circuits.get(service) if self.circuits is not None and not opts.instance else None
-        data, _ = await self._request(subject, body, opts, headers, service, breaker)
+        data, reply_headers = await self._request(subject, body, opts, headers, service, breaker)
+        if _through is not None:
+            _through.reply_headers = reply_headers
         try:
             if result is not None:
                 return result.decode(data)
@@ -418,6 +446,48 @@ class Client:
             error = BadReply(f"the reply of {service}.{method} does not decode: {exc}")
             error.hop = f"{service}.{method}"
             raise error from exc
+
+    def _invocation(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        opts: CallOptions,
+        streaming: bool,
+    ) -> Invocation:
+        """What the middleware is told of a call about to be made."""
+        call = context.active_call()
+        now = time.time()
+        deadline = now + opts.timeout
+        if call is not None:
+            deadline = min(deadline, call.deadline)
+            caller, trace_id = call.instance, call.trace_id
+        else:
+            caller = self.caller
+            parent = (opts.headers or {}).get(protocol.TRACEPARENT, "")
+            trace_id = parent[3:35] if context.valid_traceparent(parent) else ""
+        return Invocation(
+            "client", service, method, args, kwargs, {}, deadline, caller, streaming, context=call, trace_id=trace_id
+        )
+
+    async def _call_through(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        opts: CallOptions,
+        result: Any,
+    ) -> Any:
+        """A call through the client's middleware: the chain runs, and last the call itself."""
+        assert self._middleware is not None
+        through = self._invocation(service, method, args, kwargs, opts, False)
+
+        def call_itself() -> Awaitable[Any]:
+            return self.call(service, method, through.args, through.kwargs, opts, result, _through=through)
+
+        return await self._middleware(through, call_itself)
 
     def _refuse_unknown(self, service: str, method: str, streaming: bool = False) -> None:
         """Raises, without sending, for a method discovery says the service lacks, or serves the other way.
@@ -467,9 +537,16 @@ class Client:
         if subject is None:
             subject = self._subject(service, method, opts.instance)
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
-        extra = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else {}
+        extra: dict[str, str] = {}
+        around = None
+        if self._middleware is not None:
+            through = self._invocation(service, method, args, kwargs or {}, opts, True)
+            extra = through.headers
+            around = functools.partial(self._middleware, through)
+        if mixed:
+            extra[protocol.ARGS_FORM] = protocol.MIXED_ARGS
         return self._stream(
-            subject, service, method, body, opts, extra, consume.decoder_of(result, opts.msgpack), window
+            subject, service, method, body, opts, extra, consume.decoder_of(result, opts.msgpack), window, around
         )
 
     def stream_request(
@@ -508,8 +585,10 @@ class Client:
         extra: dict[str, str],
         decode: Callable[[bytes], Any] | None,
         window: int,
+        around: Any = None,
     ) -> consume.Stream[Any]:
-        """Returns the stream of one request, sent on its first ``__anext__``."""
+        """Returns the stream of one request, sent on its first ``__anext__`` (inside ``around``, the
+        middleware chain, when there is one: ``extra`` is then the headers the middleware adds to)."""
         if isinstance(window, bool) or not isinstance(window, int) or not 0 < window <= protocol.MAX_WINDOW:
             raise ConfigurationError(f"window must be a whole number from 1 to {protocol.MAX_WINDOW}, got {window!r}")
         extra[protocol.STREAM] = str(window)
@@ -521,6 +600,8 @@ class Client:
                 raise self._broken
             if method and self.registry is not None and self.registry.methods(service) is not None:
                 self._refuse_unknown(service, method, streaming=True)
+            if around is not None and extra:
+                check_headers(extra)
             headers, timeout = self._headers(subject, opts, extra)
             block = protocol.encode_headers(headers)
             if len(body) + len(block) > self.nc.max_payload:
@@ -539,7 +620,7 @@ class Client:
                 self.spawn(self._send_stream_request(receiver, subject, body, headers))
             return receiver
 
-        return consume.Stream(open_stream)
+        return consume.Stream(open_stream, around)
 
     def _forget_stream(self, receiver: consume.Receiver) -> None:
         self._streams.pop(receiver.reply[len(self._inbox) :], None)
@@ -693,6 +774,8 @@ class Client:
             idempotent = self.registry is not None and len(parts) > 2 and self.registry.idempotent(service, parts[2])
 
         async def attempt(remaining: float) -> Reply:
+            for hook in self._retry_hooks:  # every attempt here is a retry
+                hook(service, parts[2] if len(parts) > 2 else "")
             return await self._attempt(subject, body, *headers, _attempt_wait(remaining, opts))
 
         return await run_with_retries(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +28,7 @@ from natsrpc.errors import (
     permission_violation,
     translate_nats_errors,
 )
+from natsrpc.observe.middleware import Middleware, check_middleware
 from natsrpc.retry import DEFAULT_RETRY, RetryPolicy
 
 log = logs.get_logger("natsrpc.connection")
@@ -66,6 +67,8 @@ class connect:
         discovery: follow heartbeats (``client.registry``), feeding the circuit breakers.
         circuit: circuit-breaker settings (:class:`natsrpc.circuit.CircuitConfig`); None = off.
         retry: default retry policy (:class:`natsrpc.retry.RetryPolicy`).
+        middleware: runs around every call this client makes, the first listed outermost
+            (:mod:`natsrpc.observe.middleware`).
         user: user name, with ``password``.
         password: password.
         token: authentication token.
@@ -97,6 +100,7 @@ class connect:
         discovery: bool = True,
         circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
         retry: RetryPolicy = DEFAULT_RETRY,
+        middleware: Sequence[Middleware] | None = None,
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
@@ -111,6 +115,7 @@ class connect:
         if "tls" in nats_options and (tls_ca or tls_cert or tls_key):
             raise ConfigurationError("give tls (an SSLContext) or tls_ca/tls_cert/tls_key, not both")
         check_client_options(timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
+        check_middleware(middleware)
         security = auth.nats_options(
             user=user, password=password, token=token, nkeys_seed=nkeys_seed, creds=creds,
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, inbox_prefix=inbox_prefix,
@@ -120,7 +125,7 @@ class connect:
         self._nats_options = {**security, **nats_options}
         self._client_options: dict[str, Any] = {
             "timeout": timeout, "encoding": encoding, "prefix": prefix, "caller": caller,
-            "discovery": discovery, "circuit": circuit, "retry": retry,
+            "discovery": discovery, "circuit": circuit, "retry": retry, "middleware": middleware,
         }  # fmt: skip
         self._client: Client | None = None
 

@@ -38,6 +38,8 @@ from natsrpc.errors import (
     streaming_awaited,
 )
 from natsrpc.instance import Instance, Request, Route
+from natsrpc.observe.middleware import Invocation, Middleware, compose, hooks
+from natsrpc.proxy import check_headers
 from natsrpc.service import Service, ServiceContext
 from natsrpc.streams import produce
 
@@ -68,6 +70,10 @@ class Host:
             of them is given up (its generator closed).
         max_reply_size: the largest reply sent: one over the server's max_payload goes to natsrpc
             clients in chunks (docs/protocol.md); above this it is a 413.
+        middleware: runs around every request served, the first listed outermost
+            (:mod:`natsrpc.observe.middleware`). A middleware may also have an
+            ``on_rejected(service, method, code)`` method: it is told of each request refused
+            before its handler ran (429 full, 503 stopped, 504 deadline passed).
     """
 
     def __init__(
@@ -84,9 +90,14 @@ class Host:
         discoverable: bool = True,
         stream_keepalive: float = protocol.DEFAULT_KEEPALIVE,
         max_reply_size: int = protocol.DEFAULT_MAX_REPLY_SIZE,
+        middleware: Sequence[Middleware] | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ConfigurationError("max_concurrency must be >= 1 and max_queue >= 0")
+        self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
+        """The middleware every request served goes through (outermost first)."""
+        self._middleware = compose(self.middleware)
+        self._rejected_hooks = hooks(self.middleware, "on_rejected")
         classes_of: dict[str, set[type[Service]]] = {}
         for service in services:  # instances of one class may share a name; two classes may not
             classes_of.setdefault(service.name, set()).add(type(service))
@@ -271,8 +282,10 @@ class Host:
         inst = route.instance
         route.stats.num_requests += 1
         if inst.closed:
+            self._rejected(route, 503)
             self._spawn(self._reply_error(reply, route, Unavailable(f"{inst.label} has stopped")))
         elif inst.active >= inst.capacity:
+            self._rejected(route, 429)
             self._spawn(
                 self._reply_error(reply, route, Overloaded(f"{inst.label} is at its concurrency limit and queue"))
             )
@@ -286,10 +299,16 @@ class Host:
                 return
             if time.time() >= deadline:
                 error = DeadlineExceeded(f"{route.where}: the deadline passed before the request was dispatched")
+                self._rejected(route, 504)
                 self._spawn(self._reply_error(reply, route, error))
                 return
             assert inst.pool is not None
             inst.pool.submit((route, reply, data, headers, deadline))
+
+    def _rejected(self, route: Route, code: int) -> None:
+        """Tells the middleware's ``on_rejected`` hooks of a request refused before its handler ran."""
+        for hook in self._rejected_hooks:
+            hook(route.instance.service.name, route.endpoint.name, code)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
@@ -313,6 +332,7 @@ class Host:
             mixed = headers.get(protocol.ARGS_FORM) == protocol.MIXED_ARGS
         try:
             if time.time() >= deadline:
+                self._rejected(route, 504)
                 raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
             values = endpoint.signature.decode_arguments(data, msgpack, mixed)
             call = context.CallContext(
@@ -326,9 +346,33 @@ class Host:
             )
             context.enter(call)
             args, kwargs = endpoint.signature.call_parts(values)
-            if endpoint.streaming:
-                if not reply:  # a stream sent nowhere would publish to an empty subject
-                    raise BadRequest(f"{route.where} streams: the request needs a reply subject")
+            if endpoint.streaming and not reply:  # a stream sent nowhere would publish to an empty subject
+                raise BadRequest(f"{route.where} streams: the request needs a reply subject")
+            if self._middleware is not None:
+                through = Invocation(
+                    "server",
+                    inst.service.name,
+                    endpoint.name,
+                    args,
+                    kwargs,
+                    headers,
+                    deadline,
+                    call.caller,
+                    endpoint.streaming,
+                    inst.label,
+                    call,
+                )
+                collected: list[bytes] = []  # a plain request's array reply, from a streaming endpoint
+                final = functools.partial(self._handle, route, call, through, reply, headers, msgpack, collected)
+                result = await self._middleware(through, final)
+                if endpoint.streaming and not collected:  # the stream was sent
+                    return
+                body = collected[0] if collected else self._encode(route, result, msgpack)
+                if reply and through.reply_headers and len(body) <= self.nc.max_payload:
+                    check_headers(through.reply_headers)
+                    await self._publish(reply, body, through.reply_headers)
+                    return
+            elif endpoint.streaming:
                 window = produce.window_of(headers)
                 if window is not None:
                     producer = self._producer(route, reply, call, window, msgpack)
@@ -389,6 +433,40 @@ class Host:
         finally:  # every request served counts, errors too (as Go's micro library counts them)
             route.stats.processing_time_ns += time.perf_counter_ns() - started
             inst.pool.finished()  # type: ignore[union-attr]  # a request is served only by its pool
+
+    async def _handle(
+        self,
+        route: Route,
+        call: context.CallContext,
+        through: Invocation,
+        reply: str,
+        headers: dict[str, str],
+        msgpack: bool,
+        collected: list[bytes],
+    ) -> Any:
+        """The innermost step of the middleware chain: runs the handler (its arguments as the
+        middleware left them) and returns its result; a stream is sent here (None is returned),
+        a plain request's array reply goes into ``collected``."""
+        endpoint = route.endpoint
+        handler = route.handler(*through.args, **through.kwargs) if endpoint.is_async or endpoint.streaming else None
+        if endpoint.streaming:
+            window = produce.window_of(headers)
+            if window is not None:
+                producer = self._producer(route, reply, call, window, msgpack)
+                await self._run_stream(producer, handler, reply, call)
+            else:
+                collected.append(await self._collect(route, handler, reply, call, headers, msgpack))
+            return None
+        timer = self._watch(call, reply, asyncio.current_task() if endpoint.is_async else None)
+        try:
+            if handler is not None:
+                return await handler
+            result = await anyio.to_thread.run_sync(functools.partial(route.handler, *through.args, **through.kwargs))
+        finally:
+            self._unwatch(reply, timer)
+        if call.cancelled:
+            raise _Abandoned()
+        return result
 
     def _encode(self, route: Route, result: Any, msgpack: bool) -> bytes:
         """Encodes a return value or stream item, checked against its annotation (a 500 if it does not fit)."""
@@ -474,6 +552,7 @@ class Host:
     def _refuse_queued(self, request: Request) -> None:
         """Answers a request still queued when a graceful stop ran out of time: 503, not silence."""
         route, reply = request[0], request[1]
+        self._rejected(route, 503)
         self._spawn(self._reply_error(reply, route, Unavailable(f"{route.where}: the instance stopped")))
 
     async def _reply(self, reply: str, route: Route, body: bytes) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -98,6 +98,8 @@ class Receiver:
         self._waiter: asyncio.Future[None] | None = None
         self._heard = self._last_sent = self.loop.time()
         self._timers: list[asyncio.TimerHandle] = []
+        self.error: CallError | None = None  # what ended the stream for its consumer, if not its end
+        self._ended: asyncio.Future[None] | None = None
 
     def expire_at(self, when: float, timeout: float) -> None:
         """Fails the stream at loop time ``when``: a stream's deadline bounds the whole stream."""
@@ -237,6 +239,7 @@ class Receiver:
             self._finish()
             raise StopAsyncIteration
         if kind == _ERROR:
+            self.error = value
             self._finish()
             raise value
         self._consumed += 1
@@ -305,6 +308,20 @@ class Receiver:
             for timer in self._timers:
                 timer.cancel()
             self._on_done(self)
+            if self._ended is not None and not self._ended.done():
+                self._ended.set_result(None)
+
+    async def ended(self) -> None:
+        """Returns once the consumer has taken the stream's end or left the stream.
+
+        Raises:
+            CallError: the error the consumer got instead of the end.
+        """
+        if not self.done:
+            self._ended = self.loop.create_future()
+            await self._ended
+        if self.error is not None:
+            raise self.error
 
     def _tick(self) -> None:
         if self.done:
@@ -338,8 +355,13 @@ class Stream(AsyncIterator[T], Generic[T]):
     call: the server closes its generator.
     """
 
-    def __init__(self, open_: Callable[[], Receiver]) -> None:
+    def __init__(
+        self,
+        open_: Callable[[], Receiver],
+        around: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] | None = None,
+    ) -> None:
         self._open = open_
+        self._around = around  # the client's middleware chain, given the stream's call_next
         self._receiver: Receiver | None = None
 
     @property
@@ -353,9 +375,36 @@ class Stream(AsyncIterator[T], Generic[T]):
     async def __anext__(self) -> T:
         receiver = self._receiver
         if receiver is None:
-            receiver = self._receiver = self._open()
+            receiver = self._receiver = self._open() if self._around is None else await self._open_around()
         item: T = await receiver.next()
         return item
+
+    async def _open_around(self) -> Receiver:
+        """Opens the stream inside the middleware chain, which runs (in a task) until the stream ends."""
+        assert self._around is not None
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Receiver] = loop.create_future()
+
+        async def call_next() -> None:
+            receiver = self._open()
+            opened.set_result(receiver)
+            await receiver.ended()
+
+        chain: asyncio.Task[Any] = loop.create_task(self._around(call_next))  # type: ignore[arg-type]
+        chain.add_done_callback(_retrieved)
+        try:
+            await asyncio.wait((opened, chain), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            chain.cancel()
+            if opened.done():
+                opened.result().cancel()
+            raise
+        if opened.done():
+            return opened.result()
+        error = chain.exception()  # a middleware refused the call, or the request could not be sent
+        if error is not None:
+            raise error
+        raise StopAsyncIteration  # a middleware returned without calling call_next(): no items
 
     async def aclose(self) -> None:
         """Cancels the stream if it has not ended (the server closes its generator)."""
@@ -370,6 +419,12 @@ class Stream(AsyncIterator[T], Generic[T]):
 
     def __await__(self) -> Any:
         raise TypeError("a stream is iterated (async for item in ...), not awaited")
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Marks a finished middleware chain's error as seen: the consumer got it from the stream."""
+    if not task.cancelled():
+        task.exception()
 
 
 def decoder_of(result: Any, msgpack: bool) -> Callable[[bytes], Any]:

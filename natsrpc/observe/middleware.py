@@ -1,0 +1,166 @@
+"""Middleware: code that runs around every call, on the client side and on the server side alike.
+
+A middleware is any object (or function) with ``async def __call__(self, call, call_next)``.
+``call`` is an :class:`Invocation`; ``await call_next()`` runs the rest of the chain (the next
+middleware, and last the call itself) and returns its result or raises its error. The first
+middleware listed is the outermost::
+
+    class Timing:
+        async def __call__(self, call, call_next):
+            started = time.perf_counter()
+            try:
+                return await call_next()
+            finally:
+                log.info("call", service=call.service, method=call.method, side=call.side,
+                         seconds=time.perf_counter() - started)
+
+Installed with ``natsrpc.connect(..., middleware=[...])`` (calls made through the client, from
+services too), ``Host(..., middleware=[...])`` (requests served) and the runner's
+``--middleware module:attr``. A middleware may refuse a call by raising (a server-side
+``ServiceError(401, ...)`` reaches the caller as a 401 before the handler runs), add request
+headers (client side, ``call.headers``) or reply headers (server side, ``call.reply_headers``),
+time it and count it.
+
+For a streaming endpoint ``call.streaming`` is True and ``call_next()`` returns (None) when the
+stream has ended: on the server once its last item is sent, on the client once the consumer has
+taken its end (or left it).
+
+With no middleware installed nothing of this runs: a call checks one attribute.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from natsrpc.context import CallContext
+from natsrpc.errors import ConfigurationError
+
+Next = Callable[[], Awaitable[Any]]
+
+
+class Middleware(Protocol):
+    """What a middleware is: awaited with the call and the rest of the chain."""
+
+    def __call__(self, call: Invocation, call_next: Next) -> Awaitable[Any]:
+        """Runs around the call; ``await call_next()`` runs it (and the middleware inside this one)."""
+
+
+class Invocation:
+    """One call as a middleware sees it.
+
+    Attributes:
+        side: ``"client"`` (a call being made) or ``"server"`` (a request being served).
+        service: the service called.
+        method: the endpoint called.
+        args: the positional arguments (server side: as decoded for the handler).
+        kwargs: the named arguments.
+        headers: client side, extra request headers a middleware may add to (sent with the call);
+            server side, the request's headers as received.
+        reply_headers: client side, the reply's headers once ``call_next()`` returned (None for
+            none); server side, headers a middleware adds to the reply.
+        deadline: the call's absolute deadline, Unix epoch seconds.
+        caller: who calls: ``<service>/<instance-id>`` of a calling service, or the client's
+            ``caller`` name (``"client"`` by default).
+        streaming: the endpoint streams (``call_next()`` returns when the stream ended).
+        instance: server side, ``<service>/<instance-id>`` of the instance serving; client side, "".
+        context: server side, the handler's :class:`~natsrpc.context.CallContext`; client side,
+            the context of the handler making the call (None outside a handler).
+    """
+
+    __slots__ = (
+        "_trace_id", "args", "caller", "context", "deadline", "headers", "instance", "kwargs", "method",
+        "reply_headers", "service", "side", "streaming",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        side: str,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        headers: Any,
+        deadline: float,
+        caller: str,
+        streaming: bool = False,
+        instance: str = "",
+        context: CallContext | None = None,
+        trace_id: str = "",
+    ) -> None:
+        self.side = side
+        self.service = service
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs
+        self.headers = headers
+        self.reply_headers: dict[str, str] | None = {} if side == "server" else None
+        self.deadline = deadline
+        self.caller = caller
+        self.streaming = streaming
+        self.instance = instance
+        self.context = context
+        self._trace_id = trace_id
+
+    @property
+    def trace_id(self) -> str:
+        """The call's W3C trace id (32 hex digits), or "" for a client call that starts no trace."""
+        if self._trace_id:
+            return self._trace_id
+        if self.side == "server" and self.context is not None:
+            return self.context.trace_id
+        return ""
+
+    def __repr__(self) -> str:
+        return f"<Invocation {self.side} {self.service}.{self.method} caller={self.caller}>"
+
+
+Chain = Callable[[Invocation, Next], Awaitable[Any]]
+
+
+def check_middleware(middleware: object) -> None:
+    """Checks a ``middleware=`` option: None, or a list of callables.
+
+    Raises:
+        ConfigurationError: it is not a list or tuple, or an entry is not callable.
+    """
+    if middleware is None:
+        return
+    if not isinstance(middleware, (list, tuple)):
+        raise ConfigurationError(f"middleware must be a list of middleware, got {type(middleware).__name__}")
+    for layer in middleware:
+        if not callable(layer):
+            raise ConfigurationError(
+                f"middleware {layer!r} is not callable (it needs async __call__(self, call, call_next))"
+            )
+
+
+def hooks(middleware: Sequence[Middleware], name: str) -> list[Callable[..., Any]]:
+    """Returns the ``name`` methods of the middleware that have one (``on_retry``, ``on_circuit``,
+    ``on_rejected``: told of events that are not calls)."""
+    found = (getattr(layer, name, None) for layer in middleware)
+    return [hook for hook in found if callable(hook)]
+
+
+def compose(middleware: Sequence[Middleware] | None) -> Chain | None:
+    """Returns the chain of ``middleware`` (the first is the outermost), or None for none.
+
+    Raises:
+        ConfigurationError: as :func:`check_middleware`.
+    """
+    check_middleware(middleware)
+    if not middleware:
+        return None
+    layers = tuple(middleware)
+    last = len(layers)
+
+    async def run(call: Invocation, final: Next) -> Any:
+        async def at(index: int) -> Any:
+            if index == last:
+                return await final()
+            return await layers[index](call, functools.partial(at, index + 1))
+
+        return await at(0)
+
+    return run

@@ -1,0 +1,303 @@
+"""Middleware, one mechanism on both sides, against a real nats-server: order, refusal, headers, streams."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import natsrpc
+import natsrpc.circuit
+import natsrpc.retry
+from natsrpc import Service, ServiceError, current_call, rpc
+from natsrpc.observe import Invocation
+from natsrpc.testing import serve
+
+
+class Echo(Service):
+    name = "mwecho"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran = 0
+        self.seen_headers: dict[str, str] = {}
+
+    @rpc
+    async def echo(self, value: str) -> str:
+        self.ran += 1
+        self.seen_headers = dict(current_call().headers)
+        return value
+
+    @rpc
+    def blocking(self, value: int) -> int:
+        self.ran += 1
+        return value * 2
+
+    @rpc
+    async def fail(self) -> None:
+        raise ServiceError(409, "conflict")
+
+    @rpc
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+
+class Recorder:
+    """Records what it sees, in a shared log, under its label."""
+
+    def __init__(self, label: str, log: list[Any]) -> None:
+        self.label = label
+        self.log = log
+
+    async def __call__(self, call: Invocation, call_next: Any) -> Any:
+        self.log.append((self.label, "in", call.side, call.service, call.method, call.args, dict(call.kwargs)))
+        try:
+            result = await call_next()
+        except Exception as exc:
+            self.log.append((self.label, "raised", type(exc).__name__))
+            raise
+        self.log.append((self.label, "out", result))
+        return result
+
+
+class Auth:
+    """Refuses every call without an ``Authorization: secret`` header, before the handler runs."""
+
+    async def __call__(self, call: Invocation, call_next: Any) -> Any:
+        if call.headers.get("Authorization") != "secret":
+            raise ServiceError(401, "unauthorized", type="Unauthorized")
+        return await call_next()
+
+
+class AddsHeaders:
+    """Client side: adds a request header; server side: adds a reply header."""
+
+    async def __call__(self, call: Invocation, call_next: Any) -> Any:
+        if call.side == "client":
+            call.headers["Authorization"] = "secret"
+            return await call_next()
+        assert call.reply_headers is not None
+        call.reply_headers["X-Served-By"] = call.instance
+        return await call_next()
+
+
+@pytest.fixture
+async def mw_client(nats_url: str, request: pytest.FixtureRequest) -> AsyncIterator[natsrpc.Client]:
+    """A client with the middleware the test's ``client_middleware`` marker-free parameter gives."""
+    middleware = getattr(request, "param", None)
+    async with natsrpc.connect(nats_url, middleware=middleware) as client:
+        yield client
+
+
+class TestServerSide:
+    async def test_order_outermost_first_and_values_seen(self, client: natsrpc.Client) -> None:
+        """Two server middleware wrap the handler: the first listed is the outermost, both see the call."""
+        log: list[Any] = []
+        service = Echo()
+        async with serve(client, service, middleware=[Recorder("a", log), Recorder("b", log)]):
+            assert await client.call_service["mwecho"].echo("hi") == "hi"
+        assert log == [
+            ("a", "in", "server", "mwecho", "echo", ("hi",), {}),
+            ("b", "in", "server", "mwecho", "echo", ("hi",), {}),
+            ("b", "out", "hi"),
+            ("a", "out", "hi"),
+        ]
+
+    async def test_an_auth_middleware_refuses_before_the_handler(self, client: natsrpc.Client) -> None:
+        """A 401 from the middleware reaches the caller; the handler never ran. With the header it runs."""
+        service = Echo()
+        async with serve(client, service, middleware=[Auth()]):
+            with pytest.raises(natsrpc.RemoteError) as caught:
+                await client.call_service["mwecho"].echo("hi")
+            assert caught.value.code == 401
+            assert caught.value.type == "Unauthorized"
+            assert service.ran == 0
+            authorized = client.call_service["mwecho"].options(headers={"Authorization": "secret"})
+            assert await authorized.echo("hi") == "hi"
+            assert service.ran == 1
+
+    async def test_plain_def_handlers_and_errors_go_through(self, client: natsrpc.Client) -> None:
+        """A thread-run handler's result and a handler's ServiceError pass through the middleware."""
+        log: list[Any] = []
+        async with serve(client, Echo(), middleware=[Recorder("a", log)]):
+            assert await client.call_service["mwecho"].blocking(21) == 42
+            with pytest.raises(natsrpc.RemoteError) as caught:
+                await client.call_service["mwecho"].fail()
+            assert caught.value.code == 409
+        assert ("a", "out", 42) in log
+        assert ("a", "raised", "ServiceError") in log
+
+    async def test_a_middleware_can_replace_the_result(self, client: natsrpc.Client) -> None:
+        """What the chain returns is what is encoded and sent."""
+
+        async def shout(call: Invocation, call_next: Any) -> Any:
+            return (await call_next()).upper()
+
+        async with serve(client, Echo(), middleware=[shout]):
+            assert await client.call_service["mwecho"].echo("hi") == "HI"
+
+    async def test_a_stream_goes_through_once_for_its_whole_length(self, client: natsrpc.Client) -> None:
+        """A streaming endpoint passes the chain once; call_next() returns when the stream ended."""
+        log: list[Any] = []
+        async with serve(client, Echo(), middleware=[Recorder("a", log)]):
+            assert [i async for i in client.call_service["mwecho"].count(3)] == [0, 1, 2]
+            # A plain request (no stream header) gets the array reply through the middleware too.
+            reply = await client.nc.request("svc.mwecho.count", b'{"n": 2}', timeout=5)
+            assert reply.data == b"[0,1]"
+        assert log.count(("a", "out", None)) == 2
+        assert log[0] == ("a", "in", "server", "mwecho", "count", (3,), {})
+
+    async def test_refused_requests_are_told_to_on_rejected(self, client: natsrpc.Client) -> None:
+        """A 429 (concurrency and queue full) reaches ``on_rejected`` with the service, method and code."""
+        rejected: list[tuple[str, str, int]] = []
+        gate, running = asyncio.Event(), asyncio.Event()
+
+        class Slow(Service):
+            name = "mwslow"
+
+            @rpc
+            async def wait(self) -> None:
+                running.set()
+                await gate.wait()
+
+        class Counts:
+            async def __call__(self, call: Invocation, call_next: Any) -> Any:
+                return await call_next()
+
+            def on_rejected(self, service: str, method: str, code: int) -> None:
+                rejected.append((service, method, code))
+
+        async with serve(client, Slow(), middleware=[Counts()], max_concurrency=1, max_queue=0):
+            first = asyncio.ensure_future(client.call_service["mwslow"].wait())
+            await running.wait()
+            with pytest.raises(natsrpc.Overloaded):
+                await client.call_service["mwslow"].options(retry=natsrpc.retry.NO_RETRIES).wait()
+            gate.set()
+            await first
+        assert rejected == [("mwslow", "wait", 429)]
+
+
+class TestClientSide:
+    @pytest.mark.parametrize("mw_client", [[AddsHeaders()]], indirect=True)
+    async def test_a_client_middleware_adds_request_headers(
+        self, mw_client: natsrpc.Client, client: natsrpc.Client
+    ) -> None:
+        """A header the client's middleware adds arrives; the server's middleware adds a reply header."""
+        service = Echo()
+        async with serve(client, service, middleware=[AddsHeaders(), Auth()]) as host:
+            seen: list[Invocation] = []
+
+            async def keep(call: Invocation, call_next: Any) -> Any:
+                result = await call_next()
+                seen.append(call)
+                return result
+
+            async with natsrpc.connect(client.nc.connected_url.geturl(), middleware=[AddsHeaders(), keep]) as other:
+                assert await other.call_service["mwecho"].echo("hi") == "hi"
+            assert await mw_client.call_service["mwecho"].echo("x") == "x"
+        assert service.seen_headers["Authorization"] == "secret"
+        assert seen[0].reply_headers is not None
+        assert seen[0].reply_headers["X-Served-By"] == host.instances[0].label
+
+    async def test_client_middleware_sees_calls_and_streams_with_their_outcome(
+        self, nats_url: str, client: natsrpc.Client
+    ) -> None:
+        """Unary calls, errors and streams pass a client's chain; a stream's call_next() ends with it."""
+        log: list[Any] = []
+        async with (
+            serve(client, Echo()),
+            natsrpc.connect(nats_url, middleware=[Recorder("c", log)], caller="app") as app,
+        ):
+            assert await app.call_service["mwecho"].echo("hi") == "hi"
+            with pytest.raises(natsrpc.RemoteError):
+                await app.call_service["mwecho"].fail()
+            assert [i async for i in app.call_service["mwecho"].count(2)] == [0, 1]
+            await asyncio.sleep(0)  # the stream's chain task finishes once the end was taken
+        assert log == [
+            ("c", "in", "client", "mwecho", "echo", ("hi",), {}),
+            ("c", "out", "hi"),
+            ("c", "in", "client", "mwecho", "fail", (), {}),
+            ("c", "raised", "ServiceError"),
+            ("c", "in", "client", "mwecho", "count", (2,), {}),
+            ("c", "out", None),
+        ]
+
+    async def test_a_client_middleware_refusing_a_stream_raises_at_iteration(
+        self, nats_url: str, client: natsrpc.Client
+    ) -> None:
+        """A client middleware raising before call_next(): the first __anext__ raises it, nothing is sent."""
+        service = Echo()
+
+        async def refuse(call: Invocation, call_next: Any) -> Any:
+            raise natsrpc.ConfigurationError("no streams here")
+
+        async with serve(client, service), natsrpc.connect(nats_url, middleware=[refuse]) as app:
+            with pytest.raises(natsrpc.ConfigurationError, match="no streams here"):
+                async for _ in app.call_service["mwecho"].count(2):
+                    pass
+            with pytest.raises(natsrpc.ConfigurationError, match="no streams here"):
+                await app.call_service["mwecho"].echo("x")
+        assert service.ran == 0
+
+    async def test_a_service_calling_out_passes_the_hosts_client_middleware(
+        self, nats_url: str, client: natsrpc.Client
+    ) -> None:
+        """A handler's ``self.call_service`` goes through its client's middleware, with the handler as caller."""
+        log: list[Any] = []
+
+        class Front(Service):
+            name = "mwfront"
+
+            @rpc
+            async def relay(self, value: str) -> str:
+                result: str = await self.call_service["mwecho"].echo(value)
+                return result
+
+        seen: list[Invocation] = []
+
+        async def keep(call: Invocation, call_next: Any) -> Any:
+            seen.append(call)
+            return await call_next()
+
+        async with natsrpc.connect(nats_url, middleware=[keep, Recorder("c", log)]) as hosting:
+            async with serve(hosting, Front()), serve(client, Echo()):
+                assert await client.call_service["mwfront"].relay("v") == "v"
+        assert [(c.service, c.method) for c in seen] == [("mwecho", "echo")]
+        assert seen[0].caller.startswith("mwfront/")
+        assert len(seen[0].trace_id) == 32
+        assert seen[0].context is not None
+        assert seen[0].context.method == "relay"
+
+    async def test_retries_and_circuit_changes_are_told(self, nats_url: str) -> None:
+        """``on_retry`` hears each retry of a call, ``on_circuit`` each state change of a breaker."""
+        retries: list[tuple[str, str]] = []
+        states: list[tuple[str, str]] = []
+
+        class Hooks:
+            async def __call__(self, call: Invocation, call_next: Any) -> Any:
+                return await call_next()
+
+            def on_retry(self, service: str, method: str) -> None:
+                retries.append((service, method))
+
+            def on_circuit(self, service: str, state: Any) -> None:
+                states.append((service, str(state)))
+
+        config = natsrpc.circuit.CircuitConfig(min_calls=2, failure_rate=0.5)
+        async with natsrpc.connect(nats_url, middleware=[Hooks()], circuit=config, discovery=False) as app:
+            policy = natsrpc.retry.RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.002)
+            for _ in range(2):
+                with pytest.raises(natsrpc.CallError):
+                    await app.call_service["mwnobody"].options(retry=policy, idempotent=True).get()
+        assert retries[:2] == [("mwnobody", "get"), ("mwnobody", "get")]
+        assert ("mwnobody", "open") in states
+
+    def test_middleware_that_is_not_callable_is_refused_before_connecting(self) -> None:
+        """A middleware list holding a non-callable is a ConfigurationError at connect() and Host()."""
+        with pytest.raises(natsrpc.ConfigurationError, match="not callable"):
+            natsrpc.connect("nats://127.0.0.1:1", middleware=[object()])
+        with pytest.raises(natsrpc.ConfigurationError, match="list of middleware"):
+            natsrpc.connect("nats://127.0.0.1:1", middleware=Auth())  # type: ignore[arg-type]
