@@ -19,7 +19,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from natsrpc import logs, protocol
-from natsrpc.instance import Instance
+from natsrpc.instance import Instance, LatencyHistogram
 from natsrpc.protocol import Heartbeat
 
 log = logs.get_logger("natsrpc.announce")
@@ -45,6 +45,7 @@ class EndpointStats(msgspec.Struct):
     last_error: str
     processing_time: int
     average_processing_time: int
+    data: dict[str, int] = {}
 
 
 class PingResponse(msgspec.Struct):
@@ -136,6 +137,12 @@ def info(instance: Instance, prefix: str) -> InfoResponse:
     return InfoResponse(svc.name, instance.id, svc.version, dict(svc.metadata), svc.description, endpoints)
 
 
+def latency_percentiles(histogram: LatencyHistogram) -> dict[str, int]:
+    """Returns an endpoint's STATS ``data``: its processing-time percentiles (upper bounds of
+    buckets 19% wide), since the instance started."""
+    return {name: histogram.percentile(q) for name, q in protocol.STATS_PERCENTILES}
+
+
 def stats(instance: Instance, prefix: str) -> StatsResponse:
     """Returns the instance's ``$SRV.STATS`` reply."""
     svc = instance.service
@@ -153,6 +160,7 @@ def stats(instance: Instance, prefix: str) -> StatsResponse:
                 s.last_error,
                 s.processing_time_ns,
                 average,
+                latency_percentiles(s.latency),
             )
         )
     return StatsResponse(svc.name, instance.id, svc.version, dict(svc.metadata), rfc3339(instance.started), endpoints)

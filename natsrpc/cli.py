@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text, service_arg in (
         ("ls", "list live services, versions, instances and endpoints", None),
         ("info", "show one service's instances and endpoints", "SERVICE"),
-        ("stats", "show per-endpoint requests, errors and average latency", "SERVICE"),
+        ("stats", "show per-endpoint requests, errors, average and p50/p90/p99 latency", "SERVICE"),
         ("ping", "show the round trip to each instance", "SERVICE?"),
     ):
         sp = commands.add_parser(name, help=help_text, description=help_text.capitalize() + " (NATS Service API).")
@@ -186,14 +186,27 @@ def _render(command: str, replies: list[tuple[dict[str, Any], float]]) -> str:
                 str(e["num_requests"]),
                 str(e["num_errors"]),
                 f"{e['average_processing_time'] / 1e6:.3f}",
+                *_percentiles_ms(e),
                 e["last_error"],
             ]
             for r, _ in replies
             for e in r["endpoints"]
         ]
-        return table(rows, ["INSTANCE", "ENDPOINT", "REQUESTS", "ERRORS", "AVG MS", "LAST ERROR"])
+        headings = ["INSTANCE", "ENDPOINT", "REQUESTS", "ERRORS", "AVG MS", "P50 MS", "P90 MS", "P99 MS", "LAST ERROR"]
+        return table(rows, headings)
     rows = [[r["name"], r["id"], r["version"], f"{rtt * 1e3:.2f}"] for r, rtt in replies]
     return table(rows, ["SERVICE", "INSTANCE", "VERSION", "RTT MS"])
+
+
+def _percentiles_ms(endpoint: dict[str, Any]) -> list[str]:
+    """An endpoint's p50, p90 and p99 from its STATS ``data`` in milliseconds ("-" from a service without them)."""
+    data = endpoint.get("data")
+    data = data if isinstance(data, dict) else {}
+    cells = []
+    for name, _ in protocol.STATS_PERCENTILES:
+        value = data.get(name)
+        cells.append(f"{value / 1e6:.3f}" if isinstance(value, int) and not isinstance(value, bool) else "-")
+    return cells
 
 
 def main(argv: Sequence[str] | None = None) -> int:

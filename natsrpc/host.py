@@ -431,7 +431,9 @@ class Host:
             await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__), producer)
             log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
-            route.stats.processing_time_ns += time.perf_counter_ns() - started
+            elapsed = time.perf_counter_ns() - started
+            route.stats.processing_time_ns += elapsed
+            route.stats.latency.add(elapsed)
             inst.pool.finished()  # type: ignore[union-attr]  # a request is served only by its pool
 
     async def _handle(

@@ -139,6 +139,9 @@ def cancel_subject(service: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}._cancel.{service}"
 
 
+STATS_PERCENTILES: Final = (("p50_processing_time", 0.5), ("p90_processing_time", 0.9), ("p99_processing_time", 0.99))
+"""The percentiles an endpoint's ``$SRV.STATS`` ``data`` carries, in nanoseconds (as the durations beside them)."""
+
 SERVICE_API_VERBS: Final = ("PING", "INFO", "STATS")
 """The NATS Service API questions every instance answers."""
 

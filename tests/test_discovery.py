@@ -31,6 +31,7 @@ import natsrpc
 from natsrpc import Service, ServiceError, rpc
 from natsrpc.circuit import CircuitConfig, State
 from natsrpc.host import Host
+from natsrpc.instance import LatencyHistogram
 from natsrpc.protocol import Heartbeat
 from natsrpc.registry import EXPIRY_INTERVALS, InstanceState, Registry
 from natsrpc.testing import serve
@@ -340,6 +341,7 @@ class TestReplyConventions:
                 "last_error",
                 "processing_time",
                 "average_processing_time",
+                "data",
             },
         }.get(verb)
         for ep in reply.get("endpoints", []):
@@ -421,6 +423,47 @@ class TestStats:
         assert echo["processing_time"] > 0
         assert echo["average_processing_time"] == echo["processing_time"] // 3
         assert endpoint(stats, "refuse")["num_requests"] == 0
+
+    async def test_data_carries_latency_percentiles(
+        self, nc: NatsConnection, client: natsrpc.Client, counted: str
+    ) -> None:
+        """Each endpoint's ``data`` holds p50/p90/p99 in integer nanoseconds: ordered, 0 before any request,
+        and no p99 below the average (a percentile is its bucket's upper bound)."""
+        fresh = endpoint(await ask_one(nc, "STATS", "discstats", counted), "refuse")["data"]
+        assert fresh == {"p50_processing_time": 0, "p90_processing_time": 0, "p99_processing_time": 0}
+        for i in range(20):
+            await client.call_service["discstats"].echo(str(i))
+        stats = await ask_one(nc, "STATS", "discstats", counted)
+        validate("STATS", stats)
+        echo = endpoint(stats, "echo")
+        p50, p90, p99 = (echo["data"][f"p{q}_processing_time"] for q in (50, 90, 99))
+        assert all(type(p) is int for p in (p50, p90, p99))
+        assert 0 < p50 <= p90 <= p99
+        assert p99 >= echo["average_processing_time"]
+
+
+class TestLatencyHistogram:
+    """The bounded histogram behind the STATS percentiles."""
+
+    def test_percentiles_are_within_a_bucket_of_the_exact_ones(self) -> None:
+        """For 10,000 spread times each percentile is at or above the exact one, by at most 25%."""
+        histogram = LatencyHistogram()
+        times = [int(1000 * 1.001**i) for i in range(10_000)]  # 1 us to about 22 ms
+        for ns in times:
+            histogram.add(ns)
+        for q in (0.5, 0.9, 0.99):
+            exact = times[round(q * len(times)) - 1]
+            assert exact <= histogram.percentile(q) <= exact * 1.25, q
+
+    def test_it_stays_bounded_and_takes_any_time(self) -> None:
+        """Zero, one and the largest 64-bit time all fit; the bucket list never grows."""
+        histogram = LatencyHistogram()
+        size = len(histogram.counts)
+        for ns in (0, 1, 2, 3, 17, 10**9, 2**64 - 1):
+            histogram.add(ns)
+            assert histogram.percentile(1.0) >= ns
+        assert len(histogram.counts) == size
+        assert histogram.count == 7
 
     @pytest.mark.parametrize(
         ("method", "body", "code"),

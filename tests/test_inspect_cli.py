@@ -167,6 +167,10 @@ class TestCli:
         requests = {row[1]: int(row[2]) for row in rows(run.stdout)}
         assert requests == {"put": 1, "get": 0, "delete": 0, "keys": 0}
         assert {int(row[3]) for row in rows(run.stdout)} == {0}  # no errors
+        assert run.stdout.splitlines()[0].split()[4:12] == ["AVG", "MS", "P50", "MS", "P90", "MS", "P99", "MS"]
+        put = next(row for row in rows(run.stdout) if row[1] == "put")
+        p50, p90, p99 = (float(cell) for cell in put[5:8])  # milliseconds
+        assert 0 < p50 <= p90 <= p99
 
     def test_ping_reaches_every_service(self, cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
         """``ping --json`` gets a schema-valid reply with a round-trip time from each of the three services."""
