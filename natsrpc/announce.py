@@ -218,7 +218,7 @@ class Announcer:
         delays no other instance's beat (run one after another, three hung hooks stretched a healthy
         instance's beats past the 3-interval expiry).
         """
-        health = await asyncio.gather(*(self._health(inst) for inst in self.instances))
+        health = await asyncio.gather(*(inst.healthy(self.interval) for inst in self.instances))
         for inst, healthy in zip(self.instances, health, strict=True):
             svc = inst.service
             idempotent = sorted(name for name, route in inst.routes.items() if route.endpoint.idempotent)
@@ -239,14 +239,6 @@ class Announcer:
                 await self.nc.publish(protocol.heartbeat_subject(svc.name, inst.id, self.prefix), _encoder.encode(beat))
             except nats.errors.Error as exc:
                 log.warning("heartbeat not sent", service=svc.name, error=repr(exc))
-
-    async def _health(self, inst: Instance) -> bool:
-        svc = inst.service
-        try:
-            return bool(await asyncio.wait_for(svc.health(), self.interval))
-        except Exception as exc:
-            log.warning("health check failed", service=svc.name, error=repr(exc))
-            return False
 
     async def _beat_forever(self) -> None:
         # Paced from the start of each beat, so time spent in health hooks does not stretch the

@@ -341,3 +341,19 @@ def permission_violation(exc: BaseException) -> tuple[str, str] | None:
 def is_authentication_failure(exc: BaseException) -> bool:
     """Returns whether ``exc`` (from nats-py, on connect or on error_cb) says the server refused the credentials."""
     return isinstance(exc, nats.errors.AuthorizationError) or _AUTH_FAILURE.search(str(exc).lower()) is not None
+
+
+def reply_code(exc: BaseException) -> int:
+    """Returns the code of the error reply a handler's exception becomes (what its caller gets).
+
+    A service's own error keeps its code. A failed call the handler made downstream keeps a
+    business code, but a refusal that means "not executed" (429, 503, no responders, circuit
+    open) becomes 502, since this handler did run, and a downstream timeout 504. Anything else is 500.
+    """
+    if isinstance(exc, RemoteError):
+        if exc.hop and exc.code in (protocol.OVERLOADED, protocol.UNAVAILABLE):
+            return protocol.BAD_GATEWAY
+        return exc.code
+    if isinstance(exc, CallError):
+        return protocol.DEADLINE_EXCEEDED if isinstance(exc, CallTimeout) else protocol.BAD_GATEWAY
+    return protocol.INTERNAL

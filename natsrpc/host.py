@@ -24,7 +24,6 @@ from natsrpc.dispatch import Dispatcher, resume
 from natsrpc.errors import (
     BadRequest,
     CallError,
-    CallTimeout,
     ConfigurationError,
     DeadlineExceeded,
     InternalError,
@@ -35,6 +34,7 @@ from natsrpc.errors import (
     Unavailable,
     error_reply,
     remote_error,
+    reply_code,
     streaming_awaited,
 )
 from natsrpc.instance import Instance, Request, Route
@@ -137,6 +137,27 @@ class Host:
     def in_flight(self) -> int:
         """Requests accepted and not yet answered, over all instances."""
         return sum(i.active for i in self.instances)
+
+    async def readiness(self, health_timeout: float = 2.0) -> dict[str, Any]:
+        """Says whether this host should get traffic (what the runner's ``/readyz`` answers).
+
+        Ready means started and not draining, connected to NATS, and every service's ``health()``
+        true (each given ``health_timeout`` seconds; one that raises or hangs counts as false).
+
+        Returns:
+            ``{"ready": bool, "reasons": [why not, ...], "services": {name: healthy}}``.
+        """
+        reasons = []
+        if any(inst.draining for inst in self.instances):
+            reasons.append("draining: stopping gracefully")
+        elif not self._started:
+            reasons.append("not serving yet: starting")
+        if not self.nc.is_connected:
+            reasons.append("not connected to NATS")
+        healthy = await asyncio.gather(*(inst.healthy(health_timeout) for inst in self.instances))
+        services = {inst.label: ok for inst, ok in zip(self.instances, healthy, strict=True)}
+        reasons.extend(f"{label}: health() is false" for label, ok in services.items() if not ok)
+        return {"ready": not reasons, "reasons": reasons, "services": services}
 
     async def start(self) -> None:
         """Runs each service's ``setup()``, then subscribes its endpoints.
@@ -636,10 +657,9 @@ def _downstream(route: Route, exc: CallError) -> RemoteError:
         else:
             detail = f"{exc.type}: {exc.message}" if exc.type not in exc.message else exc.message
             message = f"{route.where} -> {exc.hop}: {detail}"
-        code = protocol.BAD_GATEWAY if exc.code in (protocol.OVERLOADED, protocol.UNAVAILABLE) else exc.code
-        return remote_error(code, message, exc.type, exc.data)
-    code = protocol.DEADLINE_EXCEEDED if isinstance(exc, CallTimeout) else protocol.BAD_GATEWAY
-    return remote_error(code, f"{route.where} -> {exc.hop or 'call'}: {type(exc).__name__}: {exc}", type(exc).__name__)
+        return remote_error(reply_code(exc), message, exc.type, exc.data)
+    message = f"{route.where} -> {exc.hop or 'call'}: {type(exc).__name__}: {exc}"
+    return remote_error(reply_code(exc), message, type(exc).__name__)
 
 
 async def _drain(sub: Any) -> None:

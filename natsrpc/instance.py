@@ -6,11 +6,15 @@ them to discovery. Both read this model; neither imports the other.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
+from natsrpc import logs
 from natsrpc.dispatch import Dispatcher
 from natsrpc.service import Endpoint, Service
+
+log = logs.get_logger("natsrpc.host")
 
 _SUB_BITS = 2  # 4 buckets per power of two: a percentile is read to within 19%
 _BUCKETS = 65 << _SUB_BITS  # bit lengths 0 to 64: any time perf_counter_ns can give
@@ -106,3 +110,11 @@ class Instance:
     def active(self) -> int:
         """Requests accepted and not yet answered: queued plus running."""
         return self.pool.active if self.pool is not None else 0
+
+    async def healthy(self, within: float) -> bool:
+        """Runs the service's ``health()``, bounded by ``within`` seconds; an error or a hang is unhealthy."""
+        try:
+            return bool(await asyncio.wait_for(self.service.health(), within))
+        except Exception as exc:
+            log.warning("health check failed", service=self.service.name, error=repr(exc))
+            return False

@@ -28,6 +28,7 @@ from natsrpc.connection import DEFAULT_URL, connect
 from natsrpc.embedded import NatsServer, free_port, is_listening
 from natsrpc.errors import ConfigurationError, ConnectionLost, NatsRpcError
 from natsrpc.host import Host
+from natsrpc.observe.health import HealthServer
 from natsrpc.service import Service
 
 log = logs.get_logger("natsrpc.run")
@@ -196,8 +197,64 @@ def parser() -> argparse.ArgumentParser:
         help="bytes: the largest reply sent; one over the server's max_payload goes to natsrpc clients in "
         "chunks (default %(default)s, 64 MiB)",
     )
+    p.add_argument(
+        "--middleware",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="middleware for every call served and made (repeatable; the first is outermost); "
+        "a class is instantiated without arguments",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_count(0),
+        default=os.environ.get("NATSRPC_METRICS_PORT"),
+        help="serve /metrics (Prometheus; pip install 'natsrpc[metrics]'), /healthz and /readyz on this "
+        "port (env NATSRPC_METRICS_PORT; 0 picks a free one; default: off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="the address --metrics-port binds (default %(default)s: every interface, for probes and scrapers)",
+    )
     auth.add_arguments(p)
     return p
+
+
+def load_middleware(specs: Sequence[str]) -> list[Any]:
+    """Returns the middleware named by ``module:attr`` specs; a class is instantiated without arguments.
+
+    Raises:
+        ConfigurationError: a spec has no attribute, the module cannot be imported, the attribute
+            is missing, or it is not callable.
+    """
+    found = []
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise ConfigurationError(f"--middleware {spec!r}: give module:attr (e.g. myapp.auth:Auth)")
+        value = getattr(_import(module_name), attr, None)
+        if value is None:
+            raise ConfigurationError(f"--middleware {spec!r}: {module_name} has no attribute {attr!r}")
+        if inspect.isclass(value):
+            try:
+                value = value()
+            except TypeError as exc:
+                raise ConfigurationError(f"--middleware {spec!r}: the class needs arguments ({exc})") from None
+        if not callable(value):
+            raise ConfigurationError(f"--middleware {spec!r} is not callable: it needs async __call__(call, call_next)")
+        found.append(value)
+    return found
+
+
+def _metrics() -> Any:
+    """Returns a new Prometheus Metrics middleware, or None (logged) without prometheus-client."""
+    try:
+        from natsrpc.observe.metrics import Metrics
+    except ImportError as exc:
+        log.warning("no /metrics: natsrpc[metrics] is not installed (/healthz and /readyz are served)", error=str(exc))
+        return None
+    return Metrics()
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -235,6 +292,7 @@ async def serve(args: argparse.Namespace) -> int:
     """
     classes = load_services(args.services)
     config = read_config(args.config)
+    middleware = load_middleware(args.middleware)
     _check_urls(args.url)
     security = auth.from_args(args)
     # Signals are handled from here on, so one that arrives while an embedded server starts still
@@ -243,6 +301,7 @@ async def serve(args: argparse.Namespace) -> int:
     embedded: NatsServer | None = None
     host: Host | None = None
     report: asyncio.Task[None] | None = None
+    health: HealthServer | None = None
 
     def on_signal(signum: int) -> None:
         if not stop.is_set():
@@ -259,7 +318,24 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         event_loop.add_signal_handler(sig, on_signal, sig)
     url: str | None = args.url
+
+    async def readiness() -> dict[str, Any]:
+        if host is None:
+            return {"ready": False, "reasons": ["not serving yet: starting"], "services": {}}
+        return await host.readiness()
+
     try:
+        if args.metrics_port is not None:
+            metrics = _metrics()
+            if metrics is not None:
+                middleware.insert(0, metrics)  # outermost: it counts what the other middleware refuse too
+            health = HealthServer(args.metrics_port, args.metrics_host, readiness, metrics)
+            try:
+                await health.start()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"--metrics-port {args.metrics_port}: cannot listen: {exc.strerror or exc}"
+                ) from None
         if args.embedded or (url is None and not is_listening(EMBEDDED_HOST, EMBEDDED_PORT)):
             port = EMBEDDED_PORT if not is_listening(EMBEDDED_HOST, EMBEDDED_PORT) else free_port()
             embedded = NatsServer(
@@ -273,7 +349,7 @@ async def serve(args: argparse.Namespace) -> int:
         if stop.is_set():
             return 0
         servers = auth.split_servers(url or DEFAULT_URL)
-        async with connect(servers, name="natsrpc-run", **security) as client:
+        async with connect(servers, name="natsrpc-run", middleware=middleware, **security) as client:
             if embedded is None and url is None:  # joined a server found on the default local port
                 print(f"natsrpc: using the nats-server at {auth.redacted(servers)}{_whose(client)}", file=sys.stderr)
             services = [cls() for cls in classes]
@@ -287,6 +363,7 @@ async def serve(args: argparse.Namespace) -> int:
                 heartbeat_interval=args.heartbeat_interval,
                 stream_keepalive=args.stream_keepalive,
                 max_reply_size=args.max_reply_size,
+                middleware=middleware,
             )
             async with host:
                 log.info("ready", url=auth.redacted(servers), services=[s.name for s in services])
@@ -296,6 +373,8 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         if report is not None:
             report.cancel()
+        if health is not None:
+            await health.stop()
         if embedded is not None:
             await anyio.to_thread.run_sync(embedded.close)
     return 0

@@ -183,7 +183,7 @@ class TestServerSide:
 class TestClientSide:
     @pytest.mark.parametrize("mw_client", [[AddsHeaders()]], indirect=True)
     async def test_a_client_middleware_adds_request_headers(
-        self, mw_client: natsrpc.Client, client: natsrpc.Client
+        self, mw_client: natsrpc.Client, client: natsrpc.Client, nats_url: str
     ) -> None:
         """A header the client's middleware adds arrives; the server's middleware adds a reply header."""
         service = Echo()
@@ -195,7 +195,7 @@ class TestClientSide:
                 seen.append(call)
                 return result
 
-            async with natsrpc.connect(client.nc.connected_url.geturl(), middleware=[AddsHeaders(), keep]) as other:
+            async with natsrpc.connect(nats_url, middleware=[AddsHeaders(), keep]) as other:
                 assert await other.call_service["mwecho"].echo("hi") == "hi"
             assert await mw_client.call_service["mwecho"].echo("x") == "x"
         assert service.seen_headers["Authorization"] == "secret"
@@ -298,6 +298,6 @@ class TestClientSide:
     def test_middleware_that_is_not_callable_is_refused_before_connecting(self) -> None:
         """A middleware list holding a non-callable is a ConfigurationError at connect() and Host()."""
         with pytest.raises(natsrpc.ConfigurationError, match="not callable"):
-            natsrpc.connect("nats://127.0.0.1:1", middleware=[object()])
+            natsrpc.connect("nats://127.0.0.1:1", middleware=[object()])  # type: ignore[list-item]
         with pytest.raises(natsrpc.ConfigurationError, match="list of middleware"):
             natsrpc.connect("nats://127.0.0.1:1", middleware=Auth())  # type: ignore[arg-type]
