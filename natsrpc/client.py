@@ -879,7 +879,9 @@ class Client:
                 )
             if remaining < timeout:
                 timeout = remaining
-            headers[protocol.TRACEPARENT] = call.traceparent
+            given = extra.get(protocol.TRACEPARENT) if extra else None  # a tracing middleware's span
+            if given is None or not context.valid_traceparent(given):
+                headers[protocol.TRACEPARENT] = call.traceparent
             headers[protocol.CALLER] = call.instance
         else:
             parent = headers.get(protocol.TRACEPARENT)

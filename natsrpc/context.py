@@ -114,7 +114,7 @@ def enter(ctx: CallContext) -> None:
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
-def _parse_traceparent(value: str) -> re.Match[str] | None:
+def parse_traceparent(value: str) -> re.Match[str] | None:
     """Returns the parts of a valid W3C traceparent, or None (not lower-case hex, all-zero ids,
     version ff, extra fields in version 00, or characters a header line cannot carry)."""
     match = _TRACEPARENT.fullmatch(value.strip())
@@ -132,7 +132,7 @@ def _parse_traceparent(value: str) -> re.Match[str] | None:
 
 def valid_traceparent(value: str) -> bool:
     """Returns whether ``value`` is a valid W3C traceparent that may be sent as it is."""
-    return _parse_traceparent(value) is not None
+    return parse_traceparent(value) is not None
 
 
 def new_traceparent(parent: str = "") -> str:
@@ -141,7 +141,7 @@ def new_traceparent(parent: str = "") -> str:
     An invalid parent (see :func:`valid_traceparent`) is ignored, as the spec requires. The parent's
     sampled flag is kept.
     """
-    match = _parse_traceparent(parent)
+    match = parse_traceparent(parent)
     if match is not None:
         trace_id, flags = match[2], int(match[4], 16) & _SAMPLED
     else:

@@ -84,7 +84,7 @@ class Child:
 
 
 @asynccontextmanager
-async def child(*args: str, new_session: bool = False) -> AsyncIterator[Child]:
+async def child(*args: str, new_session: bool = False, env: dict[str, str] | None = None) -> AsyncIterator[Child]:
     """Runs ``python *args`` from the repository root; stops it on the way out if it still runs.
 
     SIGTERM first, so a runner drains and stops its embedded nats-server. With ``new_session`` the
@@ -95,7 +95,7 @@ async def child(*args: str, new_session: bool = False) -> AsyncIterator[Child]:
         sys.executable,
         *args,
         cwd=REPO,
-        env=child_env(),
+        env={**child_env(), **(env or {})},
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -1,0 +1,262 @@
+"""OpenTelemetry spans through the Tracing middleware, against a real nats-server (the SDK only here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from children import child, poll
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import SpanKind, StatusCode
+
+import natsrpc
+import natsrpc.circuit
+import natsrpc.retry
+from natsrpc import Service, ServiceError, current_call, rpc
+from natsrpc.observe.tracing import Tracing
+from natsrpc.testing import serve
+
+
+class Leaf(Service):
+    name = "trleaf"
+
+    @rpc
+    async def get(self, key: str) -> str:
+        return key.upper()
+
+    @rpc
+    async def fail(self) -> None:
+        raise ServiceError(409, "conflict")
+
+    @rpc
+    async def parent(self) -> str:
+        return current_call().headers.get("traceparent", "")
+
+
+class Branch(Service):
+    name = "trbranch"
+
+    @rpc
+    async def both(self, key: str) -> list[str]:
+        leaf = self.call_service["trleaf"]
+        return [await leaf.get(key), await leaf.get(key + "2")]
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    """A private SDK tracer provider whose finished spans are kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
+
+
+@pytest.fixture
+async def traced(nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter]) -> AsyncIterator[natsrpc.Client]:
+    """Leaf and Branch hosted on a traced connection; returns a traced client to call them with."""
+    tracing = Tracing(tracer_provider=spans[0])
+    async with (
+        natsrpc.connect(nats_url, middleware=[tracing]) as hosting,
+        serve(hosting, Leaf(), Branch(), middleware=[tracing]),
+        natsrpc.connect(nats_url, middleware=[tracing]) as app,
+    ):
+        yield app
+
+
+def by_name(finished: tuple[ReadableSpan, ...]) -> dict[tuple[str, SpanKind], list[ReadableSpan]]:
+    out: dict[tuple[str, SpanKind], list[ReadableSpan]] = {}
+    for span in finished:
+        out.setdefault((span.name, span.kind), []).append(span)
+    return out
+
+
+class TestSpans:
+    async def test_a_call_is_a_client_span_parenting_a_server_span(
+        self, traced: natsrpc.Client, spans: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        """One call: a CLIENT and a SERVER span in one trace, the server's parent the client, with RPC attributes."""
+        assert await traced.call_service["trleaf"].get("a") == "A"
+        found = by_name(spans[1].get_finished_spans())
+        (client,) = found[("trleaf/get", SpanKind.CLIENT)]
+        (server,) = found[("trleaf/get", SpanKind.SERVER)]
+        assert client.context is not None
+        assert server.context is not None
+        assert server.parent is not None
+        assert server.context.trace_id == client.context.trace_id
+        assert server.parent.span_id == client.context.span_id
+        assert server.parent.is_remote
+        assert client.parent is None  # a root: nothing was current
+        for span in (client, server):
+            attributes = dict(span.attributes or {})
+            assert attributes["rpc.system"] == "natsrpc"
+            assert attributes["rpc.service"] == "trleaf"
+            assert attributes["rpc.method"] == "get"
+            assert span.status.status_code == StatusCode.UNSET
+
+    async def test_a_service_calling_services_nests_its_client_spans_under_its_server_span(
+        self, traced: natsrpc.Client, spans: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        """branch.both calls leaf twice: client -> branch server -> 2 clients -> 2 leaf servers, one trace."""
+        assert await traced.call_service["trbranch"].both("k") == ["K", "K2"]
+        found = by_name(spans[1].get_finished_spans())
+        (root,) = found[("trbranch/both", SpanKind.CLIENT)]
+        (branch,) = found[("trbranch/both", SpanKind.SERVER)]
+        calls = found[("trleaf/get", SpanKind.CLIENT)]
+        served = found[("trleaf/get", SpanKind.SERVER)]
+        assert len(calls) == len(served) == 2
+        assert root.context is not None
+        assert branch.context is not None
+        assert {s.context.trace_id for s in (root, branch, *calls, *served) if s.context} == {root.context.trace_id}
+        assert branch.parent is not None
+        assert branch.parent.span_id == root.context.span_id
+        assert all(c.parent is not None and c.parent.span_id == branch.context.span_id for c in calls)
+        call_ids = {c.context.span_id for c in calls if c.context}
+        assert {s.parent.span_id for s in served if s.parent} == call_ids
+        assert str(dict(calls[0].attributes or {})["natsrpc.caller"]).startswith("trbranch/")
+
+    async def test_a_failure_sets_error_status_and_records_the_exception(
+        self, traced: natsrpc.Client, spans: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        """A 409: both spans ERROR, error.type and natsrpc.code set, an exception event on each."""
+        with pytest.raises(natsrpc.RemoteError):
+            await traced.call_service["trleaf"].fail()
+        found = by_name(spans[1].get_finished_spans())
+        for kind in (SpanKind.CLIENT, SpanKind.SERVER):
+            (span,) = found[("trleaf/fail", kind)]
+            assert span.status.status_code == StatusCode.ERROR
+            attributes = dict(span.attributes or {})
+            assert attributes["error.type"] == "ServiceError"
+            assert attributes["natsrpc.code"] == 409
+            assert [event.name for event in span.events] == ["exception"]
+
+    async def test_the_server_sees_the_client_spans_traceparent(
+        self, traced: natsrpc.Client, spans: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        """The request's traceparent header is the client span's context."""
+        header = await traced.call_service["trleaf"].parent()
+        (client,) = by_name(spans[1].get_finished_spans())[("trleaf/parent", SpanKind.CLIENT)]
+        assert client.context is not None
+        flags = int(client.context.trace_flags)
+        assert flags & 1  # sampled
+        assert header == f"00-{client.context.trace_id:032x}-{client.context.span_id:016x}-{flags:02x}"
+
+    async def test_retries_and_circuit_refusals_are_span_events(
+        self, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        """A retried call's span has a natsrpc.retry event per retry; an open circuit's refusal an event too."""
+        tracing = Tracing(tracer_provider=spans[0])
+        config = natsrpc.circuit.CircuitConfig(min_calls=2, failure_rate=0.5)
+        policy = natsrpc.retry.RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.002)
+        async with natsrpc.connect(nats_url, middleware=[tracing], circuit=config, discovery=False) as app:
+            for _ in range(2):
+                with pytest.raises(natsrpc.NoResponders):
+                    await app.call_service["trgone"].options(retry=policy, idempotent=True).get()
+            with pytest.raises(natsrpc.CircuitOpen):
+                await app.call_service["trgone"].get()
+        first, _, refused = by_name(spans[1].get_finished_spans())[("trgone/get", SpanKind.CLIENT)]
+        assert [e.name for e in first.events] == ["natsrpc.retry", "natsrpc.retry", "exception"]
+        assert [e.name for e in refused.events] == ["natsrpc.circuit_open", "exception"]
+
+    async def test_streams_are_spans_too(
+        self, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        """A stream makes a CLIENT and a SERVER span, in one trace, ending with the stream."""
+
+        class Counter(Service):
+            name = "trcount"
+
+            @rpc
+            async def count(self, n: int) -> AsyncIterator[int]:
+                for i in range(n):
+                    yield i
+
+        tracing = Tracing(tracer_provider=spans[0])
+        async with (
+            natsrpc.connect(nats_url, middleware=[tracing]) as app,
+            serve(app, Counter(), middleware=[tracing]),
+        ):
+            assert [i async for i in app.call_service["trcount"].count(3)] == [0, 1, 2]
+            await poll(lambda: len(spans[1].get_finished_spans()) == 2, "both spans end")
+        found = by_name(spans[1].get_finished_spans())
+        (client,) = found[("trcount/count", SpanKind.CLIENT)]
+        (server,) = found[("trcount/count", SpanKind.SERVER)]
+        assert server.parent is not None
+        assert client.context is not None
+        assert server.parent.span_id == client.context.span_id
+
+    async def test_an_unsampled_trace_records_nothing_and_calls_still_work(self, nats_url: str) -> None:
+        """With a sampler that drops everything no span is exported, and calls answer as usual."""
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(sampler=ALWAYS_OFF)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracing = Tracing(tracer_provider=provider)
+        async with (
+            natsrpc.connect(nats_url, middleware=[tracing]) as app,
+            serve(app, Leaf(), middleware=[tracing]),
+        ):
+            header = await app.call_service["trleaf"].parent()
+        assert exporter.get_finished_spans() == ()
+        assert not int(header[-2:], 16) & 1  # the decision not to sample travels downstream
+
+    async def test_without_an_sdk_nothing_is_recorded(self, nats_url: str) -> None:
+        """The API's default (no SDK set up): the middleware runs, calls work, natsrpc's own trace id travels."""
+        assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+        tracing = Tracing()
+        async with (
+            natsrpc.connect(nats_url, middleware=[tracing]) as app,
+            serve(app, Leaf(), Branch(), middleware=[tracing]),
+        ):
+            assert await app.call_service["trbranch"].both("x") == ["X", "X2"]
+
+
+class TestAcrossProcesses:
+    async def test_memory_remember_is_one_trace_over_four_processes(
+        self, nats_url: str, tmp_path: Path, spans: Any
+    ) -> None:
+        """kv, vdb and memory each in a runner of its own, traced with the SDK writing spans to files:
+        the test's client span -> memory's server span -> its kv and vdb client spans -> their server spans."""
+        env = {"NATSRPC_TEST_SPANS": str(tmp_path)}
+        provider, exporter = spans
+        tracing = Tracing(tracer_provider=provider)
+        args = ("--url", nats_url, "--middleware", "tests.otel_setup:tracing", "--log-format", "console")
+        ready = re.compile(r"\bready\b")
+        async with (
+            child("-m", "natsrpc.run", "services.kv", *args, env=env) as kv,
+            child("-m", "natsrpc.run", "services.vdb", *args, env=env) as vdb,
+            child("-m", "natsrpc.run", "services.memory", *args, env=env) as memory,
+        ):
+            await asyncio.gather(*(runner.wait_for_line(ready) for runner in (kv, vdb, memory)))
+            async with natsrpc.connect(nats_url, middleware=[tracing]) as app:
+                memory_id = await app.call_service["memory"].options(timeout=20).remember("hello traces")
+                assert memory_id
+
+            def records() -> list[dict[str, Any]]:
+                lines = [line for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
+                return [json.loads(line) for line in lines]
+
+            await poll(lambda: len([r for r in records() if r["name"].startswith(("kv/", "vdb/"))]) >= 4, "spans")
+        (root,) = exporter.get_finished_spans()
+        assert root.context is not None
+        trace_id = f"{root.context.trace_id:032x}"
+        mine = [r for r in records() if r["trace_id"] == trace_id]
+        (server,) = [r for r in mine if r["name"] == "memory/remember" and r["kind"] == "SERVER"]
+        assert server["parent_id"] == f"{root.context.span_id:016x}"
+        downstream = {r["name"]: r for r in mine if r["kind"] == "CLIENT"}
+        assert set(downstream) == {"kv/put", "vdb/upsert"}
+        assert all(r["parent_id"] == server["span_id"] for r in downstream.values())
+        assert all(r["pid"] == server["pid"] for r in downstream.values())
+        for name, record in downstream.items():
+            (served,) = [r for r in mine if r["name"] == name and r["kind"] == "SERVER"]
+            assert served["parent_id"] == record["span_id"]
+            assert served["pid"] != server["pid"]
+        assert len({r["pid"] for r in mine}) == 3  # memory, kv, vdb (the root is in this process)
