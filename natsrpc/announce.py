@@ -106,6 +106,8 @@ def endpoint_metadata(instance: Instance, name: str) -> dict[str, str]:
     metadata = {"idempotent": "true" if route.endpoint.idempotent else "false"}
     if route.endpoint.streaming:
         metadata["streaming"] = "true"  # result_schema then describes each item
+    if route.endpoint.cache_ttl is not None:
+        metadata["cache_ttl"] = f"{route.endpoint.cache_ttl:g}"  # seconds clients may keep a reply
     if route.endpoint.description:
         metadata["description"] = route.endpoint.description
     try:
@@ -223,6 +225,7 @@ class Announcer:
             svc = inst.service
             idempotent = sorted(name for name, route in inst.routes.items() if route.endpoint.idempotent)
             streaming = sorted(name for name, route in inst.routes.items() if route.endpoint.streaming)
+            cached = {name: r.endpoint.cache_ttl for name, r in inst.routes.items() if r.endpoint.cache_ttl}
             beat = Heartbeat(
                 svc.name,
                 inst.id,
@@ -234,6 +237,7 @@ class Announcer:
                 self.interval,
                 idempotent,
                 streaming,
+                cached,
             )
             try:
                 await self.nc.publish(protocol.heartbeat_subject(svc.name, inst.id, self.prefix), _encoder.encode(beat))

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from natsrpc import codec, context, logs, protocol, transport
+from natsrpc.cache import DEFAULT_CACHE_SIZE, ReplyCache
 from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
 from natsrpc.errors import (
     BadReply,
@@ -84,8 +85,10 @@ class Client:
         retry: the default retry policy (``natsrpc.retry.NO_RETRIES`` turns retries off).
         middleware: runs around every call and stream this client makes, the first listed
             outermost (:mod:`natsrpc.observe.middleware`). A middleware may also have
-            ``on_retry(service, method)`` and ``on_circuit(service, state)`` methods: they
-            are told of each retry and each change of a circuit's state.
+            ``on_retry(service, method)``, ``on_circuit(service, state)`` and
+            ``on_cache(service, method, hit)`` methods: they are told of each retry, each change
+            of a circuit's state and each call to a cached method.
+        cache_size: the most replies the reply cache keeps (0 turns it off).
     """
 
     def __init__(
@@ -101,13 +104,19 @@ class Client:
         circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
         retry: RetryPolicy = DEFAULT_RETRY,
         middleware: Sequence[Middleware] | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         check_client_options(timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
         check_middleware(middleware)
+        check_cache_size(cache_size)
+        self.cache = ReplyCache(cache_size)
+        """Replies of methods declared with ``cache_ttl``, kept for their TTL (:mod:`natsrpc.cache`)."""
+        self._invalidations: Any = None  # the subscription to services' cache invalidations, once needed
         self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
         """The middleware every call goes through (outermost first)."""
         self._middleware = compose(self.middleware)
         self._retry_hooks = hooks(self.middleware, "on_retry")
+        self._cache_hooks = hooks(self.middleware, "on_cache")
         self.nc = nc
         self.prefix = prefix
         self.caller = caller
@@ -435,7 +444,21 @@ class Client:
             headers = {**_through.headers, **(headers or {})}
         # One instance: no load balancing, so no circuit of the whole service.
         breaker = self.circuits.get(service) if self.circuits is not None and not opts.instance else None
-        data, reply_headers = await self._request(subject, body, opts, headers, service, breaker)
+        ttl = self._cache_ttl(service, method, opts) if self.registry is not None and self.registry.cached else None
+        if ttl is None:
+            data, reply_headers = await self._request(subject, body, opts, headers, service, breaker)
+        else:
+            if not self._invalidations.done():  # the first cached call: hear invalidations before keeping
+                await self._invalidations
+            key = (service, method, opts.msgpack, body)
+            kept = self.cache.get(key) if opts.cache else None
+            for hook in self._cache_hooks:
+                hook(service, method, kept is not None)
+            if kept is not None:
+                data, reply_headers = kept, None
+            else:
+                data, reply_headers = await self._request(subject, body, opts, headers, service, breaker)
+                self.cache.put(key, data, ttl, args, kwargs or {})
         if _through is not None:
             _through.reply_headers = reply_headers
         try:
@@ -488,6 +511,42 @@ class Client:
             return self.call(service, method, through.args, through.kwargs, opts, result, _through=through)
 
         return await self._middleware(through, call_itself)
+
+    def _cache_ttl(self, service: str, method: str, opts: CallOptions) -> float | None:
+        """Returns how long a reply of ``service.method`` may be kept, or None (not cached, or a call
+        to one instance). The first time any method is cached, subscribes to invalidations."""
+        assert self.registry is not None
+        ttl = self.registry.cached.get((service, method))
+        if ttl is None or opts.instance or self.cache.max_entries <= 0:
+            return None
+        if self._invalidations is None:
+            self._invalidations = self.spawn(self._listen_for_invalidations())
+        return ttl
+
+    async def publish_invalidation(self, service: str, body: bytes) -> None:
+        """Publishes a cache invalidation of ``service`` (:meth:`natsrpc.Service.invalidate` calls this).
+
+        Raises:
+            CallError: it could not be sent (closed, not permitted, ...).
+        """
+        subject = protocol.invalidation_subject(service, self.prefix)
+        with translate_nats_errors(subject):
+            await transport.publish(self.nc, subject, body)
+
+    async def _listen_for_invalidations(self) -> Any:
+        wildcard = protocol.invalidation_wildcard(self.prefix)
+        head = wildcard[:-1]
+
+        def on_invalidation(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            service = subject[len(head) :]
+            if protocol.valid_name(service):
+                self.cache.on_invalidation(service, data)
+
+        try:
+            return await transport.subscribe(self.nc, wildcard, on_invalidation)
+        except nats.errors.Error as exc:
+            log.warning("cache invalidations not heard: replies are kept for their whole TTL", error=repr(exc))
+            return None
 
     def _refuse_unknown(self, service: str, method: str, streaming: bool = False) -> None:
         """Raises, without sending, for a method discovery says the service lacks, or serves the other way.
@@ -949,6 +1008,16 @@ class Client:
             await transport.publish(self.nc, subject, body)
         except nats.errors.Error as exc:
             log.debug("cancel not sent", subject=subject, error=repr(exc))
+
+
+def check_cache_size(cache_size: object) -> None:
+    """Checks the ``cache_size`` option.
+
+    Raises:
+        ConfigurationError: it is not a whole number >= 0.
+    """
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+        raise ConfigurationError(f"cache_size must be a whole number >= 0 (0: no reply cache), got {cache_size!r}")
 
 
 def check_client_options(*, timeout: object, encoding: object, prefix: object, caller: object) -> None:

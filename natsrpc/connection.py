@@ -18,8 +18,9 @@ import nats.errors
 from nats.aio.client import Client as NatsConnection
 
 from natsrpc import auth, logs, protocol, transport
+from natsrpc.cache import DEFAULT_CACHE_SIZE
 from natsrpc.circuit import CircuitConfig
-from natsrpc.client import DEFAULT_CIRCUIT, DEFAULT_TIMEOUT, Client, check_client_options
+from natsrpc.client import DEFAULT_CIRCUIT, DEFAULT_TIMEOUT, Client, check_cache_size, check_client_options
 from natsrpc.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -69,6 +70,7 @@ class connect:
         retry: default retry policy (:class:`natsrpc.retry.RetryPolicy`).
         middleware: runs around every call this client makes, the first listed outermost
             (:mod:`natsrpc.observe.middleware`).
+        cache_size: the most replies of ``cache_ttl`` methods the client keeps (0: no reply cache).
         user: user name, with ``password``.
         password: password.
         token: authentication token.
@@ -101,6 +103,7 @@ class connect:
         circuit: CircuitConfig | None = DEFAULT_CIRCUIT,
         retry: RetryPolicy = DEFAULT_RETRY,
         middleware: Sequence[Middleware] | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
@@ -116,6 +119,7 @@ class connect:
             raise ConfigurationError("give tls (an SSLContext) or tls_ca/tls_cert/tls_key, not both")
         check_client_options(timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
         check_middleware(middleware)
+        check_cache_size(cache_size)
         security = auth.nats_options(
             user=user, password=password, token=token, nkeys_seed=nkeys_seed, creds=creds,
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, inbox_prefix=inbox_prefix,
@@ -126,6 +130,7 @@ class connect:
         self._client_options: dict[str, Any] = {
             "timeout": timeout, "encoding": encoding, "prefix": prefix, "caller": caller,
             "discovery": discovery, "circuit": circuit, "retry": retry, "middleware": middleware,
+            "cache_size": cache_size,
         }  # fmt: skip
         self._client: Client | None = None
 

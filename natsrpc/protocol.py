@@ -131,6 +131,24 @@ def parse_control_subject(subject: str, service: str, prefix: str = DEFAULT_PREF
     return token if dot and valid_name(instance_id) and valid_name(token) else None
 
 
+def invalidation_subject(service: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Returns the subject a service announces dropped cache entries on: ``svc._inval.<service>``.
+
+    The body is JSON ``{"method": ..., "arguments": {...}}``; every client keeping replies of the
+    service listens (on :func:`invalidation_wildcard`) and drops the entries that match.
+    """
+    return f"{prefix}._inval.{service}"
+
+
+def invalidation_wildcard(prefix: str = DEFAULT_PREFIX) -> str:
+    """Returns the subject clients hear every service's cache invalidations on: ``svc._inval.*``."""
+    return f"{prefix}._inval.*"
+
+
+MAX_CACHE_TTL: Final = 86_400.0
+"""The longest ``cache_ttl`` (a day); a heartbeat announcing more, or less than nothing, is not believed."""
+
+
 def cancel_subject(service: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Returns the subject every instance of ``service`` hears cancels on: ``svc._cancel.<service>``.
 
@@ -190,6 +208,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     interval: float
     idempotent: list[str] = []
     streaming: list[str] = []
+    cached: dict[str, float] = {}  # endpoint -> cache_ttl seconds, for those whose replies clients may keep
 
 
 # Header blocks: encoded and parsed here, in one place, for both sides.

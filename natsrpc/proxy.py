@@ -54,6 +54,7 @@ class OptionChanges(TypedDict, total=False):
     idempotent: bool
     attempt_timeout: float
     instance: str
+    cache: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,6 +72,8 @@ class CallOptions:
         attempt_timeout: seconds one attempt may take, so a timed-out idempotent call has time to
             retry; None = all the time that is left.
         instance: send to this instance id only (``svc.<service>.<method>.<id>``).
+        cache: answer from the client's reply cache when the method allows it (``cache_ttl``);
+            False sends the request anyway and keeps the fresh reply.
     """
 
     timeout: float
@@ -80,6 +83,7 @@ class CallOptions:
     idempotent: bool | None = None
     attempt_timeout: float | None = None
     instance: str | None = None
+    cache: bool = True
 
     def merged(self, **changes: Unpack[OptionChanges]) -> CallOptions:
         """Returns these options with ``changes`` replacing them (headers are added to the old ones).
@@ -95,6 +99,8 @@ class CallOptions:
         encoding = fields.pop("encoding", None)
         if encoding is not None:
             check_encoding(encoding)
+        if "cache" in changes and not isinstance(changes["cache"], bool):
+            raise ConfigurationError(f"cache must be True or False, got {changes['cache']!r}")
         if "instance" in changes and not protocol.valid_name(changes["instance"]):
             raise ConfigurationError(f"instance id {changes['instance']!r} is not a subject token")
         headers = fields.pop("headers", None)

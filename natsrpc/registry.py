@@ -47,6 +47,7 @@ class InstanceState:
     last_seen: float
     idempotent: list[str]
     streaming: list[str] = field(default_factory=list)
+    cached: dict[str, float] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
@@ -91,6 +92,8 @@ class Registry:
         self._last_beat: dict[str, float] = {}  # service -> when its latest beat arrived (clock)
         self._methods: dict[str, frozenset[str]] = {}  # service -> endpoints of its tracked instances
         self._unary: dict[str, frozenset[str]] = {}  # service -> those endpoints that do not stream
+        self.cached: dict[tuple[str, str], float] = {}
+        """(service, method) -> seconds its replies may be kept (the shortest any instance announces)."""
         self._beat_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._callbacks: list[ChangeCallback] = []
         self._sub: Any = None
@@ -148,9 +151,10 @@ class Registry:
             self.clock(),
             beat.idempotent,
             beat.streaming,
+            beat.cached,
         )
         instances[beat.id] = state
-        if previous is None or previous.endpoints != state.endpoints:
+        if previous is None or previous.endpoints != state.endpoints or previous.cached != state.cached:
             self._update_methods(beat.name)
         self._last_beat[beat.name] = state.last_seen
         waiters = self._beat_waiters.pop(beat.name, None)
@@ -206,6 +210,18 @@ class Registry:
         else:
             self._methods.pop(service, None)
             self._unary.pop(service, None)
+        self._update_cached(service)
+
+    def _update_cached(self, service: str) -> None:
+        """Recomputes the cache TTLs of ``service``'s methods: announced by an instance that serves the
+        method, within (0, MAX_CACHE_TTL], the shortest when instances differ."""
+        for key in [key for key in self.cached if key[0] == service]:
+            del self.cached[key]
+        for state in self._services.get(service, {}).values():
+            for method, ttl in state.cached.items():
+                if method in state.endpoints and 0 < ttl <= protocol.MAX_CACHE_TTL:
+                    key = (service, method)
+                    self.cached[key] = min(ttl, self.cached.get(key, ttl))
 
     def last_beat(self, service: str) -> float:
         """Returns when (on :attr:`clock`) the latest beat of ``service`` arrived, or -inf if none did."""

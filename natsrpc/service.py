@@ -11,15 +11,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
+import msgspec
+
 from natsrpc import logs, protocol
 from natsrpc.codec import Signature
-from natsrpc.errors import DefinitionError
+from natsrpc.errors import ConfigurationError, DefinitionError
 
 if TYPE_CHECKING:
     from natsrpc.client import Client
     from natsrpc.proxy import ServiceDirectory
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+MAX_CACHE_TTL = protocol.MAX_CACHE_TTL
 
 _RPC_MARK = "__natsrpc_rpc__"
 
@@ -28,19 +32,25 @@ _RPC_MARK = "__natsrpc_rpc__"
 class _RpcOptions:
     name: str | None
     idempotent: bool
+    cache_ttl: float | None = None
 
 
 @overload
 def rpc(fn: F, /) -> F: ...
 @overload
-def rpc(*, name: str | None = None, idempotent: bool = False) -> Callable[[F], F]: ...
-def rpc(fn: F | None = None, /, *, name: str | None = None, idempotent: bool = False) -> F | Callable[[F], F]:
+def rpc(*, name: str | None = None, idempotent: bool = False, cache_ttl: float | None = None) -> Callable[[F], F]: ...
+def rpc(
+    fn: F | None = None, /, *, name: str | None = None, idempotent: bool = False, cache_ttl: float | None = None
+) -> F | Callable[[F], F]:
     """Marks a Service method as an endpoint, callable as ``svc.<service>.<name>``.
 
     Args:
         fn: the method (when used as a bare ``@rpc``).
         name: the endpoint name; defaults to the method name.
         idempotent: whether running the call twice is harmless, so a timed-out call may be retried.
+        cache_ttl: seconds clients may keep a successful reply and answer the same call (same
+            arguments) from it without sending a request; only for idempotent methods. A service
+            drops entries early with :meth:`Service.invalidate`.
 
     Returns:
         The method itself, marked; the Service class validates it when the class is defined.
@@ -49,7 +59,21 @@ def rpc(fn: F | None = None, /, *, name: str | None = None, idempotent: bool = F
     def mark(f: F) -> F:
         if not callable(f):
             raise DefinitionError(f"@rpc decorates methods, got {f!r}")
-        setattr(f, _RPC_MARK, _RpcOptions(name, idempotent))
+        if cache_ttl is not None:
+            where = getattr(f, "__qualname__", repr(f))
+            if (
+                isinstance(cache_ttl, bool)
+                or not isinstance(cache_ttl, int | float)
+                or not 0 < cache_ttl <= MAX_CACHE_TTL
+            ):
+                raise DefinitionError(
+                    f"{where}: cache_ttl must be seconds in (0, {MAX_CACHE_TTL:g}], got {cache_ttl!r}"
+                )
+            if not idempotent:
+                raise DefinitionError(
+                    f"{where}: cache_ttl needs idempotent=True (a cached reply stands in for running the call)"
+                )
+        setattr(f, _RPC_MARK, _RpcOptions(name, idempotent, cache_ttl))
         return f
 
     return mark if fn is None else mark(fn)
@@ -66,6 +90,7 @@ class Endpoint:
         is_async: whether it is a coroutine function (plain ``def`` runs in a worker thread).
         idempotent: whether a timed-out call may be retried.
         streaming: whether it is an async generator (``-> AsyncIterator[T]``), streaming its items.
+        cache_ttl: seconds clients may answer the same call from a kept reply (None: never cached).
         signature: argument/return codecs.
         description: the first line of the docstring.
     """
@@ -78,6 +103,7 @@ class Endpoint:
     signature: Signature
     description: str = ""
     streaming: bool = False
+    cache_ttl: float | None = None
 
 
 @dataclass(slots=True)
@@ -164,6 +190,35 @@ class Service:
         """Like :attr:`call_service`, but each call returns a task to await later."""
         return self.ctx.client.call_service_async
 
+    async def invalidate(self, method: str, /, **arguments: Any) -> None:
+        """Makes every client drop the replies of ``method`` it keeps for these arguments.
+
+        ``await self.invalidate("get", key="a")`` after a write to ``a``: clients drop the entries of
+        ``get`` whose arguments hold ``key="a"`` (given by name or position); with no arguments,
+        every entry of ``get``. Published on ``svc._inval.<service>``; clients that miss it (not
+        connected at that moment) keep their entries until the TTL passes.
+
+        Raises:
+            ConfigurationError: ``method`` is not an endpoint with ``cache_ttl``, an argument is not
+                one of its parameters, or a value cannot be encoded as JSON.
+        """
+        endpoint = self.endpoints.get(method)
+        if endpoint is None or endpoint.cache_ttl is None:
+            cached = sorted(name for name, ep in self.endpoints.items() if ep.cache_ttl is not None)
+            raise ConfigurationError(
+                f"{self.name}.invalidate: {method!r} is not a cached method (those with cache_ttl: {cached})"
+            )
+        unknown = sorted(set(arguments) - set(endpoint.signature.names))
+        if unknown:
+            raise ConfigurationError(f"{self.name}.invalidate: {method} has no argument {', '.join(unknown)}")
+        try:
+            body = msgspec.json.encode({"method": method, "arguments": arguments})
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise ConfigurationError(f"{self.name}.invalidate: arguments not encodable as JSON: {exc}") from None
+        client = self.ctx.client
+        client.cache.on_invalidation(self.name, body)  # this process's own entries, at once
+        await client.publish_invalidation(self.name, body)
+
     def _bind(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
         ctx.log = logs.get_logger("natsrpc.service").bind(service=ctx.name, instance=ctx.instance_id)
@@ -193,6 +248,8 @@ def _collect_endpoints(cls: type[Service]) -> dict[str, Endpoint]:
                 raise DefinitionError(f"{where}: an async generator must be annotated '-> AsyncIterator[ItemType]'")
             if signature.streaming and not streaming:
                 raise DefinitionError(f"{where}: '-> AsyncIterator[...]' needs an async generator (async def, yield)")
+            if streaming and options.cache_ttl is not None:
+                raise DefinitionError(f"{where}: a stream's items are not cached (cache_ttl is for unary methods)")
             endpoints[name] = Endpoint(
                 name=name,
                 attr=attr,
@@ -202,5 +259,6 @@ def _collect_endpoints(cls: type[Service]) -> dict[str, Endpoint]:
                 signature=signature,
                 description=doc.splitlines()[0] if doc else "",
                 streaming=streaming,
+                cache_ttl=options.cache_ttl,
             )
     return endpoints

@@ -168,6 +168,9 @@ MATRIX: dict[str, list[tuple[str, str, str, bool]]] = {
         ("sub", "svc._cancel.kv", "", ALLOW),  # cancels of its calls
         ("sub", "svc._cancel.vdb", "", DENY),
         ("sub", "svc._cancel.*", "", DENY),
+        ("sub", "svc._inval.*", "", ALLOW),  # cache invalidations of the services it calls
+        ("pub", "svc._inval.kv", "", ALLOW),  # invalidating its own cached replies
+        ("pub", "svc._inval.vdb", "", DENY),
         ("pub", "svc._hb.kv.INSTANCE1", "", ALLOW),
         ("pub", "svc._hb.vdb.INSTANCE1", "", DENY),
         ("pub", "svc.vdb.get", "", DENY),
@@ -202,6 +205,8 @@ MATRIX: dict[str, list[tuple[str, str, str, bool]]] = {
         ("pub", "svc._cancel.kv", "", ALLOW),  # cancelling the calls it makes
         ("pub", "svc._ctl.vdb.INSTANCE1.TOKEN", "", ALLOW),  # and the streams it reads
         ("pub", "svc._cancel.billing", "", DENY),
+        ("pub", "svc._inval.memory", "", ALLOW),
+        ("pub", "svc._inval.kv", "", DENY),  # no dropping another service's cached replies
         ("pub", "svc._ctl.billing.INSTANCE1.TOKEN", "", DENY),
     ],
     "app": [
@@ -209,7 +214,9 @@ MATRIX: dict[str, list[tuple[str, str, str, bool]]] = {
         ("pub", "svc.memory.recall", "", ALLOW),
         ("pub", "$SRV.PING", "", ALLOW),
         ("pub", "svc._hb.kv.INSTANCE1", "", DENY),  # no forged heartbeats
+        ("pub", "svc._inval.kv", "", DENY),  # nor invalidations
         ("pub", "elsewhere", "", DENY),
+        ("sub", "svc._inval.*", "", ALLOW),
         ("sub", "_INBOX_app.X.*", "", ALLOW),
         ("sub", "svc._hb.>", "", ALLOW),
         ("sub", "svc.kv.get", "q", DENY),

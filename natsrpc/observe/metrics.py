@@ -17,7 +17,8 @@ The same object on both sides records, by ``call.side``:
 - made: ``natsrpc_client_requests_total{caller,service,method,outcome}``,
   ``natsrpc_client_request_duration_seconds{caller,service,method}``,
   ``natsrpc_client_retries_total{service}`` and ``natsrpc_client_circuit_state{service}``
-  (0 closed, 1 half-open, 2 open). ``caller`` is the calling service, or the client's
+  (0 closed, 1 half-open, 2 open), and ``natsrpc_client_cache_total{service,method,result}``
+  (``hit`` or ``miss`` of the reply cache). ``caller`` is the calling service, or the client's
   ``caller`` name (``client``) outside a handler.
 
 An application passes its own registry (``Metrics(registry=prometheus_client.REGISTRY)``) to
@@ -104,6 +105,10 @@ class Metrics:
         self.client_retries = prometheus_client.Counter(
             "natsrpc_client_retries", "Attempts beyond a call's first", ["service"], registry=r
         )
+        self.client_cache = prometheus_client.Counter(
+            "natsrpc_client_cache", "Calls to cached methods: answered from the reply cache (hit) or sent (miss)",
+            ["service", "method", "result"], registry=r,
+        )  # fmt: skip
         self.client_circuit = prometheus_client.Gauge(
             "natsrpc_client_circuit_state", "Circuit state: 0 closed, 1 half-open, 2 open", ["service"], registry=r
         )
@@ -166,6 +171,10 @@ class Metrics:
     def on_retry(self, service: str, method: str) -> None:
         """Counts a retry of a call to ``service``."""
         self._child(self.client_retries, service).inc()
+
+    def on_cache(self, service: str, method: str, hit: bool) -> None:
+        """Counts a call to a cached method: a hit (no request sent) or a miss."""
+        self._child(self.client_cache, service, method, "hit" if hit else "miss").inc()
 
     def on_circuit(self, service: str, state: Any) -> None:
         """Records the new state of ``service``'s circuit."""
