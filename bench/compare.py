@@ -2,19 +2,29 @@
 
 Usage:  python bench/compare.py [--rounds 5] [--duration 2] [--concurrency 1 10 100]
                                 [--encodings json msgpack] [--loops asyncio uvloop]
+                                [--observe [--sample 0.1]]
 
 For each event loop, the responders (a natsrpc ``echo`` service, a raw nats-py responder and a
 ``nats.micro`` endpoint) run in a second process on that loop; this process, on the same loop,
 drives closed-loop load at each concurrency and encoding, rotating the contenders' order each
 round, and prints median throughput, p99 latency and the ratios to raw nats-py. Absolute numbers
 drift on shared machines; the ratios measured side by side are the figures to quote.
+
+``--observe`` adds a fourth contender, "natsrpc observed": a client and a host (in the responder
+process) with the Prometheus ``Metrics`` and OpenTelemetry ``Tracing`` middleware, the SDK set up
+in both processes as production runs it (a parent-based ``--sample`` ratio sampler at the root,
+0.1 by default) with an exporter that drops the spans. It also prints the CPU each side spends per
+call (plain and observed), and the SDK's and prometheus-client's own cost per span and per
+sample, measured alone in the same run: what is left is natsrpc's own cost per observed call.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +48,7 @@ PAYLOAD = "x" * 64
 RAW_SUBJECT = "bench.raw.echo"
 MICRO_SUBJECT = "bench.micro.echo"
 CONTENDERS = ("natsrpc", "raw nats-py", "nats.micro")
+OBSERVED = "natsrpc observed"
 
 
 class Echo(Service):
@@ -52,10 +63,47 @@ class Echo(Service):
         return value
 
 
-async def serve(url: str) -> None:
-    """Runs the three responders until stdin closes."""
+class ObservedEcho(Echo):
+    """The same echo, hosted with the metrics and tracing middleware."""
+
+    name = "echoobs"
+
+
+def observability(sample: float) -> list[Any]:
+    """Sets up the OpenTelemetry SDK (parent-based ratio sampler, spans dropped) and returns the
+    middleware: Prometheus metrics and tracing."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from natsrpc.observe.metrics import Metrics
+    from natsrpc.observe.tracing import Tracing
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample)))
+    provider.add_span_processor(SimpleSpanProcessor(Dropped()))
+    trace.set_tracer_provider(provider)
+    return [Metrics(), Tracing()]
+
+
+async def serve(url: str, observe: bool, sample: float) -> None:
+    """Runs the three responders (four with ``observe``) until stdin closes."""
     natsrpc.logs.configure("console", "warning")
     nc = await nats.connect(url)
+    middleware = observability(sample) if observe else []
+    observed = await natsrpc.connect(url, middleware=middleware) if observe else None
+    observed_host = (
+        natsrpc.Host(observed, [ObservedEcho()], max_concurrency=1000, max_queue=10000, middleware=middleware)
+        if observed is not None
+        else None
+    )
+    if observed_host is not None:
+        await observed_host.start()
+        gc.freeze()  # as the runner does once started: the collector leaves start-up's objects alone
 
     async def raw(msg: Any) -> None:
         await msg.respond(msg.data)
@@ -76,13 +124,29 @@ async def serve(url: str) -> None:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await service.stop()
+    if observed_host is not None and observed is not None:
+        await observed_host.stop()
+        await observed.close()
     await nc.drain()
 
 
-async def closed_loop(call: Callable[[], Awaitable[object]], concurrency: int, duration: float) -> tuple[float, float]:
-    """Runs ``concurrency`` workers calling back-to-back for ``duration`` s; returns (calls/s, p99 s)."""
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+Result = tuple[float, float, float, float]
+"""calls/s, p99 latency s, client CPU s per call, responder CPU s per call."""
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[object]], concurrency: int, duration: float, responder: int = 0
+) -> Result:
+    """Runs ``concurrency`` workers calling back-to-back for ``duration`` s."""
     latencies: list[float] = []
     stop = time.perf_counter() + duration
+    cpu, served = time.process_time(), cpu_seconds(responder) if responder else 0.0
 
     async def worker() -> None:
         while (start := time.perf_counter()) < stop:
@@ -92,11 +156,16 @@ async def closed_loop(call: Callable[[], Awaitable[object]], concurrency: int, d
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
+    n = len(latencies)
+    client_cpu = (time.process_time() - cpu) / n
+    responder_cpu = (cpu_seconds(responder) - served) / n if responder else 0.0
     latencies.sort()
-    return len(latencies) / elapsed, latencies[max(0, int(len(latencies) * 0.99) - 1)]
+    return n / elapsed, latencies[max(0, int(n * 0.99) - 1)], client_cpu, responder_cpu
 
 
-def calls(client: natsrpc.Client, nc: Any, encoding: str) -> dict[str, Callable[[], Awaitable[object]]]:
+def calls(
+    client: natsrpc.Client, nc: Any, encoding: str, observed: natsrpc.Client | None = None
+) -> dict[str, Callable[[], Awaitable[object]]]:
     """Returns one call of each contender, sending the same arguments in ``encoding``."""
     msgpack = encoding == "msgpack"
     body = natsrpc.codec.encode([PAYLOAD], msgpack)
@@ -112,19 +181,30 @@ def calls(client: natsrpc.Client, nc: Any, encoding: str) -> dict[str, Callable[
     async def micro() -> object:
         return await nc.request(MICRO_SUBJECT, body, timeout=5, headers=headers)
 
-    return dict(zip(CONTENDERS, (ours, raw, micro), strict=True))
+    contenders = dict(zip(CONTENDERS, (ours, raw, micro), strict=True))
+    if observed is not None:
+        observed_echo = observed.call_service["echoobs"].options(encoding=encoding).echo
+
+        async def traced() -> object:
+            return await observed_echo(PAYLOAD)
+
+        contenders[OBSERVED] = traced
+    return contenders
 
 
-Results = dict[tuple[str, str, int], list[tuple[float, float]]]
+Results = dict[tuple[str, str, int], list[Result]]
 
 
-async def measure(url: str, args: argparse.Namespace) -> Results:
+async def measure(url: str, args: argparse.Namespace, responder: int) -> Results:
     """Measures every contender at every encoding and concurrency, rotating their order each round."""
     nc = await nats.connect(url)
     results: Results = {}
-    async with natsrpc.connect(url) as client:
+    middleware = observability(args.sample) if args.observe else []
+    async with natsrpc.connect(url) as client, natsrpc.connect(url, middleware=middleware) as observed:
+        if args.observe:
+            gc.freeze()
         for encoding in args.encodings:
-            contenders = calls(client, nc, encoding)
+            contenders = calls(client, nc, encoding, observed if args.observe else None)
             for call in contenders.values():  # warm up every path
                 await closed_loop(call, 10, 0.3)
             names = list(contenders)
@@ -132,11 +212,49 @@ async def measure(url: str, args: argparse.Namespace) -> Results:
                 order = names[round_no % len(names) :] + names[: round_no % len(names)]
                 for concurrency in args.concurrency:
                     for name in order:
-                        result = await closed_loop(contenders[name], concurrency, args.duration)
+                        result = await closed_loop(contenders[name], concurrency, args.duration, responder)
                         results.setdefault((encoding, name, concurrency), []).append(result)
                 print(f"{encoding}: round {round_no + 1}/{args.rounds} done", file=sys.stderr)
     await nc.drain()
+    if args.observe:
+        results[("", "sdk span s", 0)] = [(sdk_span_cost(), 0.0, 0.0, 0.0)]
+        results[("", "metrics s", 0)] = [(metrics_cost(), 0.0, 0.0, 0.0)]
     return results
+
+
+def sdk_span_cost(n: int = 20_000) -> float:
+    """CPU seconds the SDK takes for one span as the Tracing middleware makes it (start with
+    attributes, made current, ended), sampled as configured: measured alone."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("bench")
+    attributes = {"rpc.system": "natsrpc", "rpc.service": "echoobs", "rpc.method": "echo", "natsrpc.caller": "client"}
+    started = time.process_time()
+    for _ in range(n):
+        span = tracer.start_span("echoobs/echo", None, trace.SpanKind.CLIENT, attributes)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        otel_context.detach(token)
+        span.end()
+    return (time.process_time() - started) / n
+
+
+def metrics_cost(n: int = 20_000) -> float:
+    """CPU seconds prometheus-client takes for what Metrics records per call on one side (a counter
+    and a histogram sample, plus the in-flight gauge up and down on the server): measured alone."""
+    import prometheus_client
+
+    registry = prometheus_client.CollectorRegistry()
+    counter = prometheus_client.Counter("c", "c", ["a", "b", "c"], registry=registry).labels("x", "y", "z")
+    histogram = prometheus_client.Histogram("h", "h", ["a", "b"], registry=registry).labels("x", "y")
+    gauge = prometheus_client.Gauge("g", "g", ["a"], registry=registry).labels("x")
+    started = time.process_time()
+    for _ in range(n):
+        gauge.inc()
+        counter.inc()
+        histogram.observe(0.0003)
+        gauge.dec()
+    return (time.process_time() - started) / n
 
 
 def table(results: Results, loop_name: str, args: argparse.Namespace) -> str:
@@ -148,27 +266,60 @@ def table(results: Results, loop_name: str, args: argparse.Namespace) -> str:
         "| encoding | concurrency | contender | calls/s | ratio to raw | p99 ms | p99 ratio |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
+    names = (*CONTENDERS, OBSERVED) if args.observe else CONTENDERS
     for encoding in args.encodings:
         for concurrency in args.concurrency:
             raw = results[(encoding, "raw nats-py", concurrency)]
-            raw_rps = statistics.median(r for r, _ in raw)
-            raw_p99 = statistics.median(p for _, p in raw)
-            for name in CONTENDERS:
+            raw_rps = statistics.median(r[0] for r in raw)
+            raw_p99 = statistics.median(r[1] for r in raw)
+            for name in names:
                 runs = results[(encoding, name, concurrency)]
-                rps = statistics.median(r for r, _ in runs)
-                p99 = statistics.median(p for _, p in runs)
+                rps = statistics.median(r[0] for r in runs)
+                p99 = statistics.median(r[1] for r in runs)
                 lines.append(
                     f"| {encoding} | {concurrency} | {name} | {rps:,.0f} | {rps / raw_rps:.2f} | "
                     f"{p99 * 1e3:.2f} | {p99 / raw_p99:.2f} |"
                 )
+    if args.observe:
+        lines += ["", *observed_cost(results, args)]
     return "\n".join(lines)
+
+
+def observed_cost(results: Results, args: argparse.Namespace) -> list[str]:
+    """The CPU per call of plain and observed natsrpc on each side, and what the libraries take alone."""
+    span = results[("", "sdk span s", 0)][0][0]
+    metrics = results[("", "metrics s", 0)][0][0]
+    lines = [
+        f"CPU per call, µs (sample ratio {args.sample:g}; measured alone: SDK span {span * 1e6:.1f}, "
+        f"prometheus-client per side {metrics * 1e6:.1f}):",
+        "",
+        "| encoding | concurrency | client plain | client observed | responder plain | responder observed "
+        "| added, both sides | of it SDK + prometheus | natsrpc's own |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for encoding in args.encodings:
+        for concurrency in args.concurrency:
+
+            def cpu(name: str, side: int, key: tuple[str, int] = (encoding, concurrency)) -> float:
+                return statistics.median(r[side] for r in results[(key[0], name, key[1])])
+
+            plain_c, obs_c = cpu("natsrpc", 2), cpu(OBSERVED, 2)
+            plain_s, obs_s = cpu("natsrpc", 3), cpu(OBSERVED, 3)
+            added = (obs_c - plain_c) + (obs_s - plain_s)
+            libraries = 2 * (span + metrics)  # a span and the metrics on each side
+            lines.append(
+                f"| {encoding} | {concurrency} | {plain_c * 1e6:.1f} | {obs_c * 1e6:.1f} | {plain_s * 1e6:.1f} | "
+                f"{obs_s * 1e6:.1f} | {added * 1e6:.1f} | {libraries * 1e6:.1f} | {(added - libraries) * 1e6:.1f} |"
+            )
+    return lines
 
 
 def run_loop(loop_name: str, args: argparse.Namespace) -> str:
     """Starts a server and the responders on ``loop_name``, measures, and returns the table."""
     with natsrpc.NatsServer() as server:
+        observe = ["--observe", "--sample", str(args.sample)] if args.observe else []
         responders = subprocess.Popen(
-            [sys.executable, __file__, "--serve", server.url, "--loops", loop_name],
+            [sys.executable, __file__, "--serve", server.url, "--loops", loop_name, *observe],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -179,7 +330,7 @@ def run_loop(loop_name: str, args: argparse.Namespace) -> str:
             if responders.stdout.readline().strip() != "ready":
                 raise SystemExit("the responders did not start")
             with runner(loop_name) as loop:
-                results = loop.run(measure(server.url, args))
+                results = loop.run(measure(server.url, args, responders.pid))
         finally:
             responders.stdin.close()
             responders.wait(10)
@@ -204,11 +355,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--encodings", nargs="+", choices=["json", "msgpack"], default=["json", "msgpack"])
     parser.add_argument("--loops", nargs="+", choices=["asyncio", "uvloop"], default=["asyncio", "uvloop"])
+    parser.add_argument("--observe", action="store_true", help="add natsrpc with metrics and tracing on")
+    parser.add_argument("--sample", type=float, default=0.1, help="the root sampling ratio with --observe")
     args = parser.parse_args()
     natsrpc.logs.configure("console", "warning")
     if args.serve:
         with runner(args.loops[0]) as loop:
-            loop.run(serve(args.serve))
+            loop.run(serve(args.serve, args.observe, args.sample))
         return
     loops = [name for name in args.loops if name != "uvloop" or importlib.util.find_spec("uvloop")]
     for loop_name in loops:

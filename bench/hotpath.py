@@ -103,6 +103,10 @@ def fake_connection(echo: bool) -> Any:
     return nc
 
 
+MIDDLEWARE: list[Any] = []  # --observe: the metrics and tracing middleware, on both sides
+TRACEPARENTS: list[bytes] = [b""]  # --observe: what the requests carry (a sampled one in 1/sample)
+
+
 async def host_side(kind: str, calls: int) -> float:
     """CPU us per request served by ``kind``."""
     nc = fake_connection(echo=False)
@@ -115,21 +119,24 @@ async def host_side(kind: str, calls: int) -> float:
         subject, headers = b"bench.raw.echo", None
         host = None
     else:
-        client = natsrpc.Client(nc, discovery=False)
+        client = natsrpc.Client(nc, discovery=False, middleware=MIDDLEWARE)
         await client.start()
-        host = natsrpc.Host(client, [Echo()], max_concurrency=1000, max_queue=10000, discoverable=False)
+        host = natsrpc.Host(
+            client, [Echo()], max_concurrency=1000, max_queue=10000, discoverable=False, middleware=MIDDLEWARE
+        )
         await host.start()
         sub = host._subs[0]
         subject = b"svc.echo.echo"
         deadline = natsrpc.context.deadline_header(time.time() + 3600).encode()
         headers = b"NATS/1.0\r\nNatsrpc-Deadline: " + deadline + b"\r\n\r\n"
+    blocks = [headers if not parent or headers is None else headers[:-2] + parent + b"\r\n" for parent in TRACEPARENTS]
     process, sid, reply = nc._process_msg, sub._id, b"_INBOX.abcdefghijklmnopqrstuv.1"
     sent = nc.stats["out_msgs"]
 
     async def burst() -> None:
         nonlocal sent
-        for _ in range(BATCH):
-            await process(sid, subject, reply, BODY, headers)
+        for i in range(BATCH):
+            await process(sid, subject, reply, BODY, blocks[i % len(blocks)])
         sent += BATCH
         while nc.stats["out_msgs"] < sent:  # noqa: ASYNC110 - lets the workers run, as a socket read would
             await asyncio.sleep(0)
@@ -147,7 +154,7 @@ async def client_side(kind: str, calls: int) -> float:
             return await nc.request("bench.raw.echo", BODY, timeout=5)
 
     else:
-        client = natsrpc.Client(nc, discovery=False)
+        client = natsrpc.Client(nc, discovery=False, middleware=MIDDLEWARE)
         await client.start()
         echo = client.call_service["echo"].echo
 
@@ -211,7 +218,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", choices=KINDS, help="measure one contender (for valgrind)")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    parser.add_argument("--observe", action="store_true", help="natsrpc with the metrics and tracing middleware")
+    parser.add_argument("--sample", type=float, default=0.1, help="the root sampling ratio with --observe")
+    parser.add_argument("--span-only", action="store_true", help="count one SDK span alone (for valgrind)")
     args = parser.parse_args()
+    if args.observe or args.span_only:
+        from compare import observability, sdk_span_cost
+
+        MIDDLEWARE.extend(observability(args.sample))
+        every = max(1, round(1 / args.sample))
+        sampled, unsampled = (b"traceparent: 00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-0" + f for f in (b"1", b"0"))
+        TRACEPARENTS[:] = [sampled] + [unsampled] * (every - 1)
+        if args.span_only:
+            print(f"one SDK span alone: {sdk_span_cost(args.calls) * 1e6:.2f} us")
+            return
     if args.loop == "uvloop":
         import uvloop
 

@@ -439,8 +439,7 @@ class Client:
                 self._refuse_unknown(service, method)
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         headers = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else None
-        if _through is not None and _through.headers:
-            check_headers(_through.headers)
+        if _through is not None and _through.headers:  # names are checked as they are encoded
             headers = {**_through.headers, **(headers or {})}
         # One instance: no load balancing, so no circuit of the whole service.
         breaker = self.circuits.get(service) if self.circuits is not None and not opts.instance else None
@@ -659,10 +658,11 @@ class Client:
                 raise self._broken
             if method and self.registry is not None and self.registry.methods(service) is not None:
                 self._refuse_unknown(service, method, streaming=True)
-            if around is not None and extra:
-                check_headers(extra)
             headers, timeout = self._headers(subject, opts, extra)
-            block = protocol.encode_headers(headers)
+            try:
+                block = protocol.encode_headers(headers)
+            except ValueError as exc:  # a header name a middleware added
+                raise ConfigurationError(str(exc)) from None
             if len(body) + len(block) > self.nc.max_payload:
                 raise PayloadTooLarge(
                     f"request to {subject} is {len(body) + len(block)} bytes with headers, "
@@ -944,8 +944,10 @@ class Client:
             headers[protocol.CALLER] = call.instance
         else:
             parent = headers.get(protocol.TRACEPARENT)
-            if parent is not None and not context.valid_traceparent(parent):
-                headers[protocol.TRACEPARENT] = context.new_traceparent()
+            # A caller's traceparent is checked; a tracing middleware's (in extra) is made well-formed.
+            if parent is not None and (not extra or protocol.TRACEPARENT not in extra):
+                if not context.valid_traceparent(parent):
+                    headers[protocol.TRACEPARENT] = context.new_traceparent()
             if self.caller != "client":
                 headers[protocol.CALLER] = self.caller
         headers[protocol.DEADLINE] = context.deadline_header(now + timeout)

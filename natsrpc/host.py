@@ -480,10 +480,15 @@ class Host:
             else:
                 collected.append(await self._collect(route, handler, reply, call, headers, msgpack))
             return None
+        if handler is not None:
+            try:  # the first step here, as without middleware: most finish in it and need no timer
+                yielded = handler.send(None)
+            except StopIteration as stop:
+                return stop.value
         timer = self._watch(call, reply, asyncio.current_task() if endpoint.is_async else None)
         try:
             if handler is not None:
-                return await handler
+                return await resume(handler, yielded)
             result = await anyio.to_thread.run_sync(functools.partial(route.handler, *through.args, **through.kwargs))
         finally:
             self._unwatch(reply, timer)

@@ -114,6 +114,8 @@ class Metrics:
         )
         # Labelled children, cached: prometheus-client's labels() takes a lock and builds a tuple.
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._endpoints: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
+        self._calls: dict[tuple[str, str, str], tuple[Any, dict[str, Any]]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -127,9 +129,20 @@ class Metrics:
             return await self._serve(call, call_next)
         return await self._call(call, call_next)
 
+    def _served(self, service: str, method: str) -> tuple[Any, Any, dict[str, Any]]:
+        """The in-flight gauge, duration histogram and counters by code of one endpoint."""
+        key = (service, method)
+        found = self._endpoints.get(key)
+        if found is None:
+            found = self._endpoints[key] = (
+                self.server_in_flight.labels(service),
+                self.server_duration.labels(service, method),
+                {},
+            )
+        return found
+
     async def _serve(self, call: Invocation, call_next: Next) -> Any:
-        service, method = call.service, call.method
-        in_flight = self._child(self.server_in_flight, service)
+        in_flight, duration, by_code = self._served(call.service, call.method)
         in_flight.inc()
         code = "500"
         started = time.perf_counter()
@@ -145,11 +158,19 @@ class Metrics:
             raise
         finally:
             in_flight.dec()
-            self._child(self.server_duration, service, method).observe(time.perf_counter() - started)
-            self._child(self.server_requests, service, method, code).inc()
+            duration.observe(time.perf_counter() - started)
+            counter = by_code.get(code)
+            if counter is None:
+                counter = by_code[code] = self.server_requests.labels(call.service, call.method, code)
+            counter.inc()
 
     async def _call(self, call: Invocation, call_next: Next) -> Any:
         caller = call.context.service if call.context is not None else call.caller
+        key = (caller, call.service, call.method)
+        found = self._calls.get(key)
+        if found is None:
+            found = self._calls[key] = (self.client_duration.labels(*key), {})
+        duration, by_outcome = found
         outcome = "ok"
         started = time.perf_counter()
         try:
@@ -161,8 +182,11 @@ class Metrics:
             outcome = next((name for kind, name in _OUTCOMES if isinstance(exc, kind)), "failed")
             raise
         finally:
-            self._child(self.client_duration, caller, call.service, call.method).observe(time.perf_counter() - started)
-            self._child(self.client_requests, caller, call.service, call.method, outcome).inc()
+            duration.observe(time.perf_counter() - started)
+            counter = by_outcome.get(outcome)
+            if counter is None:
+                counter = by_outcome[outcome] = self.client_requests.labels(*key, outcome)
+            counter.inc()
 
     def on_rejected(self, service: str, method: str, code: int) -> None:
         """Counts a request the host refused before its handler ran."""

@@ -30,7 +30,6 @@ With no middleware installed nothing of this runs: a call checks one attribute.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -153,14 +152,22 @@ def compose(middleware: Sequence[Middleware] | None) -> Chain | None:
     if not middleware:
         return None
     layers = tuple(middleware)
-    last = len(layers)
+    if len(layers) == 1:
+        return layers[0]  # awaited as layer(call, final): nothing in between
+    inner = layers[1:]
 
-    async def run(call: Invocation, final: Next) -> Any:
-        async def at(index: int) -> Any:
-            if index == last:
-                return await final()
-            return await layers[index](call, functools.partial(at, index + 1))
-
-        return await at(0)
+    def run(call: Invocation, final: Next) -> Awaitable[Any]:
+        # Each call_next calls the next layer directly: no coroutine frame of natsrpc's in between.
+        call_next = final
+        for layer in reversed(inner):
+            call_next = _bound(layer, call, call_next)
+        return layers[0](call, call_next)
 
     return run
+
+
+def _bound(layer: Middleware, call: Invocation, call_next: Next) -> Next:
+    def step() -> Awaitable[Any]:
+        return layer(call, call_next)
+
+    return step
