@@ -428,8 +428,13 @@ class Client:
             CallError: a subclass says why (RemoteError, NoResponders, CallTimeout, ...).
         """
         opts = options or self.default_options
-        if self._middleware is not None and _through is None:
-            return await self._call_through(service, method, args, kwargs or {}, opts, result)
+        if self._middleware is not None and _through is None:  # the chain runs, and last this call itself
+            through = self._invocation(service, method, args, kwargs or {}, opts, False)
+
+            def call_itself() -> Awaitable[Any]:
+                return self.call(service, method, through.args, through.kwargs, opts, result, _through=through)
+
+            return await self._middleware(through, call_itself)
         subject = self._subjects.get((service, method, opts.instance))
         if subject is None:
             subject = self._subject(service, method, opts.instance)
@@ -487,29 +492,11 @@ class Client:
             caller, trace_id = call.instance, call.trace_id
         else:
             caller = self.caller
-            parent = (opts.headers or {}).get(protocol.TRACEPARENT, "")
-            trace_id = parent[3:35] if context.valid_traceparent(parent) else ""
+            parent = opts.headers.get(protocol.TRACEPARENT, "") if opts.headers else ""
+            trace_id = parent[3:35] if parent and context.valid_traceparent(parent) else ""
         return Invocation(
             "client", service, method, args, kwargs, {}, deadline, caller, streaming, context=call, trace_id=trace_id
         )
-
-    async def _call_through(
-        self,
-        service: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        opts: CallOptions,
-        result: Any,
-    ) -> Any:
-        """A call through the client's middleware: the chain runs, and last the call itself."""
-        assert self._middleware is not None
-        through = self._invocation(service, method, args, kwargs, opts, False)
-
-        def call_itself() -> Awaitable[Any]:
-            return self.call(service, method, through.args, through.kwargs, opts, result, _through=through)
-
-        return await self._middleware(through, call_itself)
 
     def _cache_ttl(self, service: str, method: str, opts: CallOptions) -> float | None:
         """Returns how long a reply of ``service.method`` may be kept, or None (not cached, or a call

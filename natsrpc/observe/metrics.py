@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
 try:
     import prometheus_client
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("natsrpc.observe.metrics needs prometheus-client: pip install 'natsrpc[metrics]'") from exc
 
@@ -66,8 +69,22 @@ _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
+class _Timings:
+    """One histogram's buckets (counts per bucket, not cumulative), sum and count."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.buckets = [0] * size
+        self.count = 0
+        self.sum = 0.0
+
+
 class Metrics:
     """A middleware that counts and times every call, on whichever side it is installed.
+
+    It counts in plain Python objects, on the event loop, and hands them to prometheus-client only
+    when scraped (a custom collector): no lock and no prometheus-client code per call.
 
     Args:
         registry: the prometheus-client registry to register in; None makes a new one
@@ -80,70 +97,36 @@ class Metrics:
         registry: prometheus_client.CollectorRegistry | None = None,
         buckets: tuple[float, ...] = prometheus_client.Histogram.DEFAULT_BUCKETS,
     ) -> None:
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self.bounds = tuple(bounds)
         self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
-        r = self.registry
-        self.server_requests = prometheus_client.Counter(
-            "natsrpc_server_requests", "Requests served, by reply code", ["service", "method", "code"], registry=r
-        )
-        self.server_duration = prometheus_client.Histogram(
-            "natsrpc_server_request_duration_seconds", "Time to serve a request (a whole stream, for streams)",
-            ["service", "method"], buckets=buckets, registry=r,
-        )  # fmt: skip
-        self.server_in_flight = prometheus_client.Gauge(
-            "natsrpc_server_in_flight", "Requests being served", ["service"], registry=r
-        )
-        self.server_rejected = prometheus_client.Counter(
-            "natsrpc_server_rejected", "Requests refused before their handler ran", ["service", "reason"], registry=r
-        )
-        self.client_requests = prometheus_client.Counter(
-            "natsrpc_client_requests", "Calls made, by outcome", ["caller", "service", "method", "outcome"], registry=r
-        )
-        self.client_duration = prometheus_client.Histogram(
-            "natsrpc_client_request_duration_seconds", "Time a call took, retries included",
-            ["caller", "service", "method"], buckets=buckets, registry=r,
-        )  # fmt: skip
-        self.client_retries = prometheus_client.Counter(
-            "natsrpc_client_retries", "Attempts beyond a call's first", ["service"], registry=r
-        )
-        self.client_cache = prometheus_client.Counter(
-            "natsrpc_client_cache", "Calls to cached methods: answered from the reply cache (hit) or sent (miss)",
-            ["service", "method", "result"], registry=r,
-        )  # fmt: skip
-        self.client_circuit = prometheus_client.Gauge(
-            "natsrpc_client_circuit_state", "Circuit state: 0 closed, 1 half-open, 2 open", ["service"], registry=r
-        )
-        # Labelled children, cached: prometheus-client's labels() takes a lock and builds a tuple.
-        self._children: dict[tuple[Any, ...], Any] = {}
-        self._endpoints: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
-        self._calls: dict[tuple[str, str, str], tuple[Any, dict[str, Any]]] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        # (service, method) -> (requests by code, timings)
+        self._served: dict[tuple[str, str], tuple[dict[str, int], _Timings]] = {}
+        self._in_flight: dict[str, int] = {}
+        self._rejected: dict[tuple[str, str], int] = {}
+        # (caller, service, method) -> (calls by outcome, timings)
+        self._calls: dict[tuple[str, str, str], tuple[dict[str, int], _Timings]] = {}
+        self._retries: dict[str, int] = {}
+        self._circuit: dict[str, int] = {}
+        self._cache: dict[tuple[str, str, str], int] = {}
+        self.registry.register(self)
 
     async def __call__(self, call: Invocation, call_next: Next) -> Any:
         if call.side == "server":
             return await self._serve(call, call_next)
         return await self._call(call, call_next)
 
-    def _served(self, service: str, method: str) -> tuple[Any, Any, dict[str, Any]]:
-        """The in-flight gauge, duration histogram and counters by code of one endpoint."""
-        key = (service, method)
-        found = self._endpoints.get(key)
-        if found is None:
-            found = self._endpoints[key] = (
-                self.server_in_flight.labels(service),
-                self.server_duration.labels(service, method),
-                {},
-            )
-        return found
-
     async def _serve(self, call: Invocation, call_next: Next) -> Any:
-        in_flight, duration, by_code = self._served(call.service, call.method)
-        in_flight.inc()
+        key = (call.service, call.method)
+        found = self._served.get(key)
+        if found is None:
+            found = self._served[key] = ({}, _Timings(len(self.bounds)))
+            self._in_flight.setdefault(call.service, 0)
+        by_code, timings = found
+        in_flight = self._in_flight
+        in_flight[call.service] += 1
         code = "500"
         started = time.perf_counter()
         try:
@@ -157,20 +140,17 @@ class Metrics:
             code = str(reply_code(exc))  # the code of the error reply the caller gets
             raise
         finally:
-            in_flight.dec()
-            duration.observe(time.perf_counter() - started)
-            counter = by_code.get(code)
-            if counter is None:
-                counter = by_code[code] = self.server_requests.labels(call.service, call.method, code)
-            counter.inc()
+            in_flight[call.service] -= 1
+            self._observe(timings, time.perf_counter() - started)
+            by_code[code] = by_code.get(code, 0) + 1
 
     async def _call(self, call: Invocation, call_next: Next) -> Any:
         caller = call.context.service if call.context is not None else call.caller
         key = (caller, call.service, call.method)
         found = self._calls.get(key)
         if found is None:
-            found = self._calls[key] = (self.client_duration.labels(*key), {})
-        duration, by_outcome = found
+            found = self._calls[key] = ({}, _Timings(len(self.bounds)))
+        by_outcome, timings = found
         outcome = "ok"
         started = time.perf_counter()
         try:
@@ -182,27 +162,95 @@ class Metrics:
             outcome = next((name for kind, name in _OUTCOMES if isinstance(exc, kind)), "failed")
             raise
         finally:
-            duration.observe(time.perf_counter() - started)
-            counter = by_outcome.get(outcome)
-            if counter is None:
-                counter = by_outcome[outcome] = self.client_requests.labels(*key, outcome)
-            counter.inc()
+            self._observe(timings, time.perf_counter() - started)
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+
+    def _observe(self, timings: _Timings, seconds: float) -> None:
+        timings.buckets[bisect_left(self.bounds, seconds)] += 1
+        timings.count += 1
+        timings.sum += seconds
 
     def on_rejected(self, service: str, method: str, code: int) -> None:
         """Counts a request the host refused before its handler ran."""
-        self._child(self.server_rejected, service, REJECTED_REASONS.get(code, str(code))).inc()
+        key = (service, REJECTED_REASONS.get(code, str(code)))
+        self._rejected[key] = self._rejected.get(key, 0) + 1
 
     def on_retry(self, service: str, method: str) -> None:
         """Counts a retry of a call to ``service``."""
-        self._child(self.client_retries, service).inc()
+        self._retries[service] = self._retries.get(service, 0) + 1
 
     def on_cache(self, service: str, method: str, hit: bool) -> None:
         """Counts a call to a cached method: a hit (no request sent) or a miss."""
-        self._child(self.client_cache, service, method, "hit" if hit else "miss").inc()
+        key = (service, method, "hit" if hit else "miss")
+        self._cache[key] = self._cache.get(key, 0) + 1
 
     def on_circuit(self, service: str, state: Any) -> None:
         """Records the new state of ``service``'s circuit."""
-        self._child(self.client_circuit, service).set(CIRCUIT_VALUES.get(str(state), -1))
+        self._circuit[service] = CIRCUIT_VALUES.get(str(state), -1)
+
+    def collect(self) -> Iterator[Any]:
+        """What a scrape reads (prometheus-client's collector protocol)."""
+        requests = CounterMetricFamily(
+            "natsrpc_server_requests", "Requests served, by reply code", labels=["service", "method", "code"]
+        )
+        duration = HistogramMetricFamily(
+            "natsrpc_server_request_duration_seconds", "Time to serve a request (a whole stream, for streams)",
+            labels=["service", "method"],
+        )  # fmt: skip
+        for (service, method), (by_code, timings) in list(self._served.items()):
+            for code, n in list(by_code.items()):
+                requests.add_metric([service, method, code], n)
+            duration.add_metric([service, method], self._cumulative(timings), timings.sum)
+        yield requests
+        yield duration
+        yield self._gauge("natsrpc_server_in_flight", "Requests being served", ["service"], self._in_flight)
+        yield self._counter(
+            "natsrpc_server_rejected", "Requests refused before their handler ran", ["service", "reason"],
+            self._rejected,
+        )  # fmt: skip
+        calls = CounterMetricFamily(
+            "natsrpc_client_requests", "Calls made, by outcome", labels=["caller", "service", "method", "outcome"]
+        )
+        call_duration = HistogramMetricFamily(
+            "natsrpc_client_request_duration_seconds", "Time a call took, retries included",
+            labels=["caller", "service", "method"],
+        )  # fmt: skip
+        for key, (by_outcome, timings) in list(self._calls.items()):
+            for outcome, n in list(by_outcome.items()):
+                calls.add_metric([*key, outcome], n)
+            call_duration.add_metric(list(key), self._cumulative(timings), timings.sum)
+        yield calls
+        yield call_duration
+        yield self._counter("natsrpc_client_retries", "Attempts beyond a call's first", ["service"], self._retries)
+        yield self._gauge(
+            "natsrpc_client_circuit_state", "Circuit state: 0 closed, 1 half-open, 2 open", ["service"], self._circuit
+        )
+        yield self._counter(
+            "natsrpc_client_cache", "Calls to cached methods: answered from the reply cache (hit) or sent (miss)",
+            ["service", "method", "result"], self._cache,
+        )  # fmt: skip
+
+    def _cumulative(self, timings: _Timings) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip(self.bounds, list(timings.buckets), strict=True):
+            total += n
+            out.append(("+Inf" if bound == float("inf") else f"{bound:g}", total))
+        return out
+
+    @staticmethod
+    def _counter(name: str, doc: str, labels: list[str], values: dict[Any, int]) -> Any:
+        family = CounterMetricFamily(name, doc, labels=labels)
+        for key, n in list(values.items()):
+            family.add_metric(list(key) if isinstance(key, tuple) else [key], n)
+        return family
+
+    @staticmethod
+    def _gauge(name: str, doc: str, labels: list[str], values: dict[str, int]) -> Any:
+        family = GaugeMetricFamily(name, doc, labels=labels)
+        for key, n in list(values.items()):
+            family.add_metric([key], n)
+        return family
 
     def exposition(self) -> bytes:
         """The registry's metrics in Prometheus' text format (what ``/metrics`` serves)."""
