@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 import natsrpc
@@ -207,6 +207,35 @@ class TestSpans:
             header = await app.call_service["trleaf"].parent()
         assert exporter.get_finished_spans() == ()
         assert not int(header[-2:], 16) & 1  # the decision not to sample travels downstream
+
+    @pytest.mark.parametrize("trust", [True, False])
+    async def test_an_unsampled_parent_gets_no_span_unless_told_to_ask_the_sdk(
+        self, nats_url: str, trust: bool
+    ) -> None:
+        """A request whose traceparent says "not sampled": no SDK span by default (its context still
+        travels on to the calls it makes); with trust_parent_sampling=False a sampler that records
+        below unsampled parents is asked, and records the server span and its child."""
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(sampler=ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracing = Tracing(tracer_provider=provider, trust_parent_sampling=trust)
+        parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"
+        async with (
+            natsrpc.connect(nats_url, middleware=[tracing]) as hosting,
+            serve(hosting, Leaf(), Branch(), middleware=[tracing]),
+            natsrpc.connect(nats_url) as plain,
+        ):
+            both = plain.call_service["trbranch"].options(headers={"traceparent": parent})
+            assert await both.both("k") == ["K", "K2"]
+        names = sorted((s.name, s.kind.name) for s in exporter.get_finished_spans())
+        if trust:
+            assert names == []
+        else:
+            assert ("trbranch/both", "SERVER") in names
+            assert names.count(("trleaf/get", "CLIENT")) == 2
+        for span in exporter.get_finished_spans():
+            assert span.context is not None
+            assert f"{span.context.trace_id:032x}" == "ab" * 16
 
     async def test_without_an_sdk_nothing_is_recorded(self, nats_url: str) -> None:
         """The API's default (no SDK set up): the middleware runs, calls work, natsrpc's own trace id travels."""

@@ -20,7 +20,8 @@ A failure sets the span's status to ERROR, records the exception as an event and
 call's span; a call refused by an open circuit adds ``natsrpc.circuit_open``.
 
 Only opentelemetry-api is needed: with no SDK configured nothing is recorded (the spans are
-no-ops), and whatever SDK, sampler and exporter the application set up are used.
+no-ops), and whatever SDK, sampler and exporter the application set up are used. A request whose
+trace is not sampled gets no span and asks nothing of the SDK (``trust_parent_sampling``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ TRACESTATE = "tracestate"
 """The W3C header carrying vendor trace state beside ``traceparent``."""
 
 _EMPTY = otel_context.Context()
+_MAX_NAMES = 4096  # (service, method, caller) span names kept
 
 
 class Tracing:
@@ -51,31 +53,55 @@ class Tracing:
     Args:
         tracer_provider: the provider to take the tracer from; None uses the global one (set by the
             application's SDK setup, at any time: the global provider forwards to it).
+        trust_parent_sampling: a request whose ``traceparent`` says "not sampled", and the calls
+            made while serving it, get no span (their trace context still travels on): the SDK's
+            default parent-based sampling would record nothing for them anyway, and asking it
+            costs a span's worth of CPU each. Set False when your sampler may record spans below
+            an unsampled parent.
     """
 
-    def __init__(self, tracer_provider: Any = None) -> None:
+    def __init__(self, tracer_provider: Any = None, *, trust_parent_sampling: bool = True) -> None:
         self.tracer = trace.get_tracer("natsrpc", tracer_provider=tracer_provider)
+        self.trust_parent_sampling = trust_parent_sampling
+        self._named: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}  # span name and attributes
 
-    async def __call__(self, call: Invocation, call_next: Next) -> Any:
-        server = call.side == "server"
-        if server:
-            parent, kind = _extract(call.headers), SpanKind.SERVER
-        else:
-            parent, kind = None, SpanKind.CLIENT  # the current context: a handler's server span, if any
-        span = self.tracer.start_span(
-            f"{call.service}/{call.method}",
-            parent,
-            kind,
-            {
+    def _name(self, call: Invocation) -> tuple[str, dict[str, str]]:
+        key = (call.service, call.method, call.caller)
+        found = self._named.get(key)
+        if found is None:
+            if len(self._named) >= _MAX_NAMES:
+                self._named.clear()
+            attributes = {
                 "rpc.system": "natsrpc",
                 "rpc.service": call.service,
                 "rpc.method": call.method,
                 "natsrpc.caller": call.caller,
-            },
-        )
-        token = otel_context.attach(trace.set_span_in_context(span, parent if server else None))
+            }
+            found = self._named[key] = (f"{call.service}/{call.method}", attributes)
+        return found
+
+    async def __call__(self, call: Invocation, call_next: Next) -> Any:
+        if call.side == "server":
+            remote = _remote_parent(call.headers)
+            parent = _EMPTY if remote is None else trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY)
+            if remote is not None and self.trust_parent_sampling and not remote.trace_flags.sampled:
+                token = otel_context.attach(parent)  # not sampled: the context travels on, no span
+                try:
+                    return await call_next()
+                finally:
+                    otel_context.detach(token)
+            kind = SpanKind.SERVER
+        else:
+            current = trace.get_current_span().get_span_context()  # a handler's server span, if any
+            if current.is_valid and self.trust_parent_sampling and not current.trace_flags.sampled:
+                _inject(current, call.headers)
+                return await call_next()
+            parent, kind = None, SpanKind.CLIENT
+        name, attributes = self._name(call)
+        span = self.tracer.start_span(name, parent, kind, attributes)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
-            if not server:
+            if kind is SpanKind.CLIENT:
                 _inject(span.get_span_context(), call.headers)
             return await call_next()
         except BaseException as exc:
@@ -99,20 +125,22 @@ class Tracing:
             span.add_event("natsrpc.retry", {"rpc.service": service, "rpc.method": method})
 
 
-def _extract(headers: Any) -> otel_context.Context:
-    """The context of a request's ``traceparent`` (a remote parent), or an empty one (a new trace)."""
+_FLAGS = (TraceFlags(0), TraceFlags(TraceFlags.SAMPLED))
+
+
+def _remote_parent(headers: Any) -> SpanContext | None:
+    """The span context a request's ``traceparent`` (and ``tracestate``) names, or None (a new trace)."""
     match = parse_traceparent(headers.get(protocol.TRACEPARENT, "")) if headers else None
     if match is None:
-        return _EMPTY
+        return None
     state = headers.get(TRACESTATE)
-    parent = SpanContext(
+    return SpanContext(
         int(match[2], 16),
         int(match[3], 16),
         True,
-        TraceFlags(int(match[4], 16) & TraceFlags.SAMPLED),
+        _FLAGS[int(match[4], 16) & TraceFlags.SAMPLED],
         TraceState.from_header([state]) if state else None,
     )
-    return trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY)
 
 
 def _inject(span_context: SpanContext, headers: dict[str, str]) -> None:
