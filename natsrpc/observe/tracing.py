@@ -92,10 +92,11 @@ class Tracing:
                     otel_context.detach(token)
             kind = SpanKind.SERVER
         else:
-            current = trace.get_current_span().get_span_context()  # a handler's server span, if any
-            if current.is_valid and self.trust_parent_sampling and not current.trace_flags.sampled:
-                _inject(current, call.headers)
-                return await call_next()
+            if call.context is not None and self.trust_parent_sampling:  # inside a handler: its trace
+                current = trace.get_current_span().get_span_context()
+                if current.is_valid and not current.trace_flags.sampled:
+                    _inject(current, call.headers)
+                    return await call_next()
             parent, kind = None, SpanKind.CLIENT
         name, attributes = self._name(call)
         span = self.tracer.start_span(name, parent, kind, attributes)
