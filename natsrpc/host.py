@@ -523,12 +523,16 @@ class Host:
         return producer
 
     async def _run_stream(self, producer: produce.Producer, items: Any, reply: str, call: context.CallContext) -> None:
-        """Runs a stream to its end, bounded by the call's deadline; cancellable by its caller."""
-        timer = self._watch(call, reply, asyncio.current_task())
+        """Runs a stream to its end, bounded by the call's deadline (armed when it first waits: one
+        that ends in its first step cannot be interrupted anyway); cancellable by its caller."""
+        task = asyncio.current_task()
+        timers: list[asyncio.TimerHandle] = []
+        producer.on_suspend = lambda: timers.append(self._watch(call, reply, task))
         try:
             await producer.run(items)
         finally:
-            self._unwatch(reply, timer)
+            if timers:
+                self._unwatch(reply, timers[0])
             del self._producers[producer.control[producer.control.rfind(".") + 1 :]]
 
     async def _collect(

@@ -176,6 +176,17 @@ class TestFailures:
         assert 0.25 < time.monotonic() - started < 0.3 + 0.3
         await poll(lambda: len(streams.closed) == 1, "the server closed the generator at the deadline", 1.0)
 
+    async def test_the_deadline_bounds_a_stream_stalled_for_credit(self, nc: NatsConnection, streams: Streams) -> None:
+        """A generator that never waits itself (count), held only by a client that grants no credit, is
+        closed at the request's deadline: the deadline is armed when the stream first waits."""
+        started = time.monotonic()
+        deadline = natsrpc.context.deadline_header(time.time() + 0.12)  # before 3 keepalives (0.3 s) of silence
+        headers = {protocol.STREAM: "4", protocol.DEADLINE: deadline}
+        await nc.publish("svc.streams.count", b'{"n":100}', reply=nc.new_inbox(), headers=headers)
+        await poll(lambda: len(streams.closed) == 1, "the generator is closed at the deadline", 1.5)
+        assert streams.closed[0] - started < 0.25  # the deadline closed it, not the silence
+        assert streams.yielded <= 5
+
 
 class TestFlowControl:
     """The server sends at most ``window`` items beyond the client's acknowledgements."""

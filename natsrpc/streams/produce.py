@@ -20,6 +20,7 @@ import nats.errors
 
 from natsrpc import logs, protocol, transport
 from natsrpc.context import CallContext
+from natsrpc.dispatch import resume
 from natsrpc.errors import BadRequest, RemoteError, ReplyTooLarge
 
 log = logs.get_logger("natsrpc.streams")
@@ -63,6 +64,9 @@ class Producer:
         call: the call's context (its ``cancelled`` is set when the stream is given up).
         where: ``service.method``, for messages.
         start: more headers for the start message (``Natsrpc-Chunked`` for a reply sent in chunks).
+        on_suspend: called once, before the stream first waits (for the generator, for credit, or
+            to publish): the host arms the deadline then. A stream that runs to its end in one
+            step (most short ones) costs no timer.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class Producer:
         call: CallContext,
         where: str,
         start: dict[str, str] | None = None,
+        on_suspend: Callable[[], None] | None = None,
     ) -> None:
         self.nc = nc
         # Headers the first message carries, whatever it is; None once it went out.
@@ -94,7 +99,8 @@ class Producer:
         self.sent = 0  # the sequence number of the last item sent
         self.acked = 0  # the last sequence number the client acknowledged
         self._loop = asyncio.get_running_loop()
-        self._credit = asyncio.Event()
+        self._credit: asyncio.Event | None = None  # made when the stream first runs out of credit
+        self.on_suspend = on_suspend
         self._task: asyncio.Task[Any] | None = None
         self._error: RemoteError | None = None  # a protocol error of the client's, to answer with
         self._heard = self._last_sent = self._loop.time()
@@ -109,15 +115,24 @@ class Producer:
             asyncio.CancelledError: the client cancelled or went silent, or the deadline passed.
         """
         self._task = asyncio.current_task()
-        self._ticker = self._loop.call_later(self.keepalive, self._tick)
         try:
             nc, reply, encode, send, loop = self.nc, self.reply, self.encode, transport.send, self._loop
             next_item = items.__anext__
             while True:
-                try:
-                    item = await next_item()
+                step = next_item()
+                try:  # the generator's step runs here; only one that waits arms the timers
+                    yielded = step.send(None)
+                except StopIteration as done:
+                    item = done.value
                 except StopAsyncIteration:
                     break
+                else:
+                    if self._ticker is None:
+                        self._suspending()
+                    try:
+                        item = await resume(step, yielded)
+                    except StopAsyncIteration:
+                        break
                 seq = self.sent + 1
                 body = encode(item)
                 if self._first is None:
@@ -132,10 +147,16 @@ class Producer:
                         f"over max_payload {nc.max_payload}"
                     )
                 while seq > self.acked + self.window:  # out of credit: wait for the client's ack
+                    if self._credit is None:
+                        self._credit = asyncio.Event()
+                    if self._ticker is None:
+                        self._suspending()
                     self._credit.clear()
                     await self._credit.wait()
                 self._last_sent = loop.time()
                 if not send(nc, reply, "", body, block):  # buffer full, or not connected: in order, awaited
+                    if self._ticker is None:
+                        self._suspending()
                     await self._publish(headers or {protocol.SEQ: str(seq)}, body)
                 self.sent = seq
             await self._emit(self._with_first({protocol.SEQ: str(self.sent + 1), protocol.END: str(self.sent)}))
@@ -148,6 +169,13 @@ class Producer:
             if self._ticker is not None:
                 self._ticker.cancel()
             await items.aclose()  # the generator's finally runs now, whatever ended the stream
+
+    def _suspending(self) -> None:
+        """Arms the keepalive ticker, and the host's deadline, before the stream first waits."""
+        self._ticker = self._loop.call_later(self.keepalive, self._tick)
+        if self.on_suspend is not None:
+            self.on_suspend()
+            self.on_suspend = None
 
     def closing_headers(self) -> dict[str, str]:
         """The headers an error reply ending this stream carries: the next sequence number (and the
@@ -176,7 +204,8 @@ class Producer:
                 self.fail(f"ack {n} after ack {self.acked}, with {self.sent} items sent")
                 return
             self.acked = n
-            self._credit.set()
+            if self._credit is not None:
+                self._credit.set()
         elif protocol.KEEPALIVE not in headers:
             self.fail(f"a control message needs {protocol.ACK}, {protocol.KEEPALIVE} or {protocol.CANCEL}")
 
