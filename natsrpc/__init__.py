@@ -36,6 +36,7 @@ from natsrpc.errors import (
     StreamInterrupted,
     Unavailable,
 )
+from natsrpc.events import event
 from natsrpc.host import Host
 from natsrpc.proxy import CallOptions
 from natsrpc.service import Service, ServiceContext, rpc
@@ -76,6 +77,7 @@ __all__ = [
     "Unavailable",
     "connect",
     "current_call",
+    "event",
     "rpc",
 ]
 

@@ -136,7 +136,10 @@ def info(instance: Instance, prefix: str) -> InfoResponse:
         )
         for name in instance.routes
     ]
-    return InfoResponse(svc.name, instance.id, svc.version, dict(svc.metadata), svc.description, endpoints)
+    metadata = dict(svc.metadata)
+    if instance.event_routes:  # the event types and patterns it handles, for discovery
+        metadata["events"] = ",".join(sorted(instance.event_routes))
+    return InfoResponse(svc.name, instance.id, svc.version, metadata, svc.description, endpoints)
 
 
 def latency_percentiles(histogram: LatencyHistogram) -> dict[str, int]:

@@ -43,8 +43,16 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help='print a failure as {"error": {"code", "type", "message", "data"}} on stdout (a reply is JSON anyway)',
     )
+    emit = commands.add_parser(
+        "emit",
+        help="publish one event (its JSON payload) to every service handling its type",
+        description="Publish an event on evt.TYPE: each service with an @event handler of it gets it.",
+        epilog='example: python -m natsrpc emit order.created \'{"id":"1"}\'',
+    )
+    emit.add_argument("event_type", metavar="TYPE")
+    emit.add_argument("payload", metavar="JSON", help="the payload as JSON")
     for name, help_text, service_arg in (
-        ("ls", "list live services, versions, instances and endpoints", None),
+        ("ls", "list live services, versions, instances, endpoints and events handled", None),
         ("info", "show one service's instances and endpoints", "SERVICE"),
         ("stats", "show per-endpoint requests, errors, average and p50/p90/p99 latency", "SERVICE"),
         ("ping", "show the round trip to each instance", "SERVICE?"),
@@ -71,6 +79,26 @@ def _add_global_options(p: argparse.ArgumentParser, repeated: bool = False) -> N
     )
     auth.add_arguments(p, repeated=repeated)
     logs.add_arguments(p, default_level="error", repeated=repeated)
+
+
+async def _emit(args: argparse.Namespace) -> int:
+    """``emit TYPE JSON``: publishes the event and flushes it to the server; exit 0, or 2 for bad input."""
+    if not protocol.valid_event_type(args.event_type):
+        print(f"error: {args.event_type!r} is not an event type (dot-separated name tokens)", file=sys.stderr)
+        return 2
+    try:
+        payload = msgspec.json.decode(args.payload.encode())
+    except msgspec.DecodeError as exc:
+        print(f"error: the payload is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    try:
+        async with connect(args.url, name="natsrpc-cli", **auth.from_args(args)) as client:
+            await client.emit(args.event_type, payload)
+            await client.nc.flush()
+    except CallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _call(args: argparse.Namespace) -> int:
@@ -167,10 +195,14 @@ def _render(command: str, replies: list[tuple[dict[str, Any], float]]) -> str:
                 ",".join(sorted({i["version"] for i in items})),
                 str(len(items)),
                 " ".join(sorted({e["name"] for i in items for e in i["endpoints"]})),
+                " ".join(
+                    sorted({t for i in items for t in str(i.get("metadata", {}).get("events", "")).split(",") if t})
+                )
+                or "-",
             ]
             for name, items in sorted(grouped.items())
         ]
-        return table(rows, ["SERVICE", "VERSION", "INSTANCES", "ENDPOINTS"])
+        return table(rows, ["SERVICE", "VERSION", "INSTANCES", "ENDPOINTS", "EVENTS"])
     if command == "info":
         rows = [
             [r["name"], r["id"], r["version"], e["name"], e["subject"], e.get("queue_group", "")]
@@ -218,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench.run(args)
         if args.command == "call":
             return asyncio.run(_call(args))
+        if args.command == "emit":
+            return asyncio.run(_emit(args))
         return asyncio.run(_inspect(args))
     except ConfigurationError as exc:  # e.g. a credentials or TLS file that does not exist
         print(f"error: {exc}", file=sys.stderr)

@@ -509,6 +509,48 @@ class Client:
             self._invalidations = self.spawn(self._listen_for_invalidations())
         return ttl
 
+    async def emit(self, event_type: str, value: Any, *, encoding: str | None = None) -> None:
+        """Publishes an event on ``evt.<event_type>``: every service handling it gets it (pooled:
+        one instance of each; broadcast: all). Inside a handler the trace and caller travel along.
+
+        Args:
+            event_type: dot-separated name tokens (``order.created``); no wildcards.
+            value: the payload, encoded like a call's arguments (a Struct, dataclass, dict, ...).
+            encoding: ``"json"`` or ``"msgpack"``; the client's default when None.
+
+        Raises:
+            ConfigurationError: the type is not an event type, or the value cannot be encoded
+                (nothing is published then).
+            CallError: it could not be published (closed, not permitted, too large).
+        """
+        if not protocol.valid_event_type(event_type):
+            raise ConfigurationError(
+                f"event type {event_type!r} must be dot-separated tokens matching {protocol.NAME_PATTERN.pattern}"
+            )
+        if encoding is not None:
+            check_encoding(encoding)
+        msgpack = self.default_options.msgpack if encoding is None else encoding == "msgpack"
+        try:
+            body = codec.encode(value, msgpack)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise ConfigurationError(f"event {event_type}: the value cannot be encoded: {exc}") from None
+        headers: dict[str, str] = {}
+        call = context.active_call()
+        if call is not None:
+            headers[protocol.TRACEPARENT] = call.traceparent
+            headers[protocol.CALLER] = call.instance
+        elif self.caller != "client":
+            headers[protocol.CALLER] = self.caller
+        if msgpack:
+            headers[protocol.CONTENT_TYPE] = protocol.MSGPACK
+        subject = protocol.event_subject(event_type)
+        if len(body) + len(protocol.encode_headers(headers)) > self.nc.max_payload:
+            raise PayloadTooLarge(f"event {event_type} is {len(body)} bytes, over max_payload {self.nc.max_payload}")
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        with translate_nats_errors(subject):
+            await transport.publish(self.nc, subject, body, headers=headers or None)
+
     async def publish_invalidation(self, service: str, body: bytes) -> None:
         """Publishes a cache invalidation of ``service`` (:meth:`natsrpc.Service.invalidate` calls this).
 

@@ -30,11 +30,13 @@ class CallContext:
         cancelled: True once the call was cancelled (its deadline passed, or its caller cancelled
             it): a plain ``def`` handler, which cannot be interrupted, should check it and give up.
         cancel_reason: why it was cancelled ("" while it is not).
+        event_type: for an event handler, the concrete type of the event being handled
+            (``order.created`` for a handler of ``order.*``); "" for a call.
     """
 
     __slots__ = (
-        "_traceparent", "caller", "cancel_reason", "cancelled", "deadline", "headers", "instance", "method",
-        "parent", "service",
+        "_traceparent", "caller", "cancel_reason", "cancelled", "deadline", "event_type", "headers", "instance",
+        "method", "parent", "service",
     )  # fmt: skip
 
     def __init__(
@@ -57,6 +59,7 @@ class CallContext:
         self._traceparent = ""
         self.cancelled = False
         self.cancel_reason = ""
+        self.event_type = ""
 
     def remaining(self) -> float:
         """Returns the seconds left before the deadline (negative once it passed)."""

@@ -37,6 +37,7 @@ from natsrpc.errors import (
     reply_code,
     streaming_awaited,
 )
+from natsrpc.events.serve import EventPool, subscription
 from natsrpc.instance import Instance, Request, Route
 from natsrpc.observe.middleware import Invocation, Middleware, compose, hooks
 from natsrpc.proxy import check_headers
@@ -47,6 +48,7 @@ log = logs.get_logger("natsrpc.host")
 
 DEFAULT_MAX_CONCURRENCY = 100
 DEFAULT_MAX_QUEUE = 100
+DEFAULT_MAX_EVENT_QUEUE = 10_000  # events are not refused with a reply: a burst waits instead
 DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_HANDLER_TIMEOUT = 30.0
 CANCELLED = 499  # counted (never sent) for a call its caller cancelled, as nginx logs a closed request
@@ -70,6 +72,8 @@ class Host:
             of them is given up (its generator closed).
         max_reply_size: the largest reply sent: one over the server's max_payload goes to natsrpc
             clients in chunks (docs/protocol.md); above this it is a 413.
+        max_event_queue: events waiting per instance for a free handler slot (``max_concurrency``
+            of them run at once); beyond it an event is dropped, counted and logged.
         middleware: runs around every request served, the first listed outermost
             (:mod:`natsrpc.observe.middleware`). A middleware may also have an
             ``on_rejected(service, method, code)`` method: it is told of each request refused
@@ -91,9 +95,11 @@ class Host:
         stream_keepalive: float = protocol.DEFAULT_KEEPALIVE,
         max_reply_size: int = protocol.DEFAULT_MAX_REPLY_SIZE,
         middleware: Sequence[Middleware] | None = None,
+        max_event_queue: int = DEFAULT_MAX_EVENT_QUEUE,
     ) -> None:
-        if max_concurrency < 1 or max_queue < 0:
-            raise ConfigurationError("max_concurrency must be >= 1 and max_queue >= 0")
+        if max_concurrency < 1 or max_queue < 0 or max_event_queue < 0:
+            raise ConfigurationError("max_concurrency must be >= 1, max_queue and max_event_queue >= 0")
+        self.max_event_queue = max_event_queue
         self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
         """The middleware every request served goes through (outermost first)."""
         self._middleware = compose(self.middleware)
@@ -168,6 +174,10 @@ class Host:
         self._loop = asyncio.get_running_loop()
         for inst in self.instances:
             inst.pool = Dispatcher(inst.max_concurrency, self._serve, self._refuse_queued)
+            if inst.event_routes:
+                inst.events = EventPool(
+                    inst.max_concurrency, inst.max_concurrency + self.max_event_queue, self.default_timeout
+                )
         set_up: list[Instance] = []
         try:
             for inst in self.instances:
@@ -200,12 +210,16 @@ class Host:
         wildcard = protocol.instance_wildcard(inst.service.name, inst.id, prefix)
         await self._subscribe(wildcard, "", functools.partial(self._admit_instance_request, inst))
         await self._subscribe(protocol.control_wildcard(inst.service.name, inst.id, prefix), "", self._admit_control)
+        for handling in inst.event_routes.values():
+            assert inst.events is not None
+            subject, queue = subscription(handling)
+            await self._subscribe(subject, queue, functools.partial(inst.events.admit, handling))
         cancels = protocol.cancel_subject(inst.service.name, prefix)
         if all(sub.subject != cancels for sub in self._subs):  # one per service, however many instances
             await self._subscribe(cancels, "", self._admit_cancel)
         log.info(
             "serving", service=inst.service.name, version=inst.service.version, instance=inst.id,
-            endpoints=sorted(inst.routes),
+            endpoints=sorted(inst.routes), events=sorted(inst.event_routes),
         )  # fmt: skip
 
     async def _undo_start(self, set_up: Sequence[Instance]) -> None:
@@ -242,7 +256,8 @@ class Host:
             await asyncio.gather(*(_drain(sub) for sub in subs))
         for inst in self.instances:
             inst.closed = True
-        pools = [inst.pool for inst in self.instances if inst.pool is not None]
+        pools: list[Any] = [inst.pool for inst in self.instances if inst.pool is not None]
+        pools += [inst.events for inst in self.instances if inst.events is not None]
         await asyncio.gather(*(pool.wait_idle(self.drain_timeout) for pool in pools))
         self._stopping = True  # from here, a handler cancelled by cancel() replies 503
         abandoned = sum(await asyncio.gather(*(pool.cancel() for pool in pools)))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from natsrpc import logs
 from natsrpc.dispatch import Dispatcher
+from natsrpc.events.serve import EventPool, EventRoute
 from natsrpc.service import Endpoint, Service
 
 log = logs.get_logger("natsrpc.host")
@@ -105,6 +106,8 @@ class Instance:
         self.closed = False  # unsubscribed: anything that still reaches it is refused with 503
         self.started = time.time()
         self.routes = {name: Route(self, ep) for name, ep in service.endpoints.items()}
+        self.event_routes = {p: EventRoute(service, self.label, h) for p, h in service.event_handlers.items()}
+        self.events: EventPool | None = None  # made by the Host, on its loop, when there are handlers
 
     @property
     def active(self) -> int:

@@ -93,6 +93,31 @@ def endpoint_subject(service: str, method: str, prefix: str = DEFAULT_PREFIX) ->
     return f"{prefix}.{service}.{method}"
 
 
+EVENT_PREFIX: Final = "evt"
+MAX_EVENT_TYPE: Final = 200  # characters in an event type
+
+
+def valid_event_type(event_type: object, wildcards: bool = False) -> bool:
+    """Returns whether ``event_type`` names events: dot-separated name tokens (``order.created``).
+
+    With ``wildcards`` (a handler's pattern) a token may be ``*``, and the last one ``>``.
+    """
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= MAX_EVENT_TYPE:
+        return False
+    tokens = event_type.split(".")
+    for index, token in enumerate(tokens):
+        if wildcards and (token == "*" or (token == ">" and index == len(tokens) - 1)):
+            continue
+        if not valid_name(token):
+            return False
+    return True  # no token starts with "_": evt._dlq.> and the like stay natsrpc's own
+
+
+def event_subject(event_type: str) -> str:
+    """Returns the subject of an event type (or a handler's pattern): ``evt.<type>``."""
+    return f"{EVENT_PREFIX}.{event_type}"
+
+
 def instance_subject(service: str, method: str, instance_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Returns the subject that reaches one instance: ``svc.<service>.<method>.<id>``."""
     return f"{prefix}.{service}.{method}.{instance_id}"

@@ -61,10 +61,13 @@ def load_services(specs: Sequence[str]) -> list[type[Service]]:
         classes = [
             obj
             for obj in vars(module).values()
-            if inspect.isclass(obj) and issubclass(obj, Service) and obj.__module__ == module.__name__ and obj.endpoints
+            if inspect.isclass(obj)
+            and issubclass(obj, Service)
+            and obj.__module__ == module.__name__
+            and (obj.endpoints or obj.event_handlers)
         ]
         if not classes:
-            raise ConfigurationError(f"{module_name}: no Service class with @rpc methods found")
+            raise ConfigurationError(f"{module_name}: no Service class with @rpc or @event methods found")
         found.extend(classes)
     return found
 

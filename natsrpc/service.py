@@ -16,6 +16,7 @@ import msgspec
 from natsrpc import logs, protocol
 from natsrpc.codec import Signature
 from natsrpc.errors import ConfigurationError, DefinitionError
+from natsrpc.events.handlers import EventHandler, collect_event_handlers
 
 if TYPE_CHECKING:
     from natsrpc.client import Client
@@ -141,6 +142,7 @@ class Service:
     description: ClassVar[str] = ""
     metadata: ClassVar[Mapping[str, str]] = {}
     endpoints: ClassVar[Mapping[str, Endpoint]] = {}
+    event_handlers: ClassVar[Mapping[str, EventHandler]] = {}
 
     _ctx: ServiceContext | None = None
 
@@ -158,6 +160,7 @@ class Service:
             if not isinstance(key, str) or not isinstance(value, str):
                 raise DefinitionError(f"{cls.__qualname__}: metadata must map str to str, got {key!r}: {value!r}")
         cls.endpoints = _collect_endpoints(cls)
+        cls.event_handlers = collect_event_handlers(cls, cls.name)
 
     async def setup(self) -> None:
         """Runs once before the instance starts serving; override to open resources."""
@@ -189,6 +192,11 @@ class Service:
     def call_service_async(self) -> ServiceDirectory:
         """Like :attr:`call_service`, but each call returns a task to await later."""
         return self.ctx.client.call_service_async
+
+    async def emit(self, event_type: str, value: Any, *, encoding: str | None = None) -> None:
+        """Publishes an event on ``evt.<event_type>``, with this handler's trace and caller
+        (:meth:`natsrpc.Client.emit`)."""
+        await self.ctx.client.emit(event_type, value, encoding=encoding)
 
     async def invalidate(self, method: str, /, **arguments: Any) -> None:
         """Makes every client drop the replies of ``method`` it keeps for these arguments.

@@ -105,6 +105,15 @@ class SyncClient:
         stream = self._client.stream(service, method, args, kwargs, options, result)
         return SyncStream(self, stream, (options or self.default_options).timeout + _GRACE)
 
+    def emit(self, event_type: str, value: Any, *, encoding: str | None = None) -> None:
+        """Publishes an event (see :meth:`Client.emit`); returns once it is handed to the server."""
+
+        async def emit_and_flush() -> None:
+            await self._client.emit(event_type, value, encoding=encoding)
+            await self._client.nc.flush()
+
+        self._submit(emit_and_flush()).result(self.default_options.timeout + _GRACE)
+
     def proxy(self, service: type[Service], **options: Any) -> Any:
         """Returns a proxy of ``service`` whose methods block and return decoded, typed results."""
         return TypedProxy(self, service, self.default_options.merged(**options))

@@ -136,9 +136,9 @@ class TestCli:
         table = {row[0]: row for row in rows(run.stdout)}
         assert {"kv", "vdb", "memory"} <= set(table)
         assert table["kv"][1:3] == ["1.0.0", "1"]
-        assert table["kv"][3:] == ["delete", "get", "keys", "put"]
-        assert table["vdb"][3:] == ["count", "delete", "scan", "search", "upsert"]
-        assert table["memory"][3:] == ["forget", "recall", "recall_stream", "remember"]
+        assert table["kv"][3:] == ["delete", "get", "keys", "put", "-"]  # the last column: events handled
+        assert table["vdb"][3:] == ["count", "delete", "scan", "search", "upsert", "-"]
+        assert table["memory"][3:] == ["forget", "recall", "recall_stream", "remember", "-"]
 
     def test_ls_json_parses_and_names_instances(self, cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
         """``ls --json`` prints schema-valid INFO replies whose instance ids match ``ping --json``."""

@@ -1,0 +1,150 @@
+"""The server side of events: each hosted instance's ``@event`` handlers, fed from ``evt.<pattern>``.
+
+Pooled handlers subscribe in a queue group named after the service and handler, so each event
+reaches one instance of each subscribing service (and each of its handlers that match).
+Broadcast ones subscribe plainly, so every instance gets it. Each event runs as a task of its
+instance's event pool: ``max_concurrency`` at once and ``max_event_queue`` waiting. Beyond that
+an event is dropped, counted and logged: core NATS has no one to push back on.
+
+A payload that does not fit the handler's annotation is logged with the event type and the
+field, counted, and dropped; it is never retried. A handler that raises is logged and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+
+from natsrpc import context, logs, protocol
+from natsrpc.dispatch import Dispatcher
+from natsrpc.events.handlers import EventHandler
+
+log = logs.get_logger("natsrpc.events")
+
+_EVENT_HEAD = len(protocol.EVENT_PREFIX) + 1
+DROP_LOG_EVERY = 1000  # an overloaded handler logs its first dropped event, then every 1000th
+
+
+@dataclass(slots=True)
+class EventStats:
+    """Counters of one handler on one instance."""
+
+    received: int = 0
+    handled: int = 0
+    failed: int = 0  # the handler raised
+    invalid: int = 0  # the payload did not fit the annotation
+    dropped: int = 0  # the instance's event pool was full
+
+
+class EventRoute:
+    """One ``@event`` handler of one hosted instance: the bound method and its counters."""
+
+    __slots__ = ("bound", "handler", "label", "service", "stats", "where")
+
+    def __init__(self, service: Any, label: str, handler: EventHandler) -> None:
+        self.service = service
+        self.label = label
+        self.handler = handler
+        self.bound = getattr(service, handler.attr)
+        self.stats = EventStats()
+        self.where = f"{service.name}.{handler.attr}"
+
+
+Item = tuple[EventRoute, str, bytes, "dict[str, str] | None"]
+
+
+class EventPool:
+    """Runs one instance's events, ``size`` at once and at most ``capacity`` in all."""
+
+    def __init__(self, size: int, capacity: int, timeout: float) -> None:
+        self.capacity = capacity
+        self.timeout = timeout
+        self.pool: Dispatcher[Item] = Dispatcher(size, self._serve, self._refuse)
+
+    def admit(self, route: EventRoute, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Takes one event as nats-py parses it: queued for its handler, or dropped when full."""
+        route.stats.received += 1
+        if self.pool.active >= self.capacity:
+            route.stats.dropped += 1
+            if route.stats.dropped % DROP_LOG_EVERY == 1:
+                log.warning(
+                    "events dropped: the handler's instance is at its concurrency limit and queue",
+                    handler=route.where, event_type=subject[_EVENT_HEAD:], dropped=route.stats.dropped,
+                )  # fmt: skip
+            return
+        self.pool.submit((route, subject, data, headers))
+
+    async def _serve(self, route: EventRoute, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        event_type = subject[_EVENT_HEAD:]
+        handler = route.handler
+        try:
+            msgpack = headers is not None and headers.get(protocol.CONTENT_TYPE) == protocol.MSGPACK
+            try:
+                payload = handler.decode(data, msgpack)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+                route.stats.invalid += 1
+                log.warning(
+                    "event dropped: its payload does not fit",
+                    handler=route.where,
+                    event_type=event_type,
+                    error=str(exc),
+                )
+                return
+            h = headers or {}
+            call = context.CallContext(
+                route.service.name,
+                handler.attr,
+                time.time() + self.timeout,
+                route.label,
+                h.get(protocol.CALLER, "client"),
+                h.get(protocol.TRACEPARENT, ""),
+                h,
+            )
+            call.event_type = event_type
+            context.enter(call)
+            try:
+                if handler.is_async:
+                    await route.bound(payload)
+                else:
+                    await anyio.to_thread.run_sync(functools.partial(route.bound, payload))
+            except Exception:
+                route.stats.failed += 1
+                log.exception("event handler raised", handler=route.where, event_type=event_type)
+            else:
+                route.stats.handled += 1
+        finally:
+            self.pool.finished()
+
+    def _refuse(self, item: Item) -> None:
+        """An event still queued when a graceful stop ran out of time: counted and logged as dropped."""
+        route = item[0]
+        route.stats.dropped += 1
+        log.warning(
+            "event dropped at stop: the drain timeout passed", handler=route.where, event_type=item[1][_EVENT_HEAD:]
+        )
+
+    async def wait_idle(self, wait: float) -> bool:
+        """Waits up to ``wait`` seconds for the events taken in to be handled."""
+        return await self.pool.wait_idle(wait)
+
+    async def cancel(self) -> int:
+        """Cancels what is left (after the drain timeout); returns how many."""
+        return await self.pool.cancel()
+
+
+def subscription(route: EventRoute) -> tuple[str, str]:
+    """The subject and queue group of a handler: ``evt.<pattern>``, and ``<service>.<method>``
+    unless broadcast.
+
+    The queue group names the handler, not only the service: NATS gives each group one copy of a
+    message, so two handlers of one service whose patterns both match an event (``order.created``
+    and ``order.*``) would otherwise share one copy.
+    """
+    if route.handler.broadcast:
+        return protocol.event_subject(route.handler.pattern), ""
+    return protocol.event_subject(route.handler.pattern), f"{route.service.name}.{route.handler.attr}"
