@@ -144,6 +144,7 @@ class Client:
         self._streams: dict[str, consume.Receiver] = {}  # streams in progress, by reply token
         self._called: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
         self._subjects: dict[tuple[str, str, str | None], str] = {}  # checked names -> their subject
+        self._event_types: set[str] = set()  # event types checked, for emit
         self._random = b""
         self._random_at = 0
         self._broken: CallError | None = None  # why no call can succeed any more (refused inbox, credentials)
@@ -523,7 +524,9 @@ class Client:
                 (nothing is published then).
             CallError: it could not be published (closed, not permitted, too large).
         """
-        if not protocol.valid_event_type(event_type):
+        if not isinstance(event_type, str) or (
+            event_type not in self._event_types and not self._checked_event_type(event_type)
+        ):
             raise ConfigurationError(
                 f"event type {event_type!r} must be dot-separated tokens matching {protocol.NAME_PATTERN.pattern}"
             )
@@ -544,12 +547,23 @@ class Client:
         if msgpack:
             headers[protocol.CONTENT_TYPE] = protocol.MSGPACK
         subject = protocol.event_subject(event_type)
-        if len(body) + len(protocol.encode_headers(headers)) > self.nc.max_payload:
+        block = protocol.encode_headers(headers)
+        if len(body) + len(block) > self.nc.max_payload:
             raise PayloadTooLarge(f"event {event_type} is {len(body)} bytes, over max_payload {self.nc.max_payload}")
         if self._closed:
             raise ClientClosed("the client is closed")
-        with translate_nats_errors(subject):
-            await transport.publish(self.nc, subject, body, headers=headers or None)
+        if not transport.send(self.nc, subject, "", body, block):  # not connected, or buffer full
+            with translate_nats_errors(subject):
+                await transport.publish(self.nc, subject, body, headers=headers or None)
+
+    def _checked_event_type(self, event_type: str) -> bool:
+        """Checks an event type once; a valid one is remembered (up to MAX_CACHED_SUBJECTS)."""
+        if not protocol.valid_event_type(event_type):
+            return False
+        if len(self._event_types) >= MAX_CACHED_SUBJECTS:
+            self._event_types.clear()
+        self._event_types.add(event_type)
+        return True
 
     async def publish_invalidation(self, service: str, body: bytes) -> None:
         """Publishes a cache invalidation of ``service`` (:meth:`natsrpc.Service.invalidate` calls this).

@@ -174,9 +174,9 @@ class TestBadInput:
     async def test_emit_refuses_bad_types_and_unencodable_values_before_publishing(
         self, client: natsrpc.Client
     ) -> None:
-        for bad in ("", "order.*", "order.>", "a..b", "_dlq.x", "x y"):
+        for bad in ("", "order.*", "order.>", "a..b", "_dlq.x", "x y", ["order"], None):
             with pytest.raises(natsrpc.ConfigurationError, match="event type"):
-                await client.emit(bad, {})
+                await client.emit(bad, {})  # type: ignore[arg-type]
         with pytest.raises(natsrpc.ConfigurationError, match="cannot be encoded"):
             await client.emit("order.created", object())
         with pytest.raises(natsrpc.PayloadTooLarge):

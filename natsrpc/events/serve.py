@@ -12,8 +12,11 @@ field, counted, and dropped; it is never retried. A handler that raises is logge
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +24,7 @@ import anyio.to_thread
 import msgspec
 
 from natsrpc import context, logs, protocol
-from natsrpc.dispatch import Dispatcher
+from natsrpc.dispatch import resume
 from natsrpc.events.handlers import EventHandler
 
 log = logs.get_logger("natsrpc.events")
@@ -59,17 +62,28 @@ Item = tuple[EventRoute, str, bytes, "dict[str, str] | None"]
 
 
 class EventPool:
-    """Runs one instance's events, ``size`` at once and at most ``capacity`` in all."""
+    """Runs one instance's events, ``size`` at once and at most ``capacity`` taken in.
+
+    An event whose slot is free runs its first step at once, in the parser's callback but in a
+    context of its own; only a handler that waits (most do not) becomes a task. So an event
+    costs no task, as a raw nats-py callback costs none.
+    """
 
     def __init__(self, size: int, capacity: int, timeout: float) -> None:
+        self.size = size
         self.capacity = capacity
         self.timeout = timeout
-        self.pool: Dispatcher[Item] = Dispatcher(size, self._serve, self._refuse)
+        self.active = 0  # taken in and not finished: running plus queued
+        self.running = 0
+        self._queue: deque[Item] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Event | None = None
+        self._loop = asyncio.get_running_loop()
 
     def admit(self, route: EventRoute, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-        """Takes one event as nats-py parses it: queued for its handler, or dropped when full."""
+        """Takes one event as nats-py parses it: run, queued for a slot, or dropped when full."""
         route.stats.received += 1
-        if self.pool.active >= self.capacity:
+        if self.active >= self.capacity:
             route.stats.dropped += 1
             if route.stats.dropped % DROP_LOG_EVERY == 1:
                 log.warning(
@@ -77,7 +91,34 @@ class EventPool:
                     handler=route.where, event_type=subject[_EVENT_HEAD:], dropped=route.stats.dropped,
                 )  # fmt: skip
             return
-        self.pool.submit((route, subject, data, headers))
+        self.active += 1
+        if self.running < self.size:
+            self._start((route, subject, data, headers), inline=True)
+        else:
+            self._queue.append((route, subject, data, headers))
+
+    def _start(self, item: Item, inline: bool) -> None:
+        self.running += 1
+        coro = self._serve(*item)
+        if inline:
+            ctx = contextvars.copy_context()  # the handler's current_call() stays its own
+            try:
+                yielded = ctx.run(coro.send, None)
+            except StopIteration:
+                return
+            task = self._loop.create_task(resume(coro, yielded), context=ctx)
+        else:
+            task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _finished(self) -> None:
+        self.running -= 1
+        self.active -= 1
+        if self._queue:
+            self._start(self._queue.popleft(), inline=False)  # a task: never inside another's finally
+        elif self.active == 0 and self._idle is not None:
+            self._idle.set()
 
     async def _serve(self, route: EventRoute, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         event_type = subject[_EVENT_HEAD:]
@@ -118,23 +159,35 @@ class EventPool:
             else:
                 route.stats.handled += 1
         finally:
-            self.pool.finished()
-
-    def _refuse(self, item: Item) -> None:
-        """An event still queued when a graceful stop ran out of time: counted and logged as dropped."""
-        route = item[0]
-        route.stats.dropped += 1
-        log.warning(
-            "event dropped at stop: the drain timeout passed", handler=route.where, event_type=item[1][_EVENT_HEAD:]
-        )
+            self._finished()
 
     async def wait_idle(self, wait: float) -> bool:
-        """Waits up to ``wait`` seconds for the events taken in to be handled."""
-        return await self.pool.wait_idle(wait)
+        """Waits up to ``wait`` seconds for the events taken in to be handled; returns whether they were."""
+        if self.active:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), wait)
+            except TimeoutError:
+                return False
+        return True
 
     async def cancel(self) -> int:
-        """Cancels what is left (after the drain timeout); returns how many."""
-        return await self.pool.cancel()
+        """After the drain timeout: drops what is queued (counted, logged) and cancels what runs;
+        returns how many events were left."""
+        left = self.active
+        while self._queue:
+            route, subject, _, _ = self._queue.popleft()
+            route.stats.dropped += 1
+            self.active -= 1
+            log.warning(
+                "event dropped at stop: the drain timeout passed", handler=route.where, event_type=subject[_EVENT_HEAD:]
+            )
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return left
 
 
 def subscription(route: EventRoute) -> tuple[str, str]:

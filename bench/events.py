@@ -1,0 +1,151 @@
+"""natsrpc events against raw nats-py publish/subscribe, in one run: events/s from emit to handled.
+
+Usage:  python bench/events.py [--rounds 5] [--events 20000]
+
+The handlers run in a second process: a natsrpc service with a pooled ``@event`` handler, and a
+raw nats-py queue subscriber. This process emits ``--events`` 64-byte payloads (natsrpc:
+``client.emit``; raw: ``nc.publish`` to the queue subscriber's subject). Each side, once it has
+handled them all, publishes one message back: the time from the first emit to that message gives
+events/s. The figure is the median of ``--rounds`` interleaved rounds, with natsrpc's ratio to raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import natsrpc
+import natsrpc.logs
+from natsrpc import Service, event
+
+PAYLOAD = "x" * 64
+RAW_SUBJECT = "bench.raw.events"
+DONE = "bench.events.done"
+
+
+class Sink(Service):
+    """Counts ``bench.tick`` events; says so on ``bench.events.done`` when it has ``expected``."""
+
+    name = "benchsink"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.expected = 0
+
+    @event("bench.tick")
+    async def on_tick(self, value: str) -> None:
+        self.count += 1
+        if self.count == self.expected:
+            await self.ctx.client.nc.publish(DONE, b"natsrpc")
+
+    @event("bench.expect")
+    async def on_expect(self, n: int) -> None:
+        self.count, self.expected = 0, n
+        await self.ctx.client.nc.publish(DONE, b"ready")
+
+
+async def serve(url: str) -> None:
+    """Runs the natsrpc sink and the raw queue subscriber until stdin closes."""
+    nc = await nats.connect(url)
+    state = {"count": 0, "expected": 0}
+
+    async def raw(msg: Any) -> None:
+        if msg.data.startswith(b"expect "):
+            state["count"], state["expected"] = 0, int(msg.data[7:])
+            await nc.publish(DONE, b"ready")
+            return
+        state["count"] += 1
+        if state["count"] == state["expected"]:
+            await nc.publish(DONE, b"raw")
+
+    await nc.subscribe(RAW_SUBJECT, queue="q", cb=raw)
+    async with natsrpc.connect(url) as client, natsrpc.Host(client, [Sink()], max_event_queue=1_000_000):
+        await nc.flush()
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await nc.close()
+
+
+async def measure(url: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    nc = await nats.connect(url)
+    done: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_done(msg: Any) -> None:
+        done.put_nowait(msg.data)
+
+    await nc.subscribe(DONE, cb=on_done)
+    results: dict[str, list[float]] = {"natsrpc": [], "raw": []}
+    item = PAYLOAD.encode()
+    async with natsrpc.connect(url) as client:
+
+        async def natsrpc_round(n: int) -> float:
+            await client.emit("bench.expect", n)
+            assert await asyncio.wait_for(done.get(), 10) == b"ready"
+            started = time.perf_counter()
+            for _ in range(n):
+                await client.emit("bench.tick", PAYLOAD)
+            assert await asyncio.wait_for(done.get(), 60) == b"natsrpc"
+            return n / (time.perf_counter() - started)
+
+        async def raw_round(n: int) -> float:
+            await nc.publish(RAW_SUBJECT, f"expect {n}".encode())
+            assert await asyncio.wait_for(done.get(), 10) == b"ready"
+            started = time.perf_counter()
+            for _ in range(n):
+                await nc.publish(RAW_SUBJECT, item)
+            assert await asyncio.wait_for(done.get(), 60) == b"raw"
+            return n / (time.perf_counter() - started)
+
+        await natsrpc_round(1000)  # warm up both paths
+        await raw_round(1000)
+        for round_no in range(args.rounds):
+            order = [("natsrpc", natsrpc_round), ("raw", raw_round)]
+            for name, run in order if round_no % 2 == 0 else order[::-1]:
+                results[name].append(await run(args.events))
+    await nc.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--events", type=int, default=20_000, help="events per round")
+    args = parser.parse_args()
+    natsrpc.logs.configure("console", "warning")
+    if args.serve:
+        asyncio.run(serve(args.serve))
+        return
+    with natsrpc.NatsServer() as server:
+        handlers = subprocess.Popen(
+            [sys.executable, __file__, "--serve", server.url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert handlers.stdin is not None
+        assert handlers.stdout is not None
+        try:
+            if handlers.stdout.readline().strip() != "ready":
+                raise SystemExit("the handlers did not start")
+            results = asyncio.run(measure(server.url, args))
+        finally:
+            handlers.stdin.close()
+            handlers.wait(10)
+    ours, raw = statistics.median(results["natsrpc"]), statistics.median(results["raw"])
+    print(f"natsrpc events vs raw nats-py, asyncio loop, median of {args.rounds} interleaved rounds\n")
+    print("| figure | natsrpc | raw nats-py | ratio | goal |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| pooled events/s, emit to handled ({args.events:,} a round) | {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f} | >= 0.8 |")
+
+
+if __name__ == "__main__":
+    main()
