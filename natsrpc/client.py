@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.nuid import NUID
@@ -62,6 +63,7 @@ log = logs.get_logger("natsrpc.client")
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_CIRCUIT = CircuitConfig()
+JS_MSG_ID = "Nats-Msg-Id"  # JetStream's deduplication header
 MAX_BUCKETS = 4096  # retry budgets kept, one per service called
 MAX_CACHED_SUBJECTS = 4096  # subjects of checked names kept
 _TOKEN_BYTES = 12
@@ -510,7 +512,15 @@ class Client:
             self._invalidations = self.spawn(self._listen_for_invalidations())
         return ttl
 
-    async def emit(self, event_type: str, value: Any, *, encoding: str | None = None) -> None:
+    async def emit(
+        self,
+        event_type: str,
+        value: Any,
+        *,
+        encoding: str | None = None,
+        durable: bool = False,
+        msg_id: str | None = None,
+    ) -> None:
         """Publishes an event on ``evt.<event_type>``: every service handling it gets it (pooled:
         one instance of each; broadcast: all). Inside a handler the trace and caller travel along.
 
@@ -518,6 +528,10 @@ class Client:
             event_type: dot-separated name tokens (``order.created``); no wildcards.
             value: the payload, encoded like a call's arguments (a Struct, dataclass, dict, ...).
             encoding: ``"json"`` or ``"msgpack"``; the client's default when None.
+            durable: publish through JetStream and wait for its acknowledgement (the event is
+                stored in the ``EVENTS`` stream), with a ``Nats-Msg-Id`` so that an emit retried
+                with the same ``msg_id`` is stored once.
+            msg_id: the ``Nats-Msg-Id`` of a durable emit (a random one when None).
 
         Raises:
             ConfigurationError: the type is not an event type, or the value cannot be encoded
@@ -547,6 +561,9 @@ class Client:
         if msgpack:
             headers[protocol.CONTENT_TYPE] = protocol.MSGPACK
         subject = protocol.event_subject(event_type)
+        if durable:
+            await self._emit_durable(subject, body, headers, msg_id)
+            return
         block = protocol.encode_headers(headers)
         if len(body) + len(block) > self.nc.max_payload:
             raise PayloadTooLarge(f"event {event_type} is {len(body)} bytes, over max_payload {self.nc.max_payload}")
@@ -555,6 +572,23 @@ class Client:
         if not transport.send(self.nc, subject, "", body, block):  # not connected, or buffer full
             with translate_nats_errors(subject):
                 await transport.publish(self.nc, subject, body, headers=headers or None)
+
+    async def _emit_durable(self, subject: str, body: bytes, headers: dict[str, str], msg_id: str | None) -> None:
+        if msg_id is not None and (not isinstance(msg_id, str) or not msg_id or not msg_id.isprintable()):
+            raise ConfigurationError(f"msg_id must be a printable, non-empty string, got {msg_id!r}")
+        headers[JS_MSG_ID] = msg_id or os.urandom(12).hex()
+        if len(body) + len(protocol.encode_headers(headers)) > self.nc.max_payload:
+            raise PayloadTooLarge(f"event {subject} is {len(body)} bytes, over max_payload {self.nc.max_payload}")
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        with translate_nats_errors(subject):
+            try:
+                await self.nc.jetstream().publish(subject, body, timeout=self.default_options.timeout, headers=headers)
+            except nats.js.errors.NoStreamResponseError:
+                raise NoResponders(
+                    f"no JetStream stream stores {subject}: start a host with a durable handler (it creates "
+                    "EVENTS), on a nats-server with JetStream (-js)"
+                ) from None
 
     def _checked_event_type(self, event_type: str) -> bool:
         """Checks an event type once; a valid one is remembered (up to MAX_CACHED_SUBJECTS)."""

@@ -37,6 +37,7 @@ from natsrpc.errors import (
     reply_code,
     streaming_awaited,
 )
+from natsrpc.events import durable
 from natsrpc.events.serve import EventPool, subscription
 from natsrpc.instance import Instance, Request, Route
 from natsrpc.observe.middleware import Invocation, Middleware, compose, hooks
@@ -74,6 +75,10 @@ class Host:
             clients in chunks (docs/protocol.md); above this it is a 413.
         max_event_queue: events waiting per instance for a free handler slot (``max_concurrency``
             of them run at once); beyond it an event is dropped, counted and logged.
+        event_backoff: seconds before each redelivery of a durable event whose handler raised.
+        event_max_deliver: deliveries of a durable event before it is dead-lettered.
+        event_stream: settings of the ``EVENTS`` stream when natsrpc creates it (``max_age``,
+            ``max_bytes``, ...: nats-py's ``StreamConfig`` fields).
         middleware: runs around every request served, the first listed outermost
             (:mod:`natsrpc.observe.middleware`). A middleware may also have an
             ``on_rejected(service, method, code)`` method: it is told of each request refused
@@ -96,10 +101,18 @@ class Host:
         max_reply_size: int = protocol.DEFAULT_MAX_REPLY_SIZE,
         middleware: Sequence[Middleware] | None = None,
         max_event_queue: int = DEFAULT_MAX_EVENT_QUEUE,
+        event_backoff: Sequence[float] = durable.DEFAULT_BACKOFF,
+        event_max_deliver: int = durable.DEFAULT_MAX_DELIVER,
+        event_stream: Mapping[str, Any] | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_event_queue < 0:
             raise ConfigurationError("max_concurrency must be >= 1, max_queue and max_event_queue >= 0")
         self.max_event_queue = max_event_queue
+        self.event_backoff = tuple(event_backoff)
+        self.event_max_deliver = event_max_deliver
+        self.event_stream = dict(event_stream or {})
+        self._consumers: list[durable.DurableConsumer] = []
+        self._js: Any = None
         self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
         """The middleware every request served goes through (outermost first)."""
         self._middleware = compose(self.middleware)
@@ -185,6 +198,8 @@ class Host:
                 svc._bind(ServiceContext(svc.name, inst.id, self.client, None, self._config.get(svc.name, {})))
                 await svc.setup()
                 set_up.append(inst)
+            if any(r.handler.durable for inst in self.instances for r in inst.event_routes.values()):
+                await durable.ensure_stream(self._jetstream(), self.event_stream)
             for inst in self.instances:
                 await self._subscribe_instance(inst)
             if self._announcer is not None:
@@ -212,6 +227,14 @@ class Host:
         await self._subscribe(protocol.control_wildcard(inst.service.name, inst.id, prefix), "", self._admit_control)
         for handling in inst.event_routes.values():
             assert inst.events is not None
+            if handling.handler.durable:
+                consumer = durable.DurableConsumer(
+                    self._jetstream(), handling, inst.events, self.event_backoff, self.event_max_deliver,
+                    ack_wait=self.default_timeout + durable.ACK_WAIT_MARGIN,
+                )  # fmt: skip
+                await consumer.start()
+                self._consumers.append(consumer)
+                continue
             subject, queue = subscription(handling)
             await self._subscribe(subject, queue, functools.partial(inst.events.admit, handling))
         cancels = protocol.cancel_subject(inst.service.name, prefix)
@@ -252,6 +275,8 @@ class Host:
         # Requests delivered until the subscriptions are drained are still served: refusing them
         # (503) while the unsubscribe travels would turn a graceful stop into lost calls.
         subs, self._subs = self._subs, []
+        consumers, self._consumers = self._consumers, []
+        await asyncio.gather(*(consumer.stop() for consumer in consumers))  # nothing more is fetched
         if not self.nc.is_closed:
             await asyncio.gather(*(_drain(sub) for sub in subs))
         for inst in self.instances:
@@ -271,6 +296,11 @@ class Host:
             except Exception:
                 log.exception("cleanup failed", service=inst.service.name)
         log.info("stopped", services=[i.service.name for i in self.instances])
+
+    def _jetstream(self) -> Any:
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
 
     async def _subscribe(self, subject: str, queue: str, admit: transport.Handler) -> None:
         """Subscribes ``admit`` to ``subject``, delivered directly as nats-py parses each message."""

@@ -15,6 +15,7 @@ import inspect
 import os
 import signal
 import sys
+import tempfile
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -155,6 +156,10 @@ def parser() -> argparse.ArgumentParser:
         "or an embedded server when nothing listens there)",
     )
     p.add_argument("--embedded", action="store_true", help="always start an embedded nats-server")
+    p.add_argument(
+        "--store-dir",
+        help="the embedded nats-server's JetStream store (default: a temporary directory, removed on exit)",
+    )
     p.add_argument("--config", help="TOML file; the table [NAME] is service NAME's self.ctx.config")
     logs.add_arguments(p, default_level="info")
     p.add_argument(
@@ -306,6 +311,7 @@ async def serve(args: argparse.Namespace) -> int:
     host: Host | None = None
     report: asyncio.Task[None] | None = None
     health: HealthServer | None = None
+    scratch: tempfile.TemporaryDirectory[str] | None = None
 
     def on_signal(signum: int) -> None:
         if not stop.is_set():
@@ -342,8 +348,15 @@ async def serve(args: argparse.Namespace) -> int:
                 ) from None
         if args.embedded or (url is None and not is_listening(EMBEDDED_HOST, EMBEDDED_PORT)):
             port = EMBEDDED_PORT if not is_listening(EMBEDDED_HOST, EMBEDDED_PORT) else free_port()
+            store = args.store_dir  # JetStream on: durable events
+            if store is None:
+                scratch = tempfile.TemporaryDirectory(prefix="natsrpc-jetstream-")
+                store = scratch.name
             embedded = NatsServer(
-                port=port, host=EMBEDDED_HOST, args=["-n", f"{EMBEDDED_NAME}{os.getpid()}"], tethered=True
+                port=port,
+                host=EMBEDDED_HOST,
+                args=["-n", f"{EMBEDDED_NAME}{os.getpid()}", "-js", "-sd", store],
+                tethered=True,
             )
             await anyio.to_thread.run_sync(embedded.start)
             url = embedded.url
@@ -384,6 +397,8 @@ async def serve(args: argparse.Namespace) -> int:
             await health.stop()
         if embedded is not None:
             await anyio.to_thread.run_sync(embedded.close)
+        if scratch is not None:
+            scratch.cleanup()
     return 0
 
 

@@ -193,10 +193,18 @@ class Service:
         """Like :attr:`call_service`, but each call returns a task to await later."""
         return self.ctx.client.call_service_async
 
-    async def emit(self, event_type: str, value: Any, *, encoding: str | None = None) -> None:
+    async def emit(
+        self,
+        event_type: str,
+        value: Any,
+        *,
+        encoding: str | None = None,
+        durable: bool = False,
+        msg_id: str | None = None,
+    ) -> None:
         """Publishes an event on ``evt.<event_type>``, with this handler's trace and caller
         (:meth:`natsrpc.Client.emit`)."""
-        await self.ctx.client.emit(event_type, value, encoding=encoding)
+        await self.ctx.client.emit(event_type, value, encoding=encoding, durable=durable, msg_id=msg_id)
 
     async def invalidate(self, method: str, /, **arguments: Any) -> None:
         """Makes every client drop the replies of ``method`` it keeps for these arguments.

@@ -26,15 +26,18 @@ _EVENT_MARK = "__natsrpc_event__"
 class _EventOptions:
     pattern: str
     broadcast: bool
+    durable: bool
 
 
-def event(pattern: str, /, *, broadcast: bool = False) -> Callable[[F], F]:
+def event(pattern: str, /, *, broadcast: bool = False, durable: bool = False) -> Callable[[F], F]:
     """Marks a Service method as the handler of the events ``pattern`` matches (on ``evt.<pattern>``).
 
     Args:
         pattern: an event type (``order.created``) or a wildcard (``order.*``, ``order.>``).
         broadcast: every instance of the service handles each event; by default (pooled) exactly
             one instance of each subscribing service does.
+        durable: consume from JetStream (:mod:`natsrpc.events.durable`): kept while the service is
+            down, acknowledged after the handler returns, redelivered with backoff, dead-lettered.
 
     Raises:
         DefinitionError: the pattern is not an event type or wildcard, or the decorated object
@@ -46,10 +49,15 @@ def event(pattern: str, /, *, broadcast: bool = False) -> Callable[[F], F]:
             " (or * and a last >)"
         )
 
+    if broadcast and durable:
+        raise DefinitionError(
+            f"event {pattern!r}: durable handlers are pooled (one consumer per service), not broadcast"
+        )
+
     def mark(f: F) -> F:
         if not callable(f):
             raise DefinitionError(f"@event decorates methods, got {f!r}")
-        setattr(f, _EVENT_MARK, _EventOptions(pattern, broadcast))
+        setattr(f, _EVENT_MARK, _EventOptions(pattern, broadcast, durable))
         return f
 
     return mark
@@ -64,6 +72,7 @@ class EventHandler:
         attr: the Python method name.
         is_async: whether it is a coroutine function (a plain ``def`` runs in a worker thread).
         broadcast: every instance handles each event (no queue group).
+        durable: consumed from JetStream, acknowledged after the handler.
         payload_type: the annotation of its argument.
     """
 
@@ -71,6 +80,7 @@ class EventHandler:
     attr: str
     is_async: bool
     broadcast: bool
+    durable: bool
     payload_type: Any
     json: msgspec.json.Decoder[Any]
     msgpack: msgspec.msgpack.Decoder[Any]
@@ -122,6 +132,7 @@ def collect_event_handlers(cls: type, where: str) -> dict[str, EventHandler]:
                 attr,
                 inspect.iscoroutinefunction(value),
                 options.broadcast,
+                options.durable,
                 payload_type,
                 json,
                 msgpack,

@@ -58,7 +58,8 @@ class EventRoute:
         self.where = f"{service.name}.{handler.attr}"
 
 
-Item = tuple[EventRoute, str, bytes, "dict[str, str] | None"]
+Item = tuple[EventRoute, str, bytes, "dict[str, str] | None", Any]
+"""An event taken in: its route, subject, body, headers and, for a durable one, (message, consumer)."""
 
 
 class EventPool:
@@ -78,6 +79,7 @@ class EventPool:
         self._queue: deque[Item] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Event | None = None
+        self._slot: asyncio.Event | None = None  # set when a running event finishes (durable fetching waits)
         self._loop = asyncio.get_running_loop()
 
     def admit(self, route: EventRoute, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
@@ -93,9 +95,24 @@ class EventPool:
             return
         self.active += 1
         if self.running < self.size:
-            self._start((route, subject, data, headers), inline=True)
+            self._start((route, subject, data, headers, None), inline=True)
         else:
-            self._queue.append((route, subject, data, headers))
+            self._queue.append((route, subject, data, headers, None))
+
+    def admit_durable(self, route: EventRoute, msg: Any, consumer: Any) -> None:
+        """Takes one event fetched from JetStream (fetching follows the free slots: never dropped)."""
+        route.stats.received += 1
+        self.active += 1
+        item = (route, msg.subject, msg.data, msg.headers, (msg, consumer))
+        if self.running < self.size:
+            self._start(item, inline=False)  # a task: acknowledging it awaits
+        else:
+            self._queue.append(item)
+
+    async def slot_free(self) -> None:
+        """Returns once a running event has finished."""
+        self._slot = asyncio.Event()
+        await self._slot.wait()
 
     def _start(self, item: Item, inline: bool) -> None:
         self.running += 1
@@ -115,20 +132,28 @@ class EventPool:
     def _finished(self) -> None:
         self.running -= 1
         self.active -= 1
+        if self._slot is not None:
+            self._slot.set()
         if self._queue:
             self._start(self._queue.popleft(), inline=False)  # a task: never inside another's finally
         elif self.active == 0 and self._idle is not None:
             self._idle.set()
 
-    async def _serve(self, route: EventRoute, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+    async def _serve(
+        self, route: EventRoute, subject: str, data: bytes, headers: dict[str, str] | None, durable: Any
+    ) -> None:
         event_type = subject[_EVENT_HEAD:]
         handler = route.handler
+        error: BaseException | None = None
+        invalid = False
+        finished = False  # cancelled midway, a durable event is left unacknowledged (JetStream redelivers it)
         try:
             msgpack = headers is not None and headers.get(protocol.CONTENT_TYPE) == protocol.MSGPACK
             try:
                 payload = handler.decode(data, msgpack)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
                 route.stats.invalid += 1
+                error, invalid, finished = exc, True, True
                 log.warning(
                     "event dropped: its payload does not fit",
                     handler=route.where,
@@ -153,13 +178,20 @@ class EventPool:
                     await route.bound(payload)
                 else:
                     await anyio.to_thread.run_sync(functools.partial(route.bound, payload))
-            except Exception:
+            except Exception as exc:
                 route.stats.failed += 1
+                error, finished = exc, True
                 log.exception("event handler raised", handler=route.where, event_type=event_type)
             else:
                 route.stats.handled += 1
+                finished = True
         finally:
-            self._finished()
+            try:
+                if durable is not None and finished:
+                    msg, consumer = durable
+                    await consumer.settle(msg, error, invalid)
+            finally:
+                self._finished()
 
     async def wait_idle(self, wait: float) -> bool:
         """Waits up to ``wait`` seconds for the events taken in to be handled; returns whether they were."""
@@ -176,7 +208,7 @@ class EventPool:
         returns how many events were left."""
         left = self.active
         while self._queue:
-            route, subject, _, _ = self._queue.popleft()
+            route, subject, _, _, _ = self._queue.popleft()
             route.stats.dropped += 1
             self.active -= 1
             log.warning(

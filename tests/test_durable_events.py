@@ -1,0 +1,194 @@
+"""Durable events on JetStream (nats-server -js, a temporary store): kept, acked, redelivered, dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from children import child, poll
+from event_service import HANDLED_SUBJECT
+
+import natsrpc
+from natsrpc import Service, event
+from natsrpc.embedded import NatsServer
+from natsrpc.events.durable import STREAM, dead_letter_subject
+from natsrpc.testing import serve
+
+BACKOFF = (0.05, 0.05, 0.05)  # short redelivery pauses for the tests
+
+
+@pytest.fixture(scope="module")
+def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server with JetStream, its store in a temporary directory."""
+    store = tmp_path_factory.mktemp("jetstream")
+    with NatsServer(args=["-js", "-sd", str(store)]) as server:
+        yield server
+
+
+@pytest.fixture
+async def js_client(js_server: NatsServer) -> AsyncIterator[natsrpc.Client]:
+    async with natsrpc.connect(js_server.url) as client:
+        yield client
+    # each test starts from an empty stream: its consumers and events are gone
+    nc = await nats.connect(js_server.url)
+    try:
+        await nc.jetstream().delete_stream(STREAM)
+    except Exception:
+        pass
+    await nc.close()
+
+
+class Ledger(Service):
+    name = "evledger"
+
+    def __init__(self, fail_times: int = 0, always_fail: bool = False) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+        self.attempts: dict[int, int] = {}
+        self.fail_times = fail_times
+        self.always_fail = always_fail
+
+    @event("pay.made", durable=True)
+    async def on_paid(self, n: int) -> None:
+        self.attempts[n] = self.attempts.get(n, 0) + 1
+        if self.always_fail or self.attempts[n] <= self.fail_times:
+            raise RuntimeError(f"not now ({self.attempts[n]})")
+        self.seen.append(n)
+
+
+def host_options() -> dict[str, object]:
+    return {"event_backoff": BACKOFF, "heartbeat_interval": 0.5}
+
+
+async def test_events_emitted_while_the_consumer_was_stopped_are_handled_after_it_starts(
+    js_client: natsrpc.Client,
+) -> None:
+    first = Ledger()
+    async with serve(js_client, first, **host_options()):  # creates the stream and the consumer
+        await js_client.emit("pay.made", -1, durable=True)
+        await poll(lambda: first.seen == [-1], "the first event")
+    for n in range(100):  # nobody consumes now
+        await js_client.emit("pay.made", n, durable=True)
+    again = Ledger()
+    async with serve(js_client, again, **host_options()):
+        await poll(lambda: len(again.seen) == 100, "every event kept while it was down")
+    assert sorted(again.seen) == list(range(100))
+
+
+async def test_a_handler_failing_twice_sees_the_event_three_times_then_it_is_acked(
+    js_client: natsrpc.Client,
+) -> None:
+    ledger = Ledger(fail_times=2)
+    async with serve(js_client, ledger, **host_options()) as host:
+        await js_client.emit("pay.made", 7, durable=True)
+        await poll(lambda: ledger.seen == [7], "handled on the third delivery")
+        route = host.instances[0].event_routes["pay.made"]
+        assert route.stats.failed == 2
+    assert ledger.attempts[7] == 3
+    info = await js_client.nc.jetstream().consumer_info(STREAM, "evledger_on_paid")
+    assert info.num_ack_pending == 0  # acked
+    assert info.num_pending == 0
+
+
+async def test_a_handler_always_failing_sends_the_event_to_the_dlq_after_5_deliveries(
+    js_client: natsrpc.Client,
+) -> None:
+    ledger = Ledger(always_fail=True)
+    dead: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
+
+    async def on_dead(msg: nats.aio.msg.Msg) -> None:
+        await dead.put(msg)
+
+    await js_client.nc.subscribe(dead_letter_subject("evledger", "pay.made"), cb=on_dead)
+    async with serve(js_client, ledger, **host_options()):
+        await js_client.emit("pay.made", 9, durable=True)
+        letter = await asyncio.wait_for(dead.get(), 10)
+    assert ledger.attempts[9] == 5
+    assert letter.data == b"9"
+    assert letter.headers is not None
+    assert "RuntimeError: not now (5)" in letter.headers["Natsrpc-Error"]
+    assert letter.headers["Natsrpc-Deliveries"] == "5"
+
+
+async def test_a_payload_that_does_not_fit_goes_to_the_dlq_at_once(js_client: natsrpc.Client) -> None:
+    ledger = Ledger()
+    dead: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
+
+    async def on_dead(msg: nats.aio.msg.Msg) -> None:
+        await dead.put(msg)
+
+    await js_client.nc.subscribe(dead_letter_subject("evledger", "pay.made"), cb=on_dead)
+    async with serve(js_client, ledger, **host_options()):
+        await js_client.emit("pay.made", "not a number", durable=True)
+        letter = await asyncio.wait_for(dead.get(), 10)
+    assert letter.headers is not None
+    assert letter.headers["Natsrpc-Deliveries"] == "1"  # no retries for a 400
+    assert "ValidationError" in letter.headers["Natsrpc-Error"]
+
+
+async def test_an_emit_retried_with_the_same_id_is_stored_once(js_client: natsrpc.Client) -> None:
+    ledger = Ledger()
+    async with serve(js_client, ledger, **host_options()):
+        for _ in range(3):
+            await js_client.emit("pay.made", 11, durable=True, msg_id="pay-11")
+        await js_client.emit("pay.made", 12, durable=True)
+        await poll(lambda: 12 in ledger.seen, "the next event")
+    assert ledger.seen.count(11) == 1
+    info = await js_client.nc.jetstream().stream_info(STREAM)
+    assert info.state.messages == 2
+
+
+async def test_a_durable_emit_without_jetstream_or_stream_is_a_clear_error(
+    js_client: natsrpc.Client, client: natsrpc.Client
+) -> None:
+    with pytest.raises(natsrpc.NoResponders, match="no JetStream stream"):
+        await js_client.emit("nothing.here", 1, durable=True)  # no stream captures it yet
+    with pytest.raises(natsrpc.ConfigurationError, match="msg_id"):
+        await js_client.emit("pay.made", 1, durable=True, msg_id="bad\nid")
+
+    class NeedsJs(Service):
+        name = "evneedsjs"
+
+        @event("a.b", durable=True)
+        async def on_ab(self, n: int) -> None: ...
+
+    with pytest.raises(natsrpc.ConfigurationError, match="need JetStream"):
+        async with serve(client, NeedsJs()):  # the session's server has no JetStream
+            pass
+
+
+def test_durable_handlers_are_pooled_not_broadcast() -> None:
+    with pytest.raises(natsrpc.DefinitionError, match="not broadcast"):
+        event("a.b", broadcast=True, durable=True)
+
+
+async def test_plain_emits_are_kept_for_durable_handlers_too(js_client: natsrpc.Client, tmp_path: Path) -> None:
+    """The stream captures evt.>: an event emitted without durable=True also reaches a durable handler."""
+    ledger = Ledger()
+    async with serve(js_client, ledger, **host_options()):
+        await js_client.emit("pay.made", 21)
+        await poll(lambda: ledger.seen == [21], "the core-NATS emit, stored and consumed")
+
+
+async def test_the_runners_embedded_server_has_jetstream_for_durable_handlers(tmp_path: Path) -> None:
+    """``python -m natsrpc.run --embedded --store-dir DIR`` hosts a durable handler; a durable emit reaches it."""
+    store = tmp_path / "store"
+    async with child("-m", "natsrpc.run", "tests.event_service", "--embedded", "--store-dir", str(store)) as runner:
+        url = (await runner.wait_for_line(re.compile(r"embedded nats-server at (nats://\S+)"))).group(1)
+        await runner.wait_for_line(re.compile(r"\bready\b"))
+        async with natsrpc.connect(url) as app:
+            handled: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def on_handled(msg: nats.aio.msg.Msg) -> None:
+                await handled.put(msg.data)
+
+            await app.nc.subscribe(HANDLED_SUBJECT, cb=on_handled)
+            await app.nc.flush()
+            await app.emit("pay.made", 42, durable=True)
+            assert await asyncio.wait_for(handled.get(), 10) == b"42"
+        assert await runner.stop() == 0, runner.stderr
+    assert any(store.iterdir())  # the store was where it was told to be
