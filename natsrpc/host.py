@@ -79,6 +79,8 @@ class Host:
         event_max_deliver: deliveries of a durable event before it is dead-lettered.
         event_stream: settings of the ``EVENTS`` stream when natsrpc creates it (``max_age``,
             ``max_bytes``, ...: nats-py's ``StreamConfig`` fields).
+        event_ack_wait: seconds JetStream waits for a durable event's acknowledgement before it
+            redelivers it (an instance that died mid-handler); default ``default_timeout`` + 30.
         middleware: runs around every request served, the first listed outermost
             (:mod:`natsrpc.observe.middleware`). A middleware may also have an
             ``on_rejected(service, method, code)`` method: it is told of each request refused
@@ -104,6 +106,7 @@ class Host:
         event_backoff: Sequence[float] = durable.DEFAULT_BACKOFF,
         event_max_deliver: int = durable.DEFAULT_MAX_DELIVER,
         event_stream: Mapping[str, Any] | None = None,
+        event_ack_wait: float | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_event_queue < 0:
             raise ConfigurationError("max_concurrency must be >= 1, max_queue and max_event_queue >= 0")
@@ -111,6 +114,7 @@ class Host:
         self.event_backoff = tuple(event_backoff)
         self.event_max_deliver = event_max_deliver
         self.event_stream = dict(event_stream or {})
+        self.event_ack_wait = event_ack_wait or default_timeout + durable.ACK_WAIT_MARGIN
         self._consumers: list[durable.DurableConsumer] = []
         self._js: Any = None
         self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
@@ -230,7 +234,7 @@ class Host:
             if handling.handler.durable:
                 consumer = durable.DurableConsumer(
                     self._jetstream(), handling, inst.events, self.event_backoff, self.event_max_deliver,
-                    ack_wait=self.default_timeout + durable.ACK_WAIT_MARGIN,
+                    ack_wait=self.event_ack_wait,
                 )  # fmt: skip
                 await consumer.start()
                 self._consumers.append(consumer)

@@ -192,3 +192,34 @@ async def test_the_runners_embedded_server_has_jetstream_for_durable_handlers(tm
             assert await asyncio.wait_for(handled.get(), 10) == b"42"
         assert await runner.stop() == 0, runner.stderr
     assert any(store.iterdir())  # the store was where it was told to be
+
+
+async def test_a_sigkilled_consumer_loses_nothing_after_a_restart(js_client: natsrpc.Client) -> None:
+    """1,000 durable events; the consumer is SIGKILLed part way; after a restart every id was handled
+    at least once (those in flight at the kill are redelivered after the ack wait)."""
+    seen: set[int] = set()
+    deliveries = 0
+
+    async def on_handled(msg: nats.aio.msg.Msg) -> None:
+        nonlocal deliveries
+        deliveries += 1
+        seen.add(int(msg.data))
+
+    await js_client.nc.subscribe("test.handled", cb=on_handled)
+    await js_client.nc.flush()
+    url = js_client.nc.connected_url.geturl() if js_client.nc.connected_url else ""
+    ready = re.compile(r"^ready$")
+    async with child("tests/durable_child.py", url) as first:
+        await first.wait_for_line(ready)
+        for n in range(1000):
+            await js_client.emit("kill.pay", n, durable=True)
+        await poll(lambda: len(seen) >= 300, "a part handled")
+        first.proc.kill()
+        await first.wait()
+    handled_before_restart = len(seen)
+    assert handled_before_restart < 1000
+    async with child("tests/durable_child.py", url) as second:
+        await second.wait_for_line(ready)
+        await poll(lambda: len(seen) == 1000, "every id, after the restart", 20.0)
+    assert seen == set(range(1000))
+    assert deliveries >= 1000
