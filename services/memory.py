@@ -52,6 +52,13 @@ class MemoryItem(msgspec.Struct):
     metadata: dict[str, str] = {}
 
 
+class MemoryEvent(msgspec.Struct):
+    """The payload of ``memory.remembered`` and ``memory.forgotten`` (no text when forgotten)."""
+
+    id: str
+    text: str = ""
+
+
 class Memory(Service):
     """Remembers texts: the text in kv under ``memory:<id>``, its embedding in vdb under ``<id>``."""
 
@@ -76,6 +83,7 @@ class Memory(Service):
             # shielded so a cancelled remember still cleans up.
             await asyncio.shield(self._drop_text(id_))
             raise
+        await self.emit("memory.remembered", MemoryEvent(id_, text))
         return id_
 
     async def _drop_text(self, id_: str) -> None:
@@ -123,4 +131,7 @@ class Memory(Service):
         in_kv, in_vdb = await asyncio.gather(
             self.call_service["kv"].delete(KEY_PREFIX + id), self.ctx.client.proxy(VDB).delete(id)
         )
-        return bool(in_kv or in_vdb)
+        existed = bool(in_kv or in_vdb)
+        if existed:
+            await self.emit("memory.forgotten", MemoryEvent(id, ""))
+        return existed

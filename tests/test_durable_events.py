@@ -223,3 +223,25 @@ async def test_a_sigkilled_consumer_loses_nothing_after_a_restart(js_client: nat
         await poll(lambda: len(seen) == 1000, "every id, after the restart", 20.0)
     assert seen == set(range(1000))
     assert deliveries >= 1000
+
+
+async def test_audit_keeps_what_memory_did(js_client: natsrpc.Client) -> None:
+    """memory emits memory.remembered / memory.forgotten; audit keeps them (durably) and serves recent()."""
+    from services.audit import Audit
+    from services.kv import KV
+    from services.memory import Memory
+    from services.vdb import VDB
+
+    audit = Audit()
+    async with serve(js_client, KV(), VDB(), Memory(), audit, **host_options()):
+        memory = js_client.call_service["memory"]
+        first = await memory.remember("the cat sat")
+        second = await memory.remember("the dog ran")
+        assert await memory.forget(first) is True
+        assert await memory.forget("no-such-id") is False  # nothing forgotten: no event
+        await poll(lambda: len(audit.entries) == 3, "three events audited")
+        recent = await js_client.call_service["audit"].recent(2)
+    assert [(e["event"], e["id"]) for e in recent] == [("memory.forgotten", first), ("memory.remembered", second)]
+    with pytest.raises(natsrpc.RemoteError, match="n must be >= 0"):
+        async with serve(js_client, Audit(), **host_options()):
+            await js_client.call_service["audit"].recent(-1)

@@ -206,6 +206,8 @@ MATRIX: dict[str, list[tuple[str, str, str, bool]]] = {
         ("pub", "svc._ctl.vdb.INSTANCE1.TOKEN", "", ALLOW),  # and the streams it reads
         ("pub", "svc._cancel.billing", "", DENY),
         ("pub", "svc._inval.memory", "", ALLOW),
+        ("pub", "evt.memory.remembered", "", ALLOW),  # its events
+        ("pub", "evt.order.created", "", DENY),
         ("pub", "svc._inval.kv", "", DENY),  # no dropping another service's cached replies
         ("pub", "svc._ctl.billing.INSTANCE1.TOKEN", "", DENY),
     ],
