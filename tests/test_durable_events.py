@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nats
 import pytest
+import structlog.testing
 from children import child, poll
 from event_service import HANDLED_SUBJECT
 
@@ -245,3 +246,48 @@ async def test_audit_keeps_what_memory_did(js_client: natsrpc.Client) -> None:
     with pytest.raises(natsrpc.RemoteError, match="n must be >= 0"):
         async with serve(js_client, Audit(), **host_options()):
             await js_client.call_service["audit"].recent(-1)
+
+
+class TestSharedKV:
+    async def test_500_put_then_get_pairs_across_two_kv_instances_all_read_their_write(
+        self, js_client: natsrpc.Client, js_server: NatsServer
+    ) -> None:
+        """Two kv instances (two connections, load-balanced), 500 put-then-get pairs: every get sees its put."""
+        from services.kv import KV
+
+        first, second = KV(), KV()
+        async with (
+            serve(js_client, first),
+            natsrpc.connect(js_server.url) as other,
+            serve(other, second),
+        ):
+            assert first.bucket is not None
+            assert second.bucket is not None
+            kv = js_client.call_service["kv"]
+            one = kv.options(instance=first.ctx.instance_id)
+            two = kv.options(instance=second.ctx.instance_id)
+            for i in range(500):  # each put through one instance, its get through the other
+                writer, reader = (one, two) if i % 2 else (two, one)
+                await writer.put(f"memory:{i}", f"v{i}")
+                assert await reader.get(f"memory:{i}") == f"v{i}"
+            assert await kv.keys("memory:4") == sorted(f"memory:{i}" for i in range(500) if str(i).startswith("4"))
+            assert await kv.delete("memory:1") is True
+            assert await kv.delete("memory:1") is False
+        async with serve(js_client, KV()):  # a restarted service keeps the data
+            assert await js_client.call_service["kv"].get("memory:2") == "v2"
+            assert await js_client.call_service["kv"].get("memory:1") is None
+        nc = await nats.connect(js_server.url)
+        await nc.jetstream().delete_key_value("kv")
+        await nc.close()
+
+    async def test_without_jetstream_kv_keeps_its_data_in_memory_and_says_so(self, client: natsrpc.Client) -> None:
+        from services.kv import KV
+
+        kv = KV()
+        with structlog.testing.capture_logs() as logs:
+            async with serve(client, kv):
+                await client.call_service["kv"].put("a", "1")
+                assert await client.call_service["kv"].get("a") == "1"
+        assert kv.bucket is None
+        assert kv.data == {"a": "1"}
+        assert any("no JetStream" in entry["event"] for entry in logs)
