@@ -11,6 +11,7 @@ whose length the host bounds.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
@@ -35,14 +36,27 @@ class _Step:
         return (yield self.value)
 
 
-async def resume(coro: Coroutine[Any, Any, T], yielded: Any) -> T:
+async def resume(coro: Coroutine[Any, Any, T], yielded: Any, context: contextvars.Context | None = None) -> T:
     """Drives ``coro``, whose first step the caller ran (it yielded ``yielded``), to completion.
 
-    Each further step runs as ``asyncio.Task`` would run it, inside the calling task (so in its
-    context, and cancelling the task cancels ``coro``). A caller runs the first step itself when
-    most coroutines finish in it: those then cost no timer and no frame of this function.
+    Each further step runs as ``asyncio.Task`` would run it, inside the calling task (so
+    cancelling the task cancels ``coro``), in the task's context or in ``context``. A caller runs
+    the first step itself when most coroutines finish in it: those then cost no timer and no frame
+    of this function.
     """
-    send, throw = coro.send, coro.throw
+    send: Callable[[Any], Any]
+    throw: Callable[[BaseException], Any]
+    if context is None:
+        send, throw = coro.send, coro.throw
+    else:
+        run = context.run
+
+        def send(value: Any) -> Any:
+            return run(coro.send, value)
+
+        def throw(exc: BaseException) -> Any:
+            return run(coro.throw, exc)
+
     while True:
         try:
             value = await _Step(yielded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import subprocess
 import sys
@@ -240,6 +241,44 @@ class TestBadInput:
             await poll(lambda: route.stats.handled == 5, "the five taken in")
         assert route.stats.dropped == 5
         assert any(entry["event"].startswith("events dropped") for entry in logs)
+
+
+class TestTaskSemantics:
+    async def test_timeouts_task_groups_and_context_variables_behave_in_handlers(self, client: natsrpc.Client) -> None:
+        """asyncio.timeout() times out the handler only, a TaskGroup runs, and each event starts with
+        fresh context variables, though workers are reused (2 slots, 6 events)."""
+        var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+        results: list[tuple[int, str, bool, int, str, str]] = []
+
+        class Semantics(Service):
+            name = "evsem"
+
+            @event("sem.x")
+            async def on_x(self, n: int) -> None:
+                before = var.get()
+                var.set(f"event {n}")
+                timed_out = False
+                try:
+                    async with asyncio.timeout(0.02):
+                        await asyncio.sleep(5)
+                except TimeoutError:
+                    timed_out = True
+                async with asyncio.TaskGroup() as group:
+                    doubled = group.create_task(asyncio.sleep(0, result=n * 2))
+                results.append((n, before, timed_out, doubled.result(), var.get(), current_call().event_type))
+
+        async with serve(client, Semantics(), max_concurrency=2) as host:
+            await emit_all(client, "sem.x", list(range(6)))
+            await poll(lambda: len(results) == 6, "every event, through the same two workers")
+            assert host.instances[0].events is not None
+            assert len(host.instances[0].events._workers) <= 2
+            assert await client.nc.request("$SRV.PING.evsem", b"", timeout=2)  # the connection's reader lives on
+        for n, before, timed_out, doubled, after, event_type in results:
+            assert before == "unset"  # no event sees another's context variables
+            assert timed_out
+            assert doubled == n * 2
+            assert after == f"event {n}"
+            assert event_type == "sem.x"
 
 
 class TestStop:

@@ -65,9 +65,10 @@ Item = tuple[EventRoute, str, bytes, "dict[str, str] | None", Any]
 class EventPool:
     """Runs one instance's events, ``size`` at once and at most ``capacity`` taken in.
 
-    An event whose slot is free runs its first step at once, in the parser's callback but in a
-    context of its own; only a handler that waits (most do not) becomes a task. So an event
-    costs no task, as a raw nats-py callback costs none.
+    Events run in up to ``size`` worker tasks, started as needed and kept. Each event runs in a
+    context of its own (a fresh copy of the worker's first one), inside its worker's task, so
+    ``current_call()``, context variables, ``asyncio.timeout()`` and task groups behave in a
+    handler as in a task of its own; it costs no task per event, as a raw nats-py callback costs none.
     """
 
     def __init__(self, size: int, capacity: int, timeout: float) -> None:
@@ -77,13 +78,15 @@ class EventPool:
         self.active = 0  # taken in and not finished: running plus queued
         self.running = 0
         self._queue: deque[Item] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._waiting: deque[asyncio.Future[None]] = deque()  # idle workers
         self._idle: asyncio.Event | None = None
         self._slot: asyncio.Event | None = None  # set when a running event finishes (durable fetching waits)
         self._loop = asyncio.get_running_loop()
+        self._base = contextvars.copy_context()  # each event's context starts as a copy of this one
 
     def admit(self, route: EventRoute, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-        """Takes one event as nats-py parses it: run, queued for a slot, or dropped when full."""
+        """Takes one event as nats-py parses it: queued for a worker, or dropped when full."""
         route.stats.received += 1
         if self.active >= self.capacity:
             route.stats.dropped += 1
@@ -93,50 +96,54 @@ class EventPool:
                     handler=route.where, event_type=subject[_EVENT_HEAD:], dropped=route.stats.dropped,
                 )  # fmt: skip
             return
-        self.active += 1
-        if self.running < self.size:
-            self._start((route, subject, data, headers, None), inline=True)
-        else:
-            self._queue.append((route, subject, data, headers, None))
+        self._take((route, subject, data, headers, None))
 
     def admit_durable(self, route: EventRoute, msg: Any, consumer: Any) -> None:
         """Takes one event fetched from JetStream (fetching follows the free slots: never dropped)."""
         route.stats.received += 1
+        self._take((route, msg.subject, msg.data, msg.headers, (msg, consumer)))
+
+    def _take(self, item: Item) -> None:
         self.active += 1
-        item = (route, msg.subject, msg.data, msg.headers, (msg, consumer))
-        if self.running < self.size:
-            self._start(item, inline=False)  # a task: acknowledging it awaits
-        else:
-            self._queue.append(item)
+        self._queue.append(item)
+        while self._waiting:  # wake an idle worker
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        if len(self._workers) < self.size:
+            worker = self._loop.create_task(self._work(), context=self._base.copy())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
 
     async def slot_free(self) -> None:
         """Returns once a running event has finished."""
         self._slot = asyncio.Event()
         await self._slot.wait()
 
-    def _start(self, item: Item, inline: bool) -> None:
-        self.running += 1
-        coro = self._serve(*item)
-        if inline:
-            ctx = contextvars.copy_context()  # the handler's current_call() stays its own
-            try:
-                yielded = ctx.run(coro.send, None)
-            except StopIteration:
-                return
-            task = self._loop.create_task(resume(coro, yielded), context=ctx)
-        else:
-            task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _work(self) -> None:
+        queue, loop = self._queue, self._loop
+        while True:
+            while queue:
+                item = queue.popleft()
+                self.running += 1
+                context = self._base.copy()
+                coro = self._serve(*item)
+                try:
+                    yielded = context.run(coro.send, None)
+                except StopIteration:
+                    continue
+                await resume(coro, yielded, context)
+            waiter = loop.create_future()
+            self._waiting.append(waiter)
+            await waiter
 
     def _finished(self) -> None:
         self.running -= 1
         self.active -= 1
         if self._slot is not None:
             self._slot.set()
-        if self._queue:
-            self._start(self._queue.popleft(), inline=False)  # a task: never inside another's finally
-        elif self.active == 0 and self._idle is not None:
+        if self.active == 0 and self._idle is not None:
             self._idle.set()
 
     async def _serve(
@@ -204,8 +211,8 @@ class EventPool:
         return True
 
     async def cancel(self) -> int:
-        """After the drain timeout: drops what is queued (counted, logged) and cancels what runs;
-        returns how many events were left."""
+        """At the end of a stop: drops what is queued (counted, logged), cancels the workers (and the
+        handlers still running, after the drain timeout); returns how many events were left."""
         left = self.active
         while self._queue:
             route, subject, _, _, _ = self._queue.popleft()
@@ -214,11 +221,11 @@ class EventPool:
             log.warning(
                 "event dropped at stop: the drain timeout passed", handler=route.where, event_type=subject[_EVENT_HEAD:]
             )
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        workers = list(self._workers)
+        for worker in workers:
+            worker.cancel()
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
         return left
 
 
