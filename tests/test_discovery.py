@@ -352,7 +352,7 @@ class TestReplyConventions:
         info = await ask_one(nc, "INFO", "kv", kv_pair[0])
         stats = await ask_one(nc, "STATS", "kv", kv_pair[0])
         assert info["metadata"] == {}
-        assert info["description"] == "In-memory key-value store"
+        assert info["description"] == "Key-value store (JetStream bucket kv, or in memory)"
         assert {e["last_error"] for e in stats["endpoints"]} == {""}
 
     async def test_metadata_values_are_strings(self, nc: NatsConnection, counted: str) -> None:

@@ -393,6 +393,7 @@ class TestServerFailure:
         )
         assert ratio <= 0.002, text
 
+    @pytest.mark.slow  # 9 s: the default suite keeps under 3 minutes; .ci/run runs it with -m slow
     async def test_f5_hung_client_server_is_detected_and_left(self, nats_cluster: NatsCluster) -> None:
         """F5: with natsrpc's default client settings, a SIGSTOPped client server is left and calls succeed in < 8 s."""
         node = nats_cluster.nodes[0]
@@ -549,6 +550,7 @@ class TestReplicaFailure:
 class TestOutage:
     """The whole NATS service goes away and comes back."""
 
+    @pytest.mark.slow  # 5 s: as F5
     async def test_f9_nothing_runs_after_its_deadline(self) -> None:
         """F9: kill the only server, restart it on the same port: no request runs after its deadline."""
         stamp = Stamp()

@@ -362,7 +362,15 @@ class TestFailedStarts:
         """A subscribe that fails part way unsubscribes the endpoints already subscribed and runs cleanup()."""
         cleaned: list[str] = []
 
-        class Two(KV):
+        class Two(Service):  # kv's setup asks JetStream, which would add nats-py's request inbox
+            name = "kv"
+
+            @rpc
+            async def a(self) -> None: ...
+
+            @rpc
+            async def b(self) -> None: ...
+
             async def cleanup(self) -> None:
                 cleaned.append("kv")
 

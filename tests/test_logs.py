@@ -18,13 +18,13 @@ SCRIPT = """
 import asyncio
 import natsrpc
 from natsrpc import NatsServer
-from services.kv import KV
+from services.vdb import VDB  # kv would warn that this server has no JetStream
 
 async def main():
     with NatsServer() as server:
-        async with natsrpc.connect(server.url) as client, natsrpc.Host(client, [KV()]):
-            await client.call_service["kv"].put("a", "1")
-            assert await client.call_service["kv"].get("a") == "1"
+        async with natsrpc.connect(server.url) as client, natsrpc.Host(client, [VDB()]):
+            await client.call_service["vdb"].upsert("a", [1.0, 0.0])
+            assert await client.call_service["vdb"].count() == 1
 {after}
 
 asyncio.run(main())

@@ -171,6 +171,9 @@ MATRIX: dict[str, list[tuple[str, str, str, bool]]] = {
         ("sub", "svc._inval.*", "", ALLOW),  # cache invalidations of the services it calls
         ("pub", "svc._inval.kv", "", ALLOW),  # invalidating its own cached replies
         ("pub", "svc._inval.vdb", "", DENY),
+        ("pub", "$JS.API.STREAM.INFO.KV_kv", "", ALLOW),  # its own key-value bucket
+        ("pub", "$JS.API.STREAM.INFO.EVENTS", "", DENY),
+        ("pub", "$KV.other.x", "", DENY),
         ("pub", "svc._hb.kv.INSTANCE1", "", ALLOW),
         ("pub", "svc._hb.vdb.INSTANCE1", "", DENY),
         ("pub", "svc.vdb.get", "", DENY),
