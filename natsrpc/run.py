@@ -118,6 +118,72 @@ def read_config(path: str | None) -> dict[str, Any]:
         raise ConfigurationError(f"--config {path}: not valid TOML: {exc}") from None
 
 
+RUNNER_TABLE = "natsrpc"
+"""The ``--config`` table that configures the runner itself, not a service (no service may be named so)."""
+
+_STREAM_LIMITS = {
+    "max_age": float, "max_bytes": int, "max_msgs": int, "max_msg_size": int, "num_replicas": int,
+    "duplicate_window": float, "storage": str,
+}  # fmt: skip
+
+
+def event_options(table: object, path: str | None) -> dict[str, Any]:
+    """Reads the ``[natsrpc]`` table of ``--config``: the events stream's limits and redelivery.
+
+    ``event_stream`` (``max_age`` and ``duplicate_window`` in seconds, ``max_bytes``, ``max_msgs``,
+    ``max_msg_size``, ``num_replicas``, ``storage`` = "file" or "memory"), ``event_backoff``
+    (seconds, a list), ``event_max_deliver`` and ``max_event_queue``.
+
+    Raises:
+        ConfigurationError: an unknown key, or a value of the wrong kind.
+    """
+    where = f"--config {path} [{RUNNER_TABLE}]"
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"{where} must be a table")
+    options: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "event_stream":
+            if not isinstance(value, dict):
+                raise ConfigurationError(f"{where} event_stream must be a table of stream limits")
+            stream: dict[str, Any] = {}
+            for name, limit in value.items():
+                kind = _STREAM_LIMITS.get(name)
+                if kind is None:
+                    raise ConfigurationError(
+                        f"{where} event_stream: unknown limit {name!r} (known: {sorted(_STREAM_LIMITS)})"
+                    )
+                if (
+                    isinstance(limit, bool)
+                    or not isinstance(limit, int | float | str)
+                    or (kind is not str and not isinstance(limit, int | float))
+                ):
+                    raise ConfigurationError(f"{where} event_stream.{name}: {limit!r} is not a {kind.__name__}")
+                if name == "storage":
+                    from nats.js.api import StorageType
+
+                    if limit not in ("file", "memory"):
+                        raise ConfigurationError(f"{where} event_stream.storage must be 'file' or 'memory'")
+                    stream[name] = StorageType(limit)
+                else:
+                    stream[name] = kind(limit)
+            options["event_stream"] = stream
+        elif key == "event_backoff":
+            if not isinstance(value, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value
+            ):
+                raise ConfigurationError(f"{where} event_backoff must be a list of positive seconds")
+            options["event_backoff"] = [float(v) for v in value]
+        elif key in ("event_max_deliver", "max_event_queue"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{where} {key} must be a whole number >= 1")
+            options[key] = value
+        else:
+            raise ConfigurationError(
+                f"{where}: unknown key {key!r} (known: event_stream, event_backoff, event_max_deliver, max_event_queue)"
+            )
+    return options
+
+
 def _check_urls(text: str | None) -> None:
     """Refuses server URLs that are not NATS URLs (``http://``, say).
 
@@ -301,6 +367,7 @@ async def serve(args: argparse.Namespace) -> int:
     """
     classes = load_services(args.services)
     config = read_config(args.config)
+    runner_options = event_options(config.pop(RUNNER_TABLE, {}), args.config)
     middleware = load_middleware(args.middleware)
     _check_urls(args.url)
     security = auth.from_args(args)
@@ -377,6 +444,7 @@ async def serve(args: argparse.Namespace) -> int:
                 max_queue=args.max_queue,
                 drain_timeout=args.drain_timeout,
                 config=config,
+                **runner_options,
                 heartbeat_interval=args.heartbeat_interval,
                 stream_keepalive=args.stream_keepalive,
                 max_reply_size=args.max_reply_size,

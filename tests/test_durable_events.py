@@ -291,3 +291,27 @@ class TestSharedKV:
         assert kv.bucket is None
         assert kv.data == {"a": "1"}
         assert any("no JetStream" in entry["event"] for entry in logs)
+
+
+async def test_the_runners_config_sets_the_event_streams_limits(js_server: NatsServer, tmp_path: Path) -> None:
+    """``[natsrpc] event_stream`` in ``--config`` sets the limits of the EVENTS stream the runner creates;
+    an unknown limit is a one-line error (exit 2)."""
+    config = tmp_path / "run.toml"
+    config.write_text("[natsrpc]\nevent_stream = { max_msgs = 1234, max_age = 3600 }\nevent_max_deliver = 3\n")
+    async with child("-m", "natsrpc.run", "tests.event_service", "--url", js_server.url, "--config", str(config)) as r:
+        await r.wait_for_line(re.compile(r"\bready\b"))
+        nc = await nats.connect(js_server.url)
+        try:
+            info = await nc.jetstream().stream_info(STREAM)
+            consumer = await nc.jetstream().consumer_info(STREAM, "evreceipts_on_paid")
+            await nc.jetstream().delete_stream(STREAM)
+        finally:
+            await nc.close()
+        assert await r.stop() == 0, r.stderr
+    assert info.config.max_msgs == 1234
+    assert info.config.max_age == 3600
+    assert consumer.config.max_deliver == 3
+    config.write_text("[natsrpc]\nevent_stream = { max_msg = 1 }\n")
+    async with child("-m", "natsrpc.run", "tests.event_service", "--url", js_server.url, "--config", str(config)) as r:
+        assert await r.wait() == 2
+    assert "unknown limit 'max_msg'" in r.stderr
