@@ -61,6 +61,18 @@ class Ledger(Service):
         self.seen.append(n)
 
 
+async def unsettled(client: natsrpc.Client, consumer: str) -> tuple[int, int]:
+    """The consumer's (unacknowledged, undelivered) counts once they reach (0, 0), or after a second:
+    the server applies acks asynchronously."""
+    js = client.nc.jetstream()
+    for _ in range(50):
+        info = await js.consumer_info(STREAM, consumer)
+        if (info.num_ack_pending, info.num_pending) == (0, 0):
+            break
+        await asyncio.sleep(0.02)
+    return info.num_ack_pending, info.num_pending
+
+
 def host_options() -> dict[str, object]:
     return {"event_backoff": BACKOFF, "heartbeat_interval": 0.5}
 
@@ -90,9 +102,7 @@ async def test_a_handler_failing_twice_sees_the_event_three_times_then_it_is_ack
         route = host.instances[0].event_routes["pay.made"]
         assert route.stats.failed == 2
     assert ledger.attempts[7] == 3
-    info = await js_client.nc.jetstream().consumer_info(STREAM, "evledger_on_paid")
-    assert info.num_ack_pending == 0  # acked
-    assert info.num_pending == 0
+    assert await unsettled(js_client, "evledger_on_paid") == (0, 0)  # acked, nothing left
 
 
 async def test_a_handler_always_failing_sends_the_event_to_the_dlq_after_5_deliveries(
@@ -315,3 +325,23 @@ async def test_the_runners_config_sets_the_event_streams_limits(js_server: NatsS
     async with child("-m", "natsrpc.run", "tests.event_service", "--url", js_server.url, "--config", str(config)) as r:
         assert await r.wait() == 2
     assert "unknown limit 'max_msg'" in r.stderr
+
+
+async def test_a_graceful_stop_lets_durable_handlers_finish_and_ack(js_client: natsrpc.Client) -> None:
+    """A stop while a durable handler runs: it finishes, its event is acked, nothing is left pending."""
+    started, finished = asyncio.Event(), []
+
+    class Slow(Service):
+        name = "evslowdurable"
+
+        @event("slowpay.made", durable=True)
+        async def on_paid(self, n: int) -> None:
+            started.set()
+            await asyncio.sleep(0.3)
+            finished.append(n)
+
+    async with serve(js_client, Slow(), **host_options()):
+        await js_client.emit("slowpay.made", 1, durable=True)
+        await asyncio.wait_for(started.wait(), 10)
+    assert finished == [1]
+    assert await unsettled(js_client, "evslowdurable_on_paid") == (0, 0)
