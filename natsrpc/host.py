@@ -391,7 +391,7 @@ class Host:
         inst = route.instance
         endpoint = route.endpoint
         started = time.perf_counter_ns()
-        producer: produce.Producer | None = None
+        streams: Sequence[produce.Producer] = ()  # the stream this request opened, if any (errors end it)
         if headers is None:
             headers = {}
             msgpack = mixed = False
@@ -433,7 +433,11 @@ class Host:
                     call,
                 )
                 collected: list[bytes] = []  # a plain request's array reply, from a streaming endpoint
-                final = functools.partial(self._handle, route, call, through, reply, headers, msgpack, collected)
+                opened: list[produce.Producer] = []
+                streams = opened
+                final = functools.partial(
+                    self._handle, route, call, through, reply, headers, msgpack, collected, opened
+                )
                 result = await self._middleware(through, final)
                 if endpoint.streaming and not collected:  # the stream was sent
                     return
@@ -443,12 +447,13 @@ class Host:
                     await self._publish(reply, body, through.reply_headers)
                     return
             elif endpoint.streaming:
-                window = produce.window_of(headers)
-                if window is not None:
-                    producer = self._producer(route, reply, call, window, msgpack)
-                    await self._run_stream(producer, route.handler(*args, **kwargs), reply, call)
+                items = route.handler(*args, **kwargs)
+                opened = []
+                streams = opened
+                streamed = await self._stream(route, items, reply, call, headers, msgpack, opened)
+                if streamed is None:  # the stream was sent
                     return
-                body = await self._collect(route, route.handler(*args, **kwargs), reply, call, headers, msgpack)
+                body = streamed
             else:
                 if endpoint.is_async:
                     coro = route.handler(*args, **kwargs)
@@ -457,36 +462,27 @@ class Host:
                     except StopIteration as stop:
                         result = stop.value
                     else:
-                        timer = self._watch(call, reply, asyncio.current_task())
-                        try:
-                            result = await resume(coro, yielded)
-                        finally:
-                            self._unwatch(reply, timer)
+                        result = await self._resumed(call, reply, coro, yielded)
                 else:
-                    timer = self._watch(call, reply, None)
-                    try:
-                        result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
-                    finally:
-                        self._unwatch(reply, timer)
-                    if call.cancelled:
-                        raise _Abandoned()
+                    result = await self._in_thread(route, call, reply, args, kwargs)
                 body = self._encode(route, result, msgpack)
             if reply and (len(body) > self.nc.max_payload or not transport.send(self.nc, reply, "", body)):
                 if self.nc.max_payload < len(body) <= self.max_reply_size and protocol.DEADLINE in headers:
                     # A natsrpc client (its requests carry a deadline) takes it in chunks, as a stream.
                     producer = self._producer(route, reply, call, protocol.DEFAULT_WINDOW, msgpack, len(body))
+                    streams = (producer,)
                     size = self.nc.max_payload - protocol.CHUNK_OVERHEAD
                     await self._run_stream(producer, produce.chunks(body, size), reply, call)
                 else:
                     await self._reply(reply, route, body)  # too large, or not connected: the slow path
         except RemoteError as exc:
-            await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc, producer)
+            await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc, *streams)
         except CallError as exc:  # a call this handler made failed without a reply
-            await self._reply_error(reply, route, _downstream(route, exc), producer)
+            await self._reply_error(reply, route, _downstream(route, exc), *streams)
         except (asyncio.CancelledError, _Abandoned):
             if self._stopping:  # the drain timeout of a graceful stop passed: tell the caller
                 stopped = Unavailable(f"{route.where}: cancelled, the instance stopped")
-                await self._reply_error(reply, route, stopped, producer)
+                await self._reply_error(reply, route, stopped, *streams)
             elif (current := context.active_call()) is not None and current.cancelled:
                 # The caller gave up, or its deadline passed: nobody listens for a reply, so it is only counted.
                 reason = current.cancel_reason or "its deadline passed"
@@ -498,7 +494,7 @@ class Host:
             else:
                 raise
         except Exception as exc:
-            await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__), producer)
+            await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__), *streams)
             log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
             elapsed = time.perf_counter_ns() - started
@@ -515,35 +511,69 @@ class Host:
         headers: dict[str, str],
         msgpack: bool,
         collected: list[bytes],
+        streams: list[produce.Producer],
     ) -> Any:
         """The innermost step of the middleware chain: runs the handler (its arguments as the
         middleware left them) and returns its result; a stream is sent here (None is returned),
-        a plain request's array reply goes into ``collected``."""
+        a plain request's array reply goes into ``collected`` (and its producer into ``streams``)."""
         endpoint = route.endpoint
-        handler = route.handler(*through.args, **through.kwargs) if endpoint.is_async or endpoint.streaming else None
         if endpoint.streaming:
-            window = produce.window_of(headers)
-            if window is not None:
-                producer = self._producer(route, reply, call, window, msgpack)
-                await self._run_stream(producer, handler, reply, call)
-            else:
-                collected.append(await self._collect(route, handler, reply, call, headers, msgpack))
+            items = route.handler(*through.args, **through.kwargs)
+            body = await self._stream(route, items, reply, call, headers, msgpack, streams)
+            if body is not None:
+                collected.append(body)
             return None
-        if handler is not None:
-            try:  # the first step here, as without middleware: most finish in it and need no timer
-                yielded = handler.send(None)
-            except StopIteration as stop:
-                return stop.value
-        timer = self._watch(call, reply, asyncio.current_task() if endpoint.is_async else None)
+        if not endpoint.is_async:
+            return await self._in_thread(route, call, reply, through.args, through.kwargs)
+        coro = route.handler(*through.args, **through.kwargs)
+        try:  # the first step here, as without middleware: most finish in it and need no timer
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        return await self._resumed(call, reply, coro, yielded)
+
+    async def _resumed(self, call: context.CallContext, reply: str, coro: Any, yielded: Any) -> Any:
+        """Drives an async handler that suspended in its first step to its end, under its deadline."""
+        timer = self._watch(call, reply, asyncio.current_task())
         try:
-            if handler is not None:
-                return await resume(handler, yielded)
-            result = await anyio.to_thread.run_sync(functools.partial(route.handler, *through.args, **through.kwargs))
+            return await resume(coro, yielded)
+        finally:
+            self._unwatch(reply, timer)
+
+    async def _in_thread(
+        self, route: Route, call: context.CallContext, reply: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Runs a plain ``def`` handler in a worker thread, under its deadline (it is told through
+        ``call.cancelled``: a thread cannot be interrupted)."""
+        timer = self._watch(call, reply, None)
+        try:
+            result = await anyio.to_thread.run_sync(functools.partial(route.handler, *args, **kwargs))
         finally:
             self._unwatch(reply, timer)
         if call.cancelled:
             raise _Abandoned()
         return result
+
+    async def _stream(
+        self,
+        route: Route,
+        items: Any,
+        reply: str,
+        call: context.CallContext,
+        headers: dict[str, str],
+        msgpack: bool,
+        streams: list[produce.Producer],
+    ) -> bytes | None:
+        """Serves a streaming endpoint's items: as a stream (returns None once sent; its producer goes
+        into ``streams``, so that an error ends it in order) when the request asks for one, else as
+        one array reply (returned, to be sent)."""
+        window = produce.window_of(headers)
+        if window is None:
+            return await self._collect(route, items, reply, call, headers, msgpack)
+        producer = self._producer(route, reply, call, window, msgpack)
+        streams.append(producer)
+        await self._run_stream(producer, items, reply, call)
+        return None
 
     def _encode(self, route: Route, result: Any, msgpack: bool) -> bytes:
         """Encodes a return value or stream item, checked against its annotation (a 500 if it does not fit)."""

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from children import poll
 
 import natsrpc
 import natsrpc.circuit
@@ -43,6 +44,12 @@ class Echo(Service):
     async def count(self, n: int) -> AsyncIterator[int]:
         for i in range(n):
             yield i
+
+    @rpc
+    async def break_after(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+        raise ServiceError(409, "no more")
 
 
 class Recorder:
@@ -149,6 +156,35 @@ class TestServerSide:
             assert reply.data == b"[0,1]"
         assert log.count(("a", "out", None)) == 2
         assert log[0] == ("a", "in", "server", "mwecho", "count", (3,), {})
+
+    async def test_a_stream_failing_midway_through_middleware_ends_in_order(self, client: natsrpc.Client) -> None:
+        """The items so far, then the RemoteError, numbered as the stream's last message (not a protocol error)."""
+        got: list[int] = []
+        async with serve(client, Echo(), middleware=[Recorder("a", [])]):
+
+            async def consume() -> None:
+                async for i in client.call_service["mwecho"].break_after(3):
+                    got.append(i)
+
+            with pytest.raises(natsrpc.RemoteError) as caught:
+                await consume()
+        assert got == [0, 1, 2]
+        assert caught.value.code == 409
+        # On the wire, the error is the stream's numbered last message (seq 4, after items 1-3).
+        messages: list[Any] = []
+        async with serve(client, Echo(), middleware=[Recorder("a", [])]):
+            inbox = client.nc.new_inbox()
+
+            async def keep(msg: Any) -> None:
+                messages.append(msg)
+
+            sub = await client.nc.subscribe(inbox, cb=keep)
+            await client.nc.publish("svc.mwecho.break_after", b'{"n": 3}', reply=inbox, headers={"Natsrpc-Stream": "8"})
+            await poll(lambda: any((m.headers or {}).get("Nats-Service-Error-Code") for m in messages), "the error")
+            await sub.unsubscribe()
+        last = messages[-1].headers
+        assert last["Nats-Service-Error-Code"] == "409"
+        assert last["Natsrpc-Seq"] == "4"
 
     async def test_refused_requests_are_told_to_on_rejected(self, client: natsrpc.Client) -> None:
         """A 429 (concurrency and queue full) reaches ``on_rejected`` with the service, method and code."""
