@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,51 +127,47 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, list[float]]:
     item = PAYLOAD.encode()
     async with natsrpc.connect(url) as client:
 
-        async def natsrpc_round(n: int) -> float:
-            await client.emit("bench.expect", n)
+        async def timed(
+            n: int, expect: Callable[[], Awaitable[object]], send: Callable[[], Awaitable[object]], by: bytes
+        ) -> float:
+            """Tells the handler to expect ``n`` events, sends them, and returns events/s until it says done."""
+            await expect()
             assert await asyncio.wait_for(done.get(), 10) == b"ready"
             started = time.perf_counter()
             for _ in range(n):
-                await client.emit("bench.tick", PAYLOAD)
-            assert await asyncio.wait_for(done.get(), 60) == b"natsrpc"
+                await send()
+            assert await asyncio.wait_for(done.get(), 60) == by
             return n / (time.perf_counter() - started)
 
-        async def raw_round(n: int) -> float:
-            await nc.publish(RAW_SUBJECT, f"expect {n}".encode())
-            assert await asyncio.wait_for(done.get(), 10) == b"ready"
-            started = time.perf_counter()
-            for _ in range(n):
-                await nc.publish(RAW_SUBJECT, item)
-            assert await asyncio.wait_for(done.get(), 60) == b"raw"
-            return n / (time.perf_counter() - started)
+        def natsrpc_round(event_type: str, durable: bool) -> Callable[[int], Awaitable[float]]:
+            async def run(n: int) -> float:
+                return await timed(
+                    n,
+                    lambda: client.emit("bench.expect", n),
+                    lambda: client.emit(event_type, PAYLOAD, durable=durable),
+                    b"natsrpc",
+                )
 
-        async def natsrpc_durable_round(n: int) -> float:
-            await client.emit("bench.expect", n)
-            assert await asyncio.wait_for(done.get(), 10) == b"ready"
-            started = time.perf_counter()
-            for _ in range(n):
-                await client.emit("bench.durable", PAYLOAD, durable=True)
-            assert await asyncio.wait_for(done.get(), 60) == b"natsrpc"
-            return n / (time.perf_counter() - started)
+            return run
 
-        async def raw_durable_round(n: int) -> float:
-            await nc.publish(RAW_SUBJECT, f"expect {n}".encode())
-            assert await asyncio.wait_for(done.get(), 10) == b"ready"
-            started = time.perf_counter()
-            for _ in range(n):
-                await js.publish(RAW_DURABLE, item)
-            assert await asyncio.wait_for(done.get(), 60) == b"raw"
-            return n / (time.perf_counter() - started)
+        def raw_round(send: Callable[[], Awaitable[object]]) -> Callable[[int], Awaitable[float]]:
+            async def run(n: int) -> float:
+                return await timed(n, lambda: nc.publish(RAW_SUBJECT, f"expect {n}".encode()), send, b"raw")
 
-        await natsrpc_round(1000)  # warm up every path
-        await raw_round(1000)
-        await natsrpc_durable_round(200)
-        await raw_durable_round(200)
+            return run
+
+        rounds = {
+            "natsrpc": natsrpc_round("bench.tick", durable=False),
+            "raw": raw_round(lambda: nc.publish(RAW_SUBJECT, item)),
+            "natsrpc durable": natsrpc_round("bench.durable", durable=True),
+            "raw durable": raw_round(lambda: js.publish(RAW_DURABLE, item)),
+        }
+
+        for name, run in rounds.items():  # warm up every path
+            await run(200 if "durable" in name else 1000)
         for round_no in range(args.rounds):
-            order = [("natsrpc", natsrpc_round, args.events), ("raw", raw_round, args.events)]
-            order += [
-                ("natsrpc durable", natsrpc_durable_round, args.durable_events),
-                ("raw durable", raw_durable_round, args.durable_events),
+            order = [
+                (name, run, args.durable_events if "durable" in name else args.events) for name, run in rounds.items()
             ]
             for name, run, n in order if round_no % 2 == 0 else order[::-1]:
                 results[name].append(await run(n))

@@ -560,27 +560,24 @@ class Client:
             headers[protocol.CALLER] = self.caller
         if msgpack:
             headers[protocol.CONTENT_TYPE] = protocol.MSGPACK
-        subject = protocol.event_subject(event_type)
         if durable:
-            await self._emit_durable(subject, body, headers, msg_id)
-            return
+            if msg_id is not None and (not isinstance(msg_id, str) or not msg_id or not msg_id.isprintable()):
+                raise ConfigurationError(f"msg_id must be a printable, non-empty string, got {msg_id!r}")
+            headers[JS_MSG_ID] = msg_id or os.urandom(12).hex()
+        subject = protocol.event_subject(event_type)
         block = protocol.encode_headers(headers)
         if len(body) + len(block) > self.nc.max_payload:
             raise PayloadTooLarge(f"event {event_type} is {len(body)} bytes, over max_payload {self.nc.max_payload}")
         if self._closed:
             raise ClientClosed("the client is closed")
-        if not transport.send(self.nc, subject, "", body, block):  # not connected, or buffer full
+        if durable:
+            await self._emit_durable(subject, body, headers)
+        elif not transport.send(self.nc, subject, "", body, block):  # not connected, or buffer full
             with translate_nats_errors(subject):
                 await transport.publish(self.nc, subject, body, headers=headers or None)
 
-    async def _emit_durable(self, subject: str, body: bytes, headers: dict[str, str], msg_id: str | None) -> None:
-        if msg_id is not None and (not isinstance(msg_id, str) or not msg_id or not msg_id.isprintable()):
-            raise ConfigurationError(f"msg_id must be a printable, non-empty string, got {msg_id!r}")
-        headers[JS_MSG_ID] = msg_id or os.urandom(12).hex()
-        if len(body) + len(protocol.encode_headers(headers)) > self.nc.max_payload:
-            raise PayloadTooLarge(f"event {subject} is {len(body)} bytes, over max_payload {self.nc.max_payload}")
-        if self._closed:
-            raise ClientClosed("the client is closed")
+    async def _emit_durable(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        """Publishes an event through JetStream and waits for its acknowledgement."""
         with translate_nats_errors(subject):
             try:
                 await self.nc.jetstream().publish(subject, body, timeout=self.default_options.timeout, headers=headers)

@@ -74,7 +74,29 @@ async def resume(coro: Coroutine[Any, Any, T], yielded: Any, context: contextvar
                 return result
 
 
-class Dispatcher(Generic[Item]):
+class Drains:
+    """Counts the items taken in and not finished (``active``), and waits for none to be left.
+
+    A subclass sets ``_idle`` when ``active`` drops to 0 while it is not None (a stop is waiting).
+    """
+
+    def __init__(self) -> None:
+        self.active = 0
+        """Items taken in and not finished: queued plus running."""
+        self._idle: asyncio.Event | None = None
+
+    async def wait_idle(self, wait: float) -> bool:
+        """Waits up to ``wait`` seconds for every item to finish; returns whether they all did."""
+        if self.active:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), wait)
+            except TimeoutError:
+                return False
+        return True
+
+
+class Dispatcher(Drains, Generic[Item]):
     """Runs ``serve(*item)`` for submitted items (tuples), each as its own task, at most ``size`` at once.
 
     Args:
@@ -92,15 +114,13 @@ class Dispatcher(Generic[Item]):
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
+        super().__init__()
         self.size = size
         self._serve = serve
         self._refuse = refuse
         self._queue: deque[Item] = deque()
         self._running: set[asyncio.Task[None]] = set()
-        self._done: asyncio.Event | None = None
         self._loop = asyncio.get_running_loop()
-        self.active = 0
-        """Items submitted and not finished: queued plus running."""
 
     def submit(self, item: Item) -> None:
         """Starts ``item`` in a task of its own now, or queues it while ``size`` are running."""
@@ -122,8 +142,8 @@ class Dispatcher(Generic[Item]):
         self.active -= 1
         if self._queue:
             self._start(self._queue.popleft())
-        elif self.active == 0 and self._done is not None:
-            self._done.set()
+        elif self.active == 0 and self._idle is not None:
+            self._idle.set()
 
     def withdraw(self, match: Callable[[Item], bool]) -> bool:
         """Drops the first queued item ``match`` accepts (its caller cancelled it); returns whether one was."""
@@ -131,20 +151,10 @@ class Dispatcher(Generic[Item]):
             if match(item):
                 self._queue.remove(item)
                 self.active -= 1
-                if self.active == 0 and self._done is not None:
-                    self._done.set()
+                if self.active == 0 and self._idle is not None:
+                    self._idle.set()
                 return True
         return False
-
-    async def wait_idle(self, wait: float) -> bool:
-        """Waits up to ``wait`` seconds for every item to finish; returns whether they all did."""
-        if self.active:
-            self._done = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._done.wait(), wait)
-            except TimeoutError:
-                return False
-        return True
 
     async def cancel(self) -> int:
         """Gives up on what is left: queued items go to ``refuse``, running ones are cancelled (their

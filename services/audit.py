@@ -11,6 +11,7 @@ from collections import deque
 import msgspec
 
 from natsrpc import Service, ServiceError, current_call, event, rpc
+from services.memory import MemoryEvent  # the events' payload, as memory emits it
 
 KEEP = 1000  # entries kept in memory
 
@@ -21,11 +22,6 @@ class Entry(msgspec.Struct):
     event: str
     id: str
     at: float
-
-
-class MemoryEvent(msgspec.Struct):
-    id: str
-    text: str = ""
 
 
 class Audit(Service):

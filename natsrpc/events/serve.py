@@ -24,7 +24,7 @@ import anyio.to_thread
 import msgspec
 
 from natsrpc import context, logs, protocol
-from natsrpc.dispatch import resume
+from natsrpc.dispatch import Drains, resume
 from natsrpc.events.handlers import EventHandler
 
 log = logs.get_logger("natsrpc.events")
@@ -62,7 +62,7 @@ Item = tuple[EventRoute, str, bytes, "dict[str, str] | None", Any]
 """An event taken in: its route, subject, body, headers and, for a durable one, (message, consumer)."""
 
 
-class EventPool:
+class EventPool(Drains):
     """Runs one instance's events, ``size`` at once and at most ``capacity`` taken in.
 
     Events run in up to ``size`` worker tasks, started as needed and kept. Each event runs in a
@@ -72,15 +72,14 @@ class EventPool:
     """
 
     def __init__(self, size: int, capacity: int, timeout: float) -> None:
+        super().__init__()
         self.size = size
         self.capacity = capacity
         self.timeout = timeout
-        self.active = 0  # taken in and not finished: running plus queued
         self.running = 0
         self._queue: deque[Item] = deque()
         self._workers: set[asyncio.Task[None]] = set()
         self._waiting: deque[asyncio.Future[None]] = deque()  # idle workers
-        self._idle: asyncio.Event | None = None
         self._slot: asyncio.Event | None = None  # set when a running event finishes (durable fetching waits)
         self._loop = asyncio.get_running_loop()
         self._base = contextvars.copy_context()  # each event's context starts as a copy of this one
@@ -199,16 +198,6 @@ class EventPool:
                     await consumer.settle(msg, error, invalid)
             finally:
                 self._finished()
-
-    async def wait_idle(self, wait: float) -> bool:
-        """Waits up to ``wait`` seconds for the events taken in to be handled; returns whether they were."""
-        if self.active:
-            self._idle = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._idle.wait(), wait)
-            except TimeoutError:
-                return False
-        return True
 
     async def cancel(self) -> int:
         """At the end of a stop: drops what is queued (counted, logged), cancels the workers (and the
