@@ -17,6 +17,7 @@ from nats.js.api import KeyValueConfig
 from natsrpc import Service, rpc
 
 BUCKET = "kv"
+_KEYS_ATTEMPTS = 3
 
 
 def _stored(key: str) -> str:
@@ -82,9 +83,15 @@ class KV(Service):
         """Returns the keys that start with ``prefix``, sorted."""
         if self.bucket is None:
             return sorted(k for k in self.data if k.startswith(prefix))
-        try:
-            stored = await self.bucket.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        stored: list[str] = []
+        for _ in range(_KEYS_ATTEMPTS):
+            try:
+                stored = await self.bucket.keys()
+                break
+            except nats.js.errors.NoKeysError:
+                # nats-py's key watcher now and then ends before the first key; an empty answer from
+                # a bucket that holds values is asked again (a bucket of deletes only stays empty).
+                if (await self.bucket.status()).values == 0:
+                    break
         wanted = _stored(prefix)
         return sorted(bytes.fromhex(k).decode() for k in stored if k.startswith(wanted))
