@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -43,7 +43,7 @@ from natsrpc.errors import (
     streaming_awaited,
     translate_nats_errors,
 )
-from natsrpc.observe.middleware import Invocation, Middleware, check_middleware, compose, hooks
+from natsrpc.observe.middleware import Invocation, Middleware, check_middleware, compose, hooks, split
 from natsrpc.proxy import (
     Call,
     CallOptions,
@@ -116,7 +116,9 @@ class Client:
         self._invalidations: Any = None  # the subscription to services' cache invalidations, once needed
         self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
         """The middleware every call goes through (outermost first)."""
-        self._middleware = compose(self.middleware)
+        # Calls run the leading observers in line and the rest as a chain; streams run all as a chain.
+        self._observers, self._middleware = split(self.middleware)
+        self._stream_chain = compose(self.middleware)
         self._retry_hooks = hooks(self.middleware, "on_retry")
         self._cache_hooks = hooks(self.middleware, "on_cache")
         self.nc = nc
@@ -406,7 +408,7 @@ class Client:
             return self.spawn(self.call(service, method, args, kwargs, options, result))
         return Call(self, service, method, args, kwargs, options, result)
 
-    async def call(
+    def call(
         self,
         service: str,
         method: str,
@@ -414,10 +416,8 @@ class Client:
         kwargs: Mapping[str, Any] | None = None,
         options: CallOptions | None = None,
         result: Any = None,
-        *,
-        _through: Invocation | None = None,
-    ) -> Any:
-        """Calls ``service.method`` and returns its decoded reply (the proxies call this).
+    ) -> Coroutine[Any, Any, Any]:
+        """Calls ``service.method``: await it for the decoded reply (the proxies call this).
 
         Args:
             service: service name.
@@ -431,13 +431,21 @@ class Client:
             CallError: a subclass says why (RemoteError, NoResponders, CallTimeout, ...).
         """
         opts = options or self.default_options
-        if self._middleware is not None and _through is None:  # the chain runs, and last this call itself
-            through = self._invocation(service, method, args, kwargs or {}, opts, False)
+        if self._observers is not None or self._middleware is not None:
+            return self._call_through(service, method, args, kwargs, opts, result)
+        return self._call(service, method, args, kwargs, opts, result, None)
 
-            def call_itself() -> Awaitable[Any]:
-                return self.call(service, method, through.args, through.kwargs, opts, result, _through=through)
-
-            return await self._middleware(through, call_itself)
+    async def _call(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+        opts: CallOptions,
+        result: Any,
+        _through: Invocation | None,
+    ) -> Any:
+        """:meth:`call` itself, after the middleware (``_through`` is the call as they left it)."""
         subject = self._subjects.get((service, method, opts.instance))
         if subject is None:
             subject = self._subject(service, method, opts.instance)
@@ -476,6 +484,36 @@ class Client:
             error = BadReply(f"the reply of {service}.{method} does not decode: {exc}")
             error.hop = f"{service}.{method}"
             raise error from exc
+
+    async def _call_through(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+        opts: CallOptions,
+        result: Any,
+    ) -> Any:
+        """:meth:`call` through the middleware: the observers in line, then the chain, and last the call itself."""
+        through = self._invocation(service, method, args, kwargs or {}, opts, False)
+        observers = self._observers
+        states = observers.begin(through) if observers is not None else None
+        try:
+            if self._middleware is None:
+                value = await self._call(service, method, through.args, through.kwargs, opts, result, through)
+            else:
+
+                def call_itself() -> Awaitable[Any]:
+                    return self._call(service, method, through.args, through.kwargs, opts, result, through)
+
+                value = await self._middleware(through, call_itself)
+        except BaseException as exc:
+            if observers is not None:
+                observers.end(through, states, exc)  # type: ignore[arg-type]
+            raise
+        if observers is not None:
+            observers.end(through, states, None)  # type: ignore[arg-type]
+        return value
 
     def _invocation(
         self,
@@ -671,10 +709,10 @@ class Client:
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         extra: dict[str, str] = {}
         around = None
-        if self._middleware is not None:
+        if self._stream_chain is not None:
             through = self._invocation(service, method, args, kwargs or {}, opts, True)
             extra = through.headers
-            around = functools.partial(self._middleware, through)
+            around = functools.partial(self._stream_chain, through)
         if mixed:
             extra[protocol.ARGS_FORM] = protocol.MIXED_ARGS
         return self._stream(

@@ -75,6 +75,11 @@ class CallContext:
             self._traceparent = new_traceparent(self.parent)
         return self._traceparent
 
+    def adopt_traceparent(self, traceparent: str) -> None:
+        """Makes ``traceparent`` (valid, as :func:`valid_traceparent`) this hop's: a tracing
+        middleware's span, or its decision not to sample, travels on with the calls made from here."""
+        self._traceparent = traceparent
+
     @property
     def trace_id(self) -> str:
         """Returns the 32-hex-digit trace id of this hop's traceparent."""

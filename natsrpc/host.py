@@ -40,7 +40,7 @@ from natsrpc.errors import (
 from natsrpc.events import durable
 from natsrpc.events.serve import EventPool, subscription
 from natsrpc.instance import Instance, Request, Route
-from natsrpc.observe.middleware import Invocation, Middleware, compose, hooks
+from natsrpc.observe.middleware import Invocation, Middleware, hooks, split
 from natsrpc.proxy import check_headers
 from natsrpc.service import Service, ServiceContext
 from natsrpc.streams import produce
@@ -119,7 +119,7 @@ class Host:
         self._js: Any = None
         self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
         """The middleware every request served goes through (outermost first)."""
-        self._middleware = compose(self.middleware)
+        self._observers, self._middleware = split(self.middleware)  # observers run in line, the rest as a chain
         self._rejected_hooks = hooks(self.middleware, "on_rejected")
         classes_of: dict[str, set[type[Service]]] = {}
         for service in services:  # instances of one class may share a name; two classes may not
@@ -392,6 +392,9 @@ class Host:
         endpoint = route.endpoint
         started = time.perf_counter_ns()
         streams: Sequence[produce.Producer] = ()  # the stream this request opened, if any (errors end it)
+        observers = self._observers
+        states: list[Any] | None = None  # the observers' states, once they began
+        failure: BaseException | None = None  # what they are told the request ended with
         if headers is None:
             headers = {}
             msgpack = mixed = False
@@ -418,7 +421,7 @@ class Host:
             args, kwargs = endpoint.signature.call_parts(values)
             if endpoint.streaming and not reply:  # a stream sent nowhere would publish to an empty subject
                 raise BadRequest(f"{route.where} streams: the request needs a reply subject")
-            if self._middleware is not None:
+            if observers is not None or self._middleware is not None:
                 through = Invocation(
                     "server",
                     inst.service.name,
@@ -432,6 +435,9 @@ class Host:
                     inst.label,
                     call,
                 )
+                if observers is not None:
+                    states = observers.begin(through)
+            if self._middleware is not None:
                 collected: list[bytes] = []  # a plain request's array reply, from a streaming endpoint
                 opened: list[produce.Producer] = []
                 streams = opened
@@ -476,10 +482,13 @@ class Host:
                 else:
                     await self._reply(reply, route, body)  # too large, or not connected: the slow path
         except RemoteError as exc:
+            failure = exc
             await self._reply_error(reply, route, _downstream(route, exc) if exc.hop else exc, *streams)
         except CallError as exc:  # a call this handler made failed without a reply
+            failure = exc
             await self._reply_error(reply, route, _downstream(route, exc), *streams)
-        except (asyncio.CancelledError, _Abandoned):
+        except (asyncio.CancelledError, _Abandoned) as exc:
+            failure = exc
             if self._stopping:  # the drain timeout of a graceful stop passed: tell the caller
                 stopped = Unavailable(f"{route.where}: cancelled, the instance stopped")
                 await self._reply_error(reply, route, stopped, *streams)
@@ -494,9 +503,12 @@ class Host:
             else:
                 raise
         except Exception as exc:
+            failure = exc
             await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__), *streams)
             log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
+            if states is not None:
+                observers.end(through, states, failure)  # type: ignore[union-attr]
             elapsed = time.perf_counter_ns() - started
             route.stats.processing_time_ns += elapsed
             route.stats.latency.add(elapsed)

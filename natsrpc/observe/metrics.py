@@ -49,7 +49,7 @@ from natsrpc.errors import (
     RemoteError,
     reply_code,
 )
-from natsrpc.observe.middleware import Invocation, Next
+from natsrpc.observe.middleware import Invocation, Observer
 
 REJECTED_REASONS = {429: "overloaded", 503: "unavailable", 504: "deadline"}
 """The ``reason`` label of ``natsrpc_server_rejected_total`` for each code refused before a handler."""
@@ -80,8 +80,11 @@ class _Timings:
         self.sum = 0.0
 
 
-class Metrics:
-    """A middleware that counts and times every call, on whichever side it is installed.
+_Counts = tuple[dict[str, int], _Timings]  # calls by code or outcome, and their timings
+
+
+class Metrics(Observer):
+    """A middleware (an observer) that counts and times every call, on whichever side it is installed.
 
     It counts in plain Python objects, on the event loop, and hands them to prometheus-client only
     when scraped (a custom collector): no lock and no prometheus-client code per call.
@@ -103,72 +106,55 @@ class Metrics:
         self.bounds = tuple(bounds)
         self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
         # (service, method) -> (requests by code, timings)
-        self._served: dict[tuple[str, str], tuple[dict[str, int], _Timings]] = {}
+        self._served: dict[tuple[str, str], _Counts] = {}
         self._in_flight: dict[str, int] = {}
         self._rejected: dict[tuple[str, str], int] = {}
         # (caller, service, method) -> (calls by outcome, timings)
-        self._calls: dict[tuple[str, str, str], tuple[dict[str, int], _Timings]] = {}
+        self._calls: dict[tuple[str, str, str], _Counts] = {}
         self._retries: dict[str, int] = {}
         self._circuit: dict[str, int] = {}
         self._cache: dict[tuple[str, str, str], int] = {}
         self.registry.register(self)
 
-    async def __call__(self, call: Invocation, call_next: Next) -> Any:
+    def begin(self, call: Invocation) -> tuple[_Counts, float]:
+        """Starts timing a call (and counts it in flight, server side)."""
         if call.side == "server":
-            return await self._serve(call, call_next)
-        return await self._call(call, call_next)
+            served = (call.service, call.method)
+            found = self._served.get(served)
+            if found is None:
+                found = self._served[served] = ({}, _Timings(len(self.bounds)))
+                self._in_flight.setdefault(call.service, 0)
+            self._in_flight[call.service] += 1
+        else:
+            context = call.context
+            made = (context.service if context is not None else call.caller, call.service, call.method)
+            found = self._calls.get(made)
+            if found is None:
+                found = self._calls[made] = ({}, _Timings(len(self.bounds)))
+        return found, time.perf_counter()
 
-    async def _serve(self, call: Invocation, call_next: Next) -> Any:
-        key = (call.service, call.method)
-        found = self._served.get(key)
-        if found is None:
-            found = self._served[key] = ({}, _Timings(len(self.bounds)))
-            self._in_flight.setdefault(call.service, 0)
-        by_code, timings = found
-        in_flight = self._in_flight
-        in_flight[call.service] += 1
-        code = "500"
-        started = time.perf_counter()
-        try:
-            result = await call_next()
-            code = "200"
-            return result
-        except asyncio.CancelledError:
-            code = "499"  # the caller gave up, or the deadline passed: nothing was sent
-            raise
-        except Exception as exc:
-            code = str(reply_code(exc))  # the code of the error reply the caller gets
-            raise
-        finally:
-            in_flight[call.service] -= 1
-            self._observe(timings, time.perf_counter() - started)
-            by_code[code] = by_code.get(code, 0) + 1
-
-    async def _call(self, call: Invocation, call_next: Next) -> Any:
-        caller = call.context.service if call.context is not None else call.caller
-        key = (caller, call.service, call.method)
-        found = self._calls.get(key)
-        if found is None:
-            found = self._calls[key] = ({}, _Timings(len(self.bounds)))
-        by_outcome, timings = found
-        outcome = "ok"
-        started = time.perf_counter()
-        try:
-            return await call_next()
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        except BaseException as exc:
-            outcome = next((name for kind, name in _OUTCOMES if isinstance(exc, kind)), "failed")
-            raise
-        finally:
-            self._observe(timings, time.perf_counter() - started)
-            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
-
-    def _observe(self, timings: _Timings, seconds: float) -> None:
+    def end(self, call: Invocation, state: tuple[_Counts, float], error: BaseException | None) -> None:
+        """Counts a call by its code (served) or outcome (made) and records its duration."""
+        (counts, timings), started = state
+        seconds = time.perf_counter() - started
         timings.buckets[bisect_left(self.bounds, seconds)] += 1
         timings.count += 1
         timings.sum += seconds
+        if call.side == "server":
+            self._in_flight[call.service] -= 1
+            if error is None:
+                label = "200"
+            elif isinstance(error, asyncio.CancelledError):
+                label = "499"  # the caller gave up, or the deadline passed: nothing was sent
+            else:
+                label = str(reply_code(error))  # the code of the error reply the caller gets
+        elif error is None:
+            label = "ok"
+        elif isinstance(error, asyncio.CancelledError):
+            label = "cancelled"
+        else:
+            label = next((name for kind, name in _OUTCOMES if isinstance(error, kind)), "failed")
+        counts[label] = counts.get(label, 0) + 1
 
     def on_rejected(self, service: str, method: str, code: int) -> None:
         """Counts a request the host refused before its handler ran."""

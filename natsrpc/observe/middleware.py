@@ -25,6 +25,12 @@ For a streaming endpoint ``call.streaming`` is True and ``call_next()`` returns 
 stream has ended: on the server once its last item is sent, on the client once the consumer has
 taken its end (or left it).
 
+An :class:`Observer` is a middleware that only watches (metrics, tracing): ``begin(call)``
+before the call and ``end(call, state, error)`` after it, called in line. Observers listed before
+any other middleware run without a coroutine frame around the call, which is most of what a
+wrapping middleware costs (gRPC's stats handlers beside its interceptors are the same idea);
+listed after one, they run as an ordinary layer.
+
 With no middleware installed nothing of this runs: a call checks one attribute.
 """
 
@@ -33,8 +39,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from natsrpc import logs
 from natsrpc.context import CallContext
 from natsrpc.errors import ConfigurationError
+
+_log = logs.get_logger("natsrpc.middleware")
 
 Next = Callable[[], Awaitable[Any]]
 
@@ -116,6 +125,83 @@ class Invocation:
 
 
 Chain = Callable[[Invocation, Next], Awaitable[Any]]
+
+
+class Observer:
+    """A middleware that watches calls without wrapping them: subclass it and override
+    :meth:`begin` and :meth:`end`.
+
+    ``begin`` runs before the call (it may add request headers, client side, or refuse by
+    raising) and returns any state; ``end`` gets that state and the call's error (None when it
+    succeeded) once it is over. Neither may await. The observers listed first are called in line;
+    one listed after a wrapping middleware runs as an ordinary layer (:meth:`__call__`), in order.
+    """
+
+    def begin(self, call: Invocation) -> Any:
+        """Called before the call runs; returns what :meth:`end` is given."""
+        return None
+
+    def end(self, call: Invocation, state: Any, error: BaseException | None) -> None:
+        """Called once the call is over, with ``begin``'s state and the call's error (or None)."""
+
+    async def __call__(self, call: Invocation, call_next: Next) -> Any:
+        state = self.begin(call)
+        try:
+            result = await call_next()
+        except BaseException as exc:
+            _end(self, call, state, exc)
+            raise
+        _end(self, call, state, None)
+        return result
+
+
+def _end(observer: Observer, call: Invocation, state: Any, error: BaseException | None) -> None:
+    """Runs ``observer.end``; its own error is logged, not raised: the call's outcome stands."""
+    try:
+        observer.end(call, state, error)
+    except Exception:
+        _log.exception("observer failed", observer=repr(observer), call=repr(call))
+
+
+class Observers:
+    """The observers at the head of a middleware list, run in line by the client and the host."""
+
+    __slots__ = ("observers",)
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self.observers = tuple(observers)
+
+    def begin(self, call: Invocation) -> list[Any]:
+        """Runs every ``begin``, outermost first; if one raises, those begun are ended with its error."""
+        states: list[Any] = []
+        for observer in self.observers:
+            try:
+                states.append(observer.begin(call))
+            except BaseException as exc:
+                self.end(call, states, exc)
+                raise
+        return states
+
+    def end(self, call: Invocation, states: list[Any], error: BaseException | None) -> None:
+        """Runs the ``end`` of each observer begun (``states`` holds theirs), innermost first."""
+        observers = self.observers
+        for position in range(len(states) - 1, -1, -1):
+            _end(observers[position], call, states[position], error)
+
+
+def split(middleware: Sequence[Middleware] | None) -> tuple[Observers | None, Chain | None]:
+    """Returns the observers at the head of ``middleware`` (run in line) and the chain of the rest.
+
+    Raises:
+        ConfigurationError: as :func:`check_middleware`.
+    """
+    check_middleware(middleware)
+    layers = tuple(middleware or ())
+    head = 0
+    while head < len(layers) and isinstance(layers[head], Observer):
+        head += 1
+    observers = Observers(layers[:head]) if head else None  # type: ignore[arg-type]
+    return observers, compose(layers[head:])
 
 
 def check_middleware(middleware: object) -> None:

@@ -20,12 +20,21 @@ A failure sets the span's status to ERROR, records the exception as an event and
 call's span; a call refused by an open circuit adds ``natsrpc.circuit_open``.
 
 Only opentelemetry-api is needed: with no SDK configured nothing is recorded (the spans are
-no-ops), and whatever SDK, sampler and exporter the application set up are used. A request whose
-trace is not sampled gets no span and asks nothing of the SDK (``trust_parent_sampling``).
+no-ops), and whatever SDK, sampler and exporter the application set up are used.
+
+What a trace that is not sampled costs (``trust_parent_sampling``, the default): a request whose
+``traceparent`` says "not sampled", and the calls made while serving it, get no span and ask
+nothing of the SDK; their trace context still travels on. A new trace under the SDK's ratio
+sampler (``TraceIdRatioBased``, alone or as ``ParentBased``'s root with its default delegates) is
+decided here, by the sampler's own rule on a trace id from the SDK's id generator: only a trace
+the sampler would keep is handed to the SDK, with that trace id. Under any other sampler every
+new trace is asked of the SDK.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 from typing import Any
 
 try:
@@ -38,32 +47,151 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from natsrpc import protocol
 from natsrpc.context import parse_traceparent
 from natsrpc.errors import CircuitOpen, RemoteError
-from natsrpc.observe.middleware import Invocation, Next
+from natsrpc.observe.middleware import Invocation, Observer
 
 TRACESTATE = "tracestate"
 """The W3C header carrying vendor trace state beside ``traceparent``."""
 
 _EMPTY = otel_context.Context()
 _MAX_NAMES = 4096  # (service, method, caller) span names kept
+_LOW_64 = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's low 64 bits
+_HEX = frozenset("0123456789abcdef")
+_FLAGS = (TraceFlags(0), TraceFlags(TraceFlags.SAMPLED))
+
+# The descriptions of the SDK samplers whose decision for a new trace is known from its trace id.
+_PARENT_BASED = re.compile(
+    r"ParentBased\{root:(.*),remoteParentSampled:AlwaysOnSampler,remoteParentNotSampled:AlwaysOffSampler,"
+    r"localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler\}"
+)
+_RATIO = re.compile(r"TraceIdRatioBased\{([0-9.eE+-]+)\}")
 
 
-class Tracing:
-    """A middleware that makes an OpenTelemetry span of every call, on whichever side it is installed.
+class Tracing(Observer):
+    """A middleware (an observer) that makes an OpenTelemetry span of every call, on whichever side
+    it is installed.
 
     Args:
         tracer_provider: the provider to take the tracer from; None uses the global one (set by the
             application's SDK setup, at any time: the global provider forwards to it).
         trust_parent_sampling: a request whose ``traceparent`` says "not sampled", and the calls
-            made while serving it, get no span (their trace context still travels on): the SDK's
-            default parent-based sampling would record nothing for them anyway, and asking it
-            costs a span's worth of CPU each. Set False when your sampler may record spans below
-            an unsampled parent.
+            made while serving it, get no span (their trace context still travels on), and a new
+            trace under a ratio sampler is decided without the SDK: parent-based sampling would
+            record nothing for them anyway, and asking it costs a span's worth of CPU each. Set
+            False when your sampler may record spans below an unsampled parent.
     """
 
     def __init__(self, tracer_provider: Any = None, *, trust_parent_sampling: bool = True) -> None:
         self.tracer = trace.get_tracer("natsrpc", tracer_provider=tracer_provider)
         self.trust_parent_sampling = trust_parent_sampling
+        self._provider = tracer_provider
+        self._roots: _Roots | None = None  # once the SDK is known: how new traces are decided
         self._named: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}  # span name and attributes
+
+    def begin(self, call: Invocation) -> tuple[Any, object] | None:
+        """Starts the call's span (None when the trace is not sampled: nothing to end)."""
+        if call.side == "server":
+            return self._serve(call)
+        return self._call(call)
+
+    def end(self, call: Invocation, state: tuple[Any, object] | None, error: BaseException | None) -> None:
+        """Ends the call's span: an error sets its status and is recorded."""
+        if state is None:
+            return
+        span, token = state
+        if error is not None and span.is_recording():
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:1024]))
+            span.set_attribute("error.type", type(error).__name__)
+            if isinstance(error, RemoteError):
+                span.set_attribute("natsrpc.code", error.code)
+            if isinstance(error, CircuitOpen):
+                span.add_event("natsrpc.circuit_open", {"rpc.service": call.service})
+            span.record_exception(error)
+        span.end()
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+
+    def _serve(self, call: Invocation) -> tuple[Any, object] | None:
+        headers = call.headers
+        value = headers.get(protocol.TRACEPARENT) if headers else None
+        parts = _parts(value) if value else None
+        if parts is not None:
+            if self.trust_parent_sampling and not parts[2] & TraceFlags.SAMPLED:
+                return None  # the request's context (natsrpc's own) carries the decision on
+            state = headers.get(TRACESTATE)
+            remote = SpanContext(
+                parts[0], parts[1], True, _FLAGS[parts[2] & 1], TraceState.from_header([state]) if state else None
+            )
+            return self._start(call, trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY), SpanKind.SERVER)
+        if self.trust_parent_sampling and self._dropped(call):
+            return None
+        return self._start(call, _EMPTY, SpanKind.SERVER)
+
+    def _call(self, call: Invocation) -> tuple[Any, object] | None:
+        current = trace.get_current_span()  # a handler's server span, or the application's own
+        if current.is_recording():
+            return self._start(call, None, SpanKind.CLIENT)  # its child
+        if self.trust_parent_sampling:
+            parent = current.get_span_context()
+            if parent.is_valid:  # a span not sampled: its context travels on
+                _inject(parent, call.headers)
+                return None
+            context = call.context
+            if context is not None:  # inside a handler, no span current: its own context decides
+                hop = _parts(context.traceparent)
+                if hop is None or not hop[2] & TraceFlags.SAMPLED:
+                    return None
+                remote = SpanContext(hop[0], hop[1], True, _FLAGS[1])
+                return self._start(call, trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY), SpanKind.CLIENT)
+            if self._dropped(call):
+                return None
+        return self._start(call, None, SpanKind.CLIENT)
+
+    def _dropped(self, call: Invocation) -> bool:
+        """Decides a new trace as the SDK's ratio sampler would, when it is one; True when dropped
+        (the call then carries a traceparent saying so). Otherwise False: the SDK decides."""
+        roots = self._roots if self._roots is not None else self._settle()
+        if roots is None or roots.bound is None:
+            return False
+        ids = roots.ids
+        trace_id = ids.inner.generate_trace_id()
+        if trace_id & _LOW_64 < roots.bound:
+            ids.choose(trace_id)  # the SDK's own decision on this id is the same: kept
+            return False
+        traceparent = (
+            f"00-{trace_id.to_bytes(16, 'big').hex()}-{ids.inner.generate_span_id().to_bytes(8, 'big').hex()}"
+            f"-{roots.dropped_flags}"
+        )
+        if call.side == "server":
+            if call.context is not None:
+                call.context.adopt_traceparent(traceparent)  # the calls it makes carry the decision
+        else:
+            call.headers[protocol.TRACEPARENT] = traceparent
+        return True
+
+    def _settle(self) -> _Roots | None:
+        """Finds the SDK's tracer and sampler once the application has set a provider (None before)."""
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider):
+            return None  # no SDK yet: the global provider may still be set, so look again next time
+        tracer = provider.get_tracer("natsrpc")
+        self.tracer = tracer
+        self._roots = _Roots(tracer)
+        return self._roots
+
+    def _start(self, call: Invocation, parent: Any, kind: SpanKind) -> tuple[Any, object]:
+        """Starts a span of the call under ``parent`` (None: the current context); a recording
+        span, and a server span, are made current; a client span's context goes in the request."""
+        name, attributes = self._name(call)
+        span = self.tracer.start_span(name, parent, kind, attributes)
+        context = span.get_span_context()
+        if kind is SpanKind.CLIENT:
+            _inject(context, call.headers)
+        elif parent is _EMPTY and call.context is not None and context.is_valid:  # a new trace: it is this hop's
+            call.context.adopt_traceparent(_traceparent(context))
+        token = None
+        if kind is SpanKind.SERVER or span.is_recording():
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return span, token
 
     def _name(self, call: Invocation) -> tuple[str, dict[str, str]]:
         key = (call.service, call.method, call.caller)
@@ -80,45 +208,6 @@ class Tracing:
             found = self._named[key] = (f"{call.service}/{call.method}", attributes)
         return found
 
-    async def __call__(self, call: Invocation, call_next: Next) -> Any:
-        if call.side == "server":
-            remote = _remote_parent(call.headers)
-            parent = _EMPTY if remote is None else trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY)
-            if remote is not None and self.trust_parent_sampling and not remote.trace_flags.sampled:
-                token = otel_context.attach(parent)  # not sampled: the context travels on, no span
-                try:
-                    return await call_next()
-                finally:
-                    otel_context.detach(token)
-            kind = SpanKind.SERVER
-        else:
-            if call.context is not None and self.trust_parent_sampling:  # inside a handler: its trace
-                current = trace.get_current_span().get_span_context()
-                if current.is_valid and not current.trace_flags.sampled:
-                    _inject(current, call.headers)
-                    return await call_next()
-            parent, kind = None, SpanKind.CLIENT
-        name, attributes = self._name(call)
-        span = self.tracer.start_span(name, parent, kind, attributes)
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        try:
-            if kind is SpanKind.CLIENT:
-                _inject(span.get_span_context(), call.headers)
-            return await call_next()
-        except BaseException as exc:
-            if span.is_recording():
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1024]))
-                span.set_attribute("error.type", type(exc).__name__)
-                if isinstance(exc, RemoteError):
-                    span.set_attribute("natsrpc.code", exc.code)
-                if isinstance(exc, CircuitOpen):
-                    span.add_event("natsrpc.circuit_open", {"rpc.service": call.service})
-                span.record_exception(exc)
-            raise
-        finally:
-            span.end()
-            otel_context.detach(token)
-
     def on_retry(self, service: str, method: str) -> None:
         """Adds a ``natsrpc.retry`` event to the span of the call being retried (the current one)."""
         span = trace.get_current_span()
@@ -126,21 +215,89 @@ class Tracing:
             span.add_event("natsrpc.retry", {"rpc.service": service, "rpc.method": method})
 
 
-_FLAGS = (TraceFlags(0), TraceFlags(TraceFlags.SAMPLED))
+class _Roots:
+    """How new traces are decided under one SDK tracer: ``bound`` is the ratio sampler's (a trace
+    id whose low 64 bits are below it is kept), or None when the sampler is another kind."""
+
+    def __init__(self, tracer: Any) -> None:
+        self.bound: int | None = None
+        self.dropped_flags = "00"
+        sampler = getattr(tracer, "sampler", None)
+        ids = getattr(tracer, "id_generator", None)
+        if sampler is None or ids is None or not type(sampler).__module__.startswith("opentelemetry.sdk."):
+            return
+        if not isinstance(ids, _ChosenIds):
+            if not all(hasattr(ids, name) for name in ("generate_trace_id", "generate_span_id", "is_trace_id_random")):
+                return
+            ids = tracer.id_generator = _ChosenIds(ids)
+        self.ids: _ChosenIds = ids
+        self.bound = _ratio_bound(sampler.get_description())
+        if ids.inner.is_trace_id_random():
+            self.dropped_flags = f"{TraceFlags.RANDOM_TRACE_ID:02x}" if hasattr(TraceFlags, "RANDOM_TRACE_ID") else "00"
 
 
-def _remote_parent(headers: Any) -> SpanContext | None:
-    """The span context a request's ``traceparent`` (and ``tracestate``) names, or None (a new trace)."""
-    match = parse_traceparent(headers.get(protocol.TRACEPARENT, "")) if headers else None
-    if match is None:
+def _ratio_bound(description: str) -> int | None:
+    """The bound of an SDK ratio sampler (alone, or the root of a ParentBased with its default
+    delegates) from its description, 0 for one that drops every new trace, else None."""
+    parent_based = _PARENT_BASED.fullmatch(description)
+    root = parent_based[1] if parent_based else description
+    if root == "AlwaysOffSampler":
+        return 0
+    ratio = _RATIO.fullmatch(root)
+    if ratio is None:
         return None
-    state = headers.get(TRACESTATE)
-    return SpanContext(
-        int(match[2], 16),
-        int(match[3], 16),
-        True,
-        _FLAGS[int(match[4], 16) & TraceFlags.SAMPLED],
-        TraceState.from_header([state]) if state else None,
+    rate = float(ratio[1])
+    return round(rate * (_LOW_64 + 1)) if 0.0 <= rate <= 1.0 else None
+
+
+class _ChosenIds:
+    """The SDK tracer's id generator, handing out a trace id chosen beforehand (once, to the
+    thread that chose it): the one a new trace was decided on."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._chosen = 0
+        self._by = 0
+
+    def choose(self, trace_id: int) -> None:
+        self._chosen, self._by = trace_id, threading.get_ident()
+
+    def generate_trace_id(self) -> int:
+        chosen = self._chosen
+        if chosen and self._by == threading.get_ident():
+            self._chosen = 0
+            return chosen
+        return int(self.inner.generate_trace_id())
+
+    def generate_span_id(self) -> int:
+        return int(self.inner.generate_span_id())
+
+    def is_trace_id_random(self) -> bool:
+        return bool(self.inner.is_trace_id_random())
+
+
+def _parts(value: str) -> tuple[int, int, int] | None:
+    """The trace id, parent id and flags of a valid W3C traceparent, or None."""
+    if (
+        len(value) == 55
+        and value[:3] == "00-"
+        and value[35] == "-"
+        and value[52] == "-"
+        and _HEX.issuperset(value[3:35])
+        and _HEX.issuperset(value[36:52])
+        and _HEX.issuperset(value[53:])
+    ):
+        trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
+        return (trace_id, span_id, int(value[53:], 16)) if trace_id and span_id else None
+    match = parse_traceparent(value)  # another version, or surrounding space: the full rules
+    return None if match is None else (int(match[2], 16), int(match[3], 16), int(match[4], 16))
+
+
+def _traceparent(span_context: SpanContext) -> str:
+    """A span context as a W3C ``traceparent``."""
+    return (
+        f"00-{span_context.trace_id.to_bytes(16, 'big').hex()}-{span_context.span_id.to_bytes(8, 'big').hex()}"
+        f"-{span_context.trace_flags:02x}"
     )
 
 
@@ -148,8 +305,6 @@ def _inject(span_context: SpanContext, headers: dict[str, str]) -> None:
     """Puts a span's context in request headers (W3C ``traceparent``, and ``tracestate`` if any)."""
     if not span_context.is_valid:
         return
-    headers[protocol.TRACEPARENT] = (
-        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
-    )
+    headers[protocol.TRACEPARENT] = _traceparent(span_context)
     if span_context.trace_state:
         headers[TRACESTATE] = span_context.trace_state.to_header()
