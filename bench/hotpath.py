@@ -38,6 +38,7 @@ from compare import PAYLOAD, Echo  # the same service and value as the network c
 
 import natsrpc
 import natsrpc.logs
+import natsrpc.observe.middleware
 
 BODY = natsrpc.codec.encode([PAYLOAD])
 BATCH = 50  # requests the host side is handed per parser read
@@ -220,17 +221,29 @@ def main() -> None:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     parser.add_argument("--observe", action="store_true", help="natsrpc with the metrics and tracing middleware")
     parser.add_argument("--sample", type=float, default=0.1, help="the root sampling ratio with --observe")
-    parser.add_argument("--span-only", action="store_true", help="count one SDK span alone (for valgrind)")
+    parser.add_argument(
+        "--span-only", action="store_true", help="count the SDK's two spans of a sampled call alone (for valgrind)"
+    )
+    parser.add_argument(
+        "--piece",
+        choices=("nothing", "metrics", "tracing"),
+        help="with --observe, install only this piece ('nothing': an observer that does nothing)",
+    )
     args = parser.parse_args()
     if args.observe or args.span_only:
         from compare import observability, sdk_span_cost
 
-        MIDDLEWARE.extend(observability(args.sample))
+        installed = observability(args.sample)
+        if args.piece == "nothing":
+            installed = [natsrpc.observe.middleware.Observer()]
+        elif args.piece is not None:
+            installed = [m for m in installed if type(m).__name__.lower() == args.piece]
+        MIDDLEWARE.extend(installed)
         every = max(1, round(1 / args.sample))
         sampled, unsampled = (b"traceparent: 00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-0" + f for f in (b"1", b"0"))
         TRACEPARENTS[:] = [sampled] + [unsampled] * (every - 1)
         if args.span_only:
-            print(f"one SDK span alone: {sdk_span_cost(args.calls) * 1e6:.2f} us")
+            print(f"the SDK's two spans of a sampled call, alone: {sdk_span_cost(args.calls) * 1e6:.2f} us")
             return
     if args.loop == "uvloop":
         import uvloop

@@ -535,9 +535,7 @@ class Client:
             caller = self.caller
             parent = opts.headers.get(protocol.TRACEPARENT, "") if opts.headers else ""
             trace_id = parent[3:35] if parent and context.valid_traceparent(parent) else ""
-        return Invocation(
-            "client", service, method, args, kwargs, {}, deadline, caller, streaming, context=call, trace_id=trace_id
-        )
+        return Invocation("client", service, method, args, kwargs, {}, deadline, caller, streaming, "", call, trace_id)
 
     def _cache_ttl(self, service: str, method: str, opts: CallOptions) -> float | None:
         """Returns how long a reply of ``service.method`` may be kept, or None (not cached, or a call

@@ -15,7 +15,15 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 
 import natsrpc
@@ -246,6 +254,90 @@ class TestSpans:
             serve(app, Leaf(), Branch(), middleware=[tracing]),
         ):
             assert await app.call_service["trbranch"].both("x") == ["X", "X2"]
+
+
+class TestNewTraces:
+    """A new trace under the SDK's ratio sampler is decided by natsrpc, exactly as the SDK would."""
+
+    async def test_a_ratio_samplers_decisions_are_the_sdks_own_and_kept_traces_are_recorded(
+        self, nats_url: str
+    ) -> None:
+        """400 root calls at 50%: each request's sampled flag is TraceIdRatioBased's rule on its
+        trace id, every kept trace is recorded (client and server span, that trace id) and no
+        dropped one is; a plain handler's calls inherit the decision."""
+        exporter = InMemorySpanExporter()
+        sampler = TraceIdRatioBased(0.5)
+        provider = TracerProvider(sampler=ParentBased(sampler))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracing = Tracing(tracer_provider=provider)
+        async with (
+            natsrpc.connect(nats_url, middleware=[tracing]) as hosting,
+            serve(hosting, Leaf(), middleware=[tracing]),
+            natsrpc.connect(nats_url, middleware=[tracing]) as app,
+        ):
+            headers = [await app.call_service["trleaf"].parent() for _ in range(400)]
+        kept = set()
+        for header in headers:
+            assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", header), header
+            trace_id = int(header[3:35], 16)
+            sampled = bool(int(header[53:], 16) & 1)
+            assert sampled == (trace_id & ((1 << 64) - 1) < sampler.bound)
+            if sampled:
+                kept.add(trace_id)
+        assert 120 < len(kept) < 280  # 200 expected: a binomial this far off is one in millions
+        recorded = by_name(exporter.get_finished_spans())
+        for kind in (SpanKind.CLIENT, SpanKind.SERVER):
+            assert {s.context.trace_id for s in recorded[("trleaf/parent", kind)] if s.context} == kept
+        assert len(recorded[("trleaf/parent", SpanKind.CLIENT)]) == len(kept)
+        provider.shutdown()
+
+    async def test_a_request_without_traceparent_is_a_new_trace_its_calls_follow(self, nats_url: str) -> None:
+        """A request with no traceparent (the nats CLI's): the host decides a new trace; the calls
+        its handler makes carry that decision and trace id, sampled or not."""
+        exporter = InMemorySpanExporter()
+        sampler = TraceIdRatioBased(0.5)
+        provider = TracerProvider(sampler=ParentBased(sampler))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracing = Tracing(tracer_provider=provider)
+        async with (
+            natsrpc.connect(nats_url, middleware=[tracing]) as hosting,
+            serve(hosting, Leaf(), Branch(), middleware=[tracing]),
+            natsrpc.connect(nats_url) as plain,
+        ):
+            for _ in range(60):
+                assert await plain.call_service["trbranch"].both("k") == ["K", "K2"]
+        found = by_name(exporter.get_finished_spans())
+        roots = found.get(("trbranch/both", SpanKind.SERVER), [])
+        assert 5 < len(roots) < 55
+        for root in roots:
+            assert root.parent is None and root.context is not None
+            assert root.context.trace_id & ((1 << 64) - 1) < sampler.bound
+        leaf_traces = [s.context.trace_id for s in found.get(("trleaf/get", SpanKind.SERVER), []) if s.context]
+        assert sorted(leaf_traces) == sorted([r.context.trace_id for r in roots if r.context] * 2)
+
+    async def test_another_sampler_is_asked_for_every_new_trace(self, nats_url: str) -> None:
+        """A sampler natsrpc does not know is asked for every new trace, and what it keeps is recorded."""
+        asked: list[int] = []
+
+        class EveryOther(Sampler):
+            def should_sample(self, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any) -> SamplingResult:
+                asked.append(trace_id)
+                keep = len(asked) % 2 == 0
+                return SamplingResult(Decision.RECORD_AND_SAMPLE if keep else Decision.DROP)
+
+            def get_description(self) -> str:
+                return "EveryOther"
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(sampler=EveryOther())
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        async with natsrpc.connect(nats_url, middleware=[Tracing(tracer_provider=provider)]) as app:
+            for _ in range(10):
+                with pytest.raises(natsrpc.NoResponders):
+                    await app.call_service["trnobody"].get()
+        assert len(asked) == 10
+        assert len(exporter.get_finished_spans()) == 5
+        provider.shutdown()
 
 
 class TestAcrossProcesses:

@@ -174,19 +174,23 @@ class Observers:
     def begin(self, call: Invocation) -> list[Any]:
         """Runs every ``begin``, outermost first; if one raises, those begun are ended with its error."""
         states: list[Any] = []
-        for observer in self.observers:
-            try:
+        try:
+            for observer in self.observers:
                 states.append(observer.begin(call))
-            except BaseException as exc:
-                self.end(call, states, exc)
-                raise
+        except BaseException as exc:
+            self.end(call, states, exc)
+            raise
         return states
 
     def end(self, call: Invocation, states: list[Any], error: BaseException | None) -> None:
-        """Runs the ``end`` of each observer begun (``states`` holds theirs), innermost first."""
+        """Runs the ``end`` of each observer begun (``states`` holds theirs), innermost first; an
+        observer's own error is logged, not raised: the call's outcome stands."""
         observers = self.observers
         for position in range(len(states) - 1, -1, -1):
-            _end(observers[position], call, states[position], error)
+            try:
+                observers[position].end(call, states[position], error)
+            except Exception:
+                _log.exception("observer failed", observer=repr(observers[position]), call=repr(call))
 
 
 def split(middleware: Sequence[Middleware] | None) -> tuple[Observers | None, Chain | None]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 import threading
+from random import getrandbits
 from typing import Any
 
 try:
@@ -56,6 +57,7 @@ _EMPTY = otel_context.Context()
 _MAX_NAMES = 4096  # (service, method, caller) span names kept
 _LOW_64 = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's low 64 bits
 _HEX = frozenset("0123456789abcdef")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 _FLAGS = (TraceFlags(0), TraceFlags(TraceFlags.SAMPLED))
 
 # The descriptions of the SDK samplers whose decision for a new trace is known from its trace id.
@@ -113,10 +115,10 @@ class Tracing(Observer):
     def _serve(self, call: Invocation) -> tuple[Any, object] | None:
         headers = call.headers
         value = headers.get(protocol.TRACEPARENT) if headers else None
+        if value and self.trust_parent_sampling and value[-1] in "02468ace" and _plain(value):
+            return None  # not sampled: the request's context (natsrpc's own) carries the decision on
         parts = _parts(value) if value else None
         if parts is not None:
-            if self.trust_parent_sampling and not parts[2] & TraceFlags.SAMPLED:
-                return None  # the request's context (natsrpc's own) carries the decision on
             state = headers.get(TRACESTATE)
             remote = SpanContext(
                 parts[0], parts[1], True, _FLAGS[parts[2] & 1], TraceState.from_header([state]) if state else None
@@ -137,8 +139,11 @@ class Tracing(Observer):
                 return None
             context = call.context
             if context is not None:  # inside a handler, no span current: its own context decides
-                hop = _parts(context.traceparent)
-                if hop is None or not hop[2] & TraceFlags.SAMPLED:
+                hop_traceparent = context.traceparent  # natsrpc's own: always valid
+                if hop_traceparent[-1] in "02468ace":  # not sampled
+                    return None
+                hop = _parts(hop_traceparent)
+                if hop is None:
                     return None
                 remote = SpanContext(hop[0], hop[1], True, _FLAGS[1])
                 return self._start(call, trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY), SpanKind.CLIENT)
@@ -152,15 +157,24 @@ class Tracing(Observer):
         roots = self._roots if self._roots is not None else self._settle()
         if roots is None or roots.bound is None:
             return False
-        ids = roots.ids
-        trace_id = ids.inner.generate_trace_id()
-        if trace_id & _LOW_64 < roots.bound:
-            ids.choose(trace_id)  # the SDK's own decision on this id is the same: kept
-            return False
-        traceparent = (
-            f"00-{trace_id.to_bytes(16, 'big').hex()}-{ids.inner.generate_span_id().to_bytes(8, 'big').hex()}"
-            f"-{roots.dropped_flags}"
-        )
+        if roots.random:  # the SDK's RandomIdGenerator: both ids at once, from the same source
+            bits = getrandbits(192)
+            trace_id = bits >> 64
+            if not trace_id or not bits & _LOW_64:  # an invalid id (1 in 2**64): asked again
+                return self._dropped(call)
+            if trace_id & _LOW_64 < roots.bound:
+                roots.ids.choose(trace_id)  # the SDK's own decision on this id is the same: kept
+                return False
+            hexed = bits.to_bytes(24, "big").hex()
+            traceparent = "00-" + hexed[:32] + "-" + hexed[32:] + roots.dropped_flags
+        else:
+            ids = roots.ids
+            trace_id = ids.inner.generate_trace_id()
+            if trace_id & _LOW_64 < roots.bound:
+                ids.choose(trace_id)
+                return False
+            span_id = ids.inner.generate_span_id()
+            traceparent = f"00-{trace_id:032x}-{span_id:016x}{roots.dropped_flags}"
         if call.side == "server":
             if call.context is not None:
                 call.context.adopt_traceparent(traceparent)  # the calls it makes carry the decision
@@ -221,7 +235,8 @@ class _Roots:
 
     def __init__(self, tracer: Any) -> None:
         self.bound: int | None = None
-        self.dropped_flags = "00"
+        self.dropped_flags = "-00"  # a traceparent's last field, for a trace not sampled
+        self.random = False  # the ids come from the SDK's RandomIdGenerator (random.getrandbits)
         sampler = getattr(tracer, "sampler", None)
         ids = getattr(tracer, "id_generator", None)
         if sampler is None or ids is None or not type(sampler).__module__.startswith("opentelemetry.sdk."):
@@ -232,8 +247,11 @@ class _Roots:
             ids = tracer.id_generator = _ChosenIds(ids)
         self.ids: _ChosenIds = ids
         self.bound = _ratio_bound(sampler.get_description())
-        if ids.inner.is_trace_id_random():
-            self.dropped_flags = f"{TraceFlags.RANDOM_TRACE_ID:02x}" if hasattr(TraceFlags, "RANDOM_TRACE_ID") else "00"
+        if ids.inner.is_trace_id_random() and hasattr(TraceFlags, "RANDOM_TRACE_ID"):
+            self.dropped_flags = f"-{TraceFlags.RANDOM_TRACE_ID:02x}"
+        self.random = type(ids.inner).__name__ == "RandomIdGenerator" and type(ids.inner).__module__.startswith(
+            "opentelemetry.sdk."
+        )
 
 
 def _ratio_bound(description: str) -> int | None:
@@ -276,9 +294,10 @@ class _ChosenIds:
         return bool(self.inner.is_trace_id_random())
 
 
-def _parts(value: str) -> tuple[int, int, int] | None:
-    """The trace id, parent id and flags of a valid W3C traceparent, or None."""
-    if (
+def _plain(value: str) -> bool:
+    """Whether ``value`` is a valid version-00 traceparent as natsrpc and the SDKs write it (no
+    surrounding space): lower-case hex fields, ids not all zero."""
+    return (
         len(value) == 55
         and value[:3] == "00-"
         and value[35] == "-"
@@ -286,9 +305,15 @@ def _parts(value: str) -> tuple[int, int, int] | None:
         and _HEX.issuperset(value[3:35])
         and _HEX.issuperset(value[36:52])
         and _HEX.issuperset(value[53:])
-    ):
-        trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
-        return (trace_id, span_id, int(value[53:], 16)) if trace_id and span_id else None
+        and value[3:35] != _ZERO_TRACE
+        and value[36:52] != _ZERO_SPAN
+    )
+
+
+def _parts(value: str) -> tuple[int, int, int] | None:
+    """The trace id, parent id and flags of a valid W3C traceparent, or None."""
+    if _plain(value):
+        return int(value[3:35], 16), int(value[36:52], 16), int(value[53:], 16)
     match = parse_traceparent(value)  # another version, or surrounding space: the full rules
     return None if match is None else (int(match[2], 16), int(match[3], 16), int(match[4], 16))
 
