@@ -11,6 +11,7 @@ from children import poll
 
 import natsrpc
 import natsrpc.circuit
+import natsrpc.observe.middleware
 import natsrpc.retry
 from natsrpc import Service, ServiceError, current_call, rpc
 from natsrpc.observe import Invocation
@@ -337,3 +338,95 @@ class TestClientSide:
             natsrpc.connect("nats://127.0.0.1:1", middleware=[object()])  # type: ignore[list-item]
         with pytest.raises(natsrpc.ConfigurationError, match="list of middleware"):
             natsrpc.connect("nats://127.0.0.1:1", middleware=Auth())  # type: ignore[arg-type]
+
+
+class Watch(natsrpc.observe.middleware.Observer):
+    """An observer recording begin and end in a shared log; optionally adds a header, refuses or fails."""
+
+    def __init__(self, label: str, log: list[Any], *, header: bool = False, refuse: bool = False) -> None:
+        self.label = label
+        self.log = log
+        self.header = header
+        self.refuse = refuse
+        self.fail_end = False
+
+    def begin(self, call: Invocation) -> str:
+        self.log.append((self.label, "begin", call.side, call.method))
+        if self.refuse and call.side == "server":
+            raise ServiceError(401, "unauthorized")
+        if self.header and call.side == "client":
+            call.headers["Authorization"] = "secret"
+        return f"{self.label}-state"
+
+    def end(self, call: Invocation, state: Any, error: BaseException | None) -> None:
+        self.log.append((self.label, "end", call.side, state, type(error).__name__ if error else None))
+        if self.fail_end:
+            raise RuntimeError("an observer's own bug")
+
+
+class TestObservers:
+    async def test_observers_run_in_line_in_order_around_the_chain_and_see_errors(self, nats_url: str) -> None:
+        """Observers first, then a wrapping middleware, then an observer after it (run as a layer):
+        the order holds on both sides, states reach end, an error reaches every end."""
+        log: list[Any] = []
+        chain = [Watch("a", log), Watch("b", log), Recorder("r", log), Watch("c", log)]
+        async with (
+            natsrpc.connect(nats_url, middleware=chain) as client,
+            serve(client, Echo(), middleware=chain),
+        ):
+            assert client._observers is not None
+            assert len(client._observers.observers) == 2
+            assert await client.call_service["mwecho"].echo("x") == "x"
+            with pytest.raises(natsrpc.RemoteError):
+                await client.call_service["mwecho"].fail()
+        for side in ("client", "server"):
+            begun = [e[:2] for e in log if len(e) > 2 and e[2] == side and e[1] in ("begin", "in")]
+            assert begun[:4] == [("a", "begin"), ("b", "begin"), ("r", "in"), ("c", "begin")]
+            ends = [(e[0], e[3], e[4]) for e in log if e[1] == "end" and e[2] == side]
+            assert ends == [
+                ("c", "c-state", None), ("b", "b-state", None), ("a", "a-state", None),
+                ("c", "c-state", "ServiceError"), ("b", "b-state", "ServiceError"), ("a", "a-state", "ServiceError"),
+            ]  # fmt: skip
+
+    async def test_an_observer_adds_headers_and_refuses_before_the_handler(self, nats_url: str) -> None:
+        """A client observer's header reaches the handler; a server observer raising 401 refuses the
+        call before the handler runs, and the observers begun before it are ended with that error."""
+        log: list[Any] = []
+        echo = Echo()
+        async with (
+            natsrpc.connect(nats_url, middleware=[Watch("h", log, header=True)]) as client,
+            serve(client, echo, middleware=[Watch("outer", log), Watch("guard", log, refuse=True)]),
+        ):
+            with pytest.raises(natsrpc.RemoteError) as refused:
+                await client.call_service["mwecho"].echo("x")
+        assert refused.value.code == 401
+        assert echo.ran == 0
+        assert ("outer", "end", "server", "outer-state", "ServiceError") in log
+        assert not any(e[0] == "guard" and e[1] == "end" for e in log)  # it never began
+        assert ("h", "end", "client", "h-state", "ServiceError") in log
+
+    async def test_an_observers_own_failure_is_logged_and_the_call_stands(self, nats_url: str) -> None:
+        """An observer whose end raises does not change the call's result, on either side."""
+        log: list[Any] = []
+        broken = Watch("x", log)
+        broken.fail_end = True
+        async with (
+            natsrpc.connect(nats_url, middleware=[broken]) as client,
+            serve(client, Echo(), middleware=[broken]),
+        ):
+            assert await client.call_service["mwecho"].echo("still") == "still"
+            assert await client.call_service["mwecho"].blocking(2) == 4
+        assert [e[2] for e in log if e[1] == "end"].count("server") == 2
+
+    async def test_a_stream_goes_through_an_observer_once(self, nats_url: str) -> None:
+        """Client streams run observers as a layer: begin once, end once after the last item."""
+        log: list[Any] = []
+        async with (
+            natsrpc.connect(nats_url, middleware=[Watch("s", log)]) as client,
+            serve(client, Echo(), middleware=[Watch("s", log)]),
+        ):
+            assert [i async for i in client.call_service["mwecho"].count(3)] == [0, 1, 2]
+            await poll(lambda: sum(1 for e in log if e[1] == "end") == 2, "both ends")
+        assert sorted((e[1], e[2]) for e in log) == [
+            ("begin", "client"), ("begin", "server"), ("end", "client"), ("end", "server")
+        ]  # fmt: skip

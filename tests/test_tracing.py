@@ -310,7 +310,8 @@ class TestNewTraces:
         roots = found.get(("trbranch/both", SpanKind.SERVER), [])
         assert 5 < len(roots) < 55
         for root in roots:
-            assert root.parent is None and root.context is not None
+            assert root.parent is None
+            assert root.context is not None
             assert root.context.trace_id & ((1 << 64) - 1) < sampler.bound
         leaf_traces = [s.context.trace_id for s in found.get(("trleaf/get", SpanKind.SERVER), []) if s.context]
         assert sorted(leaf_traces) == sorted([r.context.trace_id for r in roots if r.context] * 2)
