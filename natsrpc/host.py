@@ -435,8 +435,10 @@ class Host:
                     inst.label,
                     call,
                 )
-                if observers is not None:
-                    states = observers.begin(through)
+                if observers is not None:  # in line; one raising refuses, those begun are ended (finally)
+                    states = []
+                    for observer in observers.observers:
+                        states.append(observer.begin(through))
             if self._middleware is not None:
                 collected: list[bytes] = []  # a plain request's array reply, from a streaming endpoint
                 opened: list[produce.Producer] = []

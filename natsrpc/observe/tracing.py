@@ -54,6 +54,7 @@ TRACESTATE = "tracestate"
 """The W3C header carrying vendor trace state beside ``traceparent``."""
 
 _EMPTY = otel_context.Context()
+_NO_SPAN = trace.INVALID_SPAN  # what get_current_span() returns when no span is current
 _MAX_NAMES = 4096  # (service, method, caller) span names kept
 _LOW_64 = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's low 64 bits
 _VERSION_00 = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")  # one C call
@@ -128,13 +129,12 @@ class Tracing(Observer):
         return self._start(call, _EMPTY, SpanKind.SERVER)
 
     def _call(self, call: Invocation) -> tuple[Any, object] | None:
-        current = trace.get_current_span()  # a handler's server span, or the application's own
-        if current.is_recording():
+        current = trace.get_current_span()  # a handler's server span, the application's own, or none
+        if current is not _NO_SPAN and current.is_recording():
             return self._start(call, None, SpanKind.CLIENT)  # its child
         if self.trust_parent_sampling:
-            parent = current.get_span_context()
-            if parent.is_valid:  # a span not sampled: its context travels on
-                _inject(parent, call.headers)
+            if current is not _NO_SPAN and (parent := current.get_span_context()).is_valid:
+                _inject(parent, call.headers)  # a span not sampled: its context travels on
                 return None
             context = call.context
             if context is not None:  # inside a handler, no span current: its own context decides
