@@ -92,7 +92,11 @@ class Tracing(Observer):
     def begin(self, call: Invocation) -> tuple[Any, object] | None:
         """Starts the call's span (None when the trace is not sampled: nothing to end)."""
         if call.side == "server":
-            return self._serve(call)
+            headers = call.headers
+            value = headers.get(protocol.TRACEPARENT) if headers else None
+            if value and self.trust_parent_sampling and value[-1] in "02468ace" and _VERSION_00.fullmatch(value):
+                return None  # not sampled: the request's context (natsrpc's own) carries the decision on
+            return self._serve(call, value)
         return self._call(call)
 
     def end(self, call: Invocation, state: tuple[Any, object] | None, error: BaseException | None) -> None:
@@ -112,14 +116,10 @@ class Tracing(Observer):
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]
 
-    def _serve(self, call: Invocation) -> tuple[Any, object] | None:
-        headers = call.headers
-        value = headers.get(protocol.TRACEPARENT) if headers else None
-        if value and self.trust_parent_sampling and value[-1] in "02468ace" and _plain(value):
-            return None  # not sampled: the request's context (natsrpc's own) carries the decision on
+    def _serve(self, call: Invocation, value: str | None) -> tuple[Any, object] | None:
         parts = _parts(value) if value else None
         if parts is not None:
-            state = headers.get(TRACESTATE)
+            state = call.headers.get(TRACESTATE)
             remote = SpanContext(
                 parts[0], parts[1], True, _FLAGS[parts[2] & 1], TraceState.from_header([state]) if state else None
             )
@@ -293,15 +293,9 @@ class _ChosenIds:
         return bool(self.inner.is_trace_id_random())
 
 
-def _plain(value: str) -> bool:
-    """Whether ``value`` is a valid version-00 traceparent as natsrpc and the SDKs write it (no
-    surrounding space): lower-case hex fields, ids not all zero."""
-    return _VERSION_00.fullmatch(value) is not None
-
-
 def _parts(value: str) -> tuple[int, int, int] | None:
     """The trace id, parent id and flags of a valid W3C traceparent, or None."""
-    if _plain(value):
+    if _VERSION_00.fullmatch(value):  # as natsrpc and the SDKs write it
         return int(value[3:35], 16), int(value[36:52], 16), int(value[53:], 16)
     match = parse_traceparent(value)  # another version, or surrounding space: the full rules
     return None if match is None else (int(match[2], 16), int(match[3], 16), int(match[4], 16))
