@@ -316,6 +316,22 @@ class TestNewTraces:
         leaf_traces = [s.context.trace_id for s in found.get(("trleaf/get", SpanKind.SERVER), []) if s.context]
         assert sorted(leaf_traces) == sorted([r.context.trace_id for r in roots if r.context] * 2)
 
+    def test_the_samplers_decided_here_are_recognised_by_their_description(self) -> None:
+        """The SDK's ratio samplers (alone, or ParentBased's root with default delegates) and
+        ALWAYS_OFF are decided here; anything else (a sampler keeping all, other delegates) is not."""
+        from natsrpc.observe.tracing import _ratio_bound
+
+        quarter = TraceIdRatioBased(0.25)
+        assert _ratio_bound(quarter.get_description()) == quarter.bound
+        assert _ratio_bound(ParentBased(quarter).get_description()) == quarter.bound
+        assert _ratio_bound(ParentBased(ALWAYS_OFF).get_description()) == 0
+        assert _ratio_bound(ALWAYS_OFF.get_description()) == 0
+        assert _ratio_bound(TraceIdRatioBased(1.0).get_description()) is None  # keeps all: the SDK decides
+        assert _ratio_bound(ALWAYS_ON.get_description()) is None
+        assert _ratio_bound(ParentBased(ALWAYS_ON).get_description()) is None
+        other = ParentBased(quarter, remote_parent_not_sampled=ALWAYS_ON)
+        assert _ratio_bound(other.get_description()) is None
+
     async def test_another_sampler_is_asked_for_every_new_trace(self, nats_url: str) -> None:
         """A sampler natsrpc does not know is asked for every new trace, and what it keeps is recorded."""
         asked: list[int] = []

@@ -264,7 +264,8 @@ def _ratio_bound(description: str) -> int | None:
     if ratio is None:
         return None
     rate = float(ratio[1])
-    return round(rate * (_LOW_64 + 1)) if 0.0 <= rate <= 1.0 else None
+    bound = round(rate * (_LOW_64 + 1))
+    return bound if 0 <= bound <= _LOW_64 else None  # every trace kept: nothing to decide before the SDK
 
 
 class _ChosenIds:
@@ -275,6 +276,8 @@ class _ChosenIds:
         self.inner = inner
         self._chosen = 0
         self._by = 0
+        self.generate_span_id = inner.generate_span_id  # as they are: no frame of ours in between
+        self.is_trace_id_random = inner.is_trace_id_random
 
     def choose(self, trace_id: int) -> None:
         self._chosen, self._by = trace_id, threading.get_ident()
@@ -286,11 +289,6 @@ class _ChosenIds:
             return chosen
         return int(self.inner.generate_trace_id())
 
-    def generate_span_id(self) -> int:
-        return int(self.inner.generate_span_id())
-
-    def is_trace_id_random(self) -> bool:
-        return bool(self.inner.is_trace_id_random())
 
 
 def _parts(value: str) -> tuple[int, int, int] | None:
