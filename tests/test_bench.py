@@ -401,3 +401,25 @@ class TestBenchScripts:
         rows = [line for line in out.splitlines() if line.startswith("| json | 1 |")]
         assert [row.split("|")[3].strip() for row in rows] == ["natsrpc", "raw nats-py", "nats.micro"]
         assert rows[1].split("|")[5].strip() == "1.00"  # raw is the reference
+
+    def test_hotpath_observed_with_each_piece_and_the_sdk_pair(self) -> None:
+        """--observe runs with all pieces and with each alone; --span-only prints the SDK's pair."""
+        for piece in ([], ["--piece", "nothing"], ["--piece", "metrics"], ["--piece", "tracing"]):
+            out = self.run(
+                "bench/hotpath.py", "--rounds", "1", "--calls", "300", "--loop", "asyncio", "--only", "natsrpc",
+                "--observe", *piece,
+            )  # fmt: skip
+            assert [line.split()[0] for line in out.splitlines()] == ["host", "client"]
+        out = self.run("bench/hotpath.py", "--span-only", "--calls", "200")
+        assert out.startswith("the SDK's two spans of a sampled call, alone:")
+
+    def test_compare_observed_prints_the_cpu_table(self) -> None:
+        out = self.run(
+            "bench/compare.py", "--rounds", "1", "--duration", "0.2", "--concurrency", "5",
+            "--encodings", "json", "--loops", "asyncio", "--observe",
+        )  # fmt: skip
+        rows = [line for line in out.splitlines() if line.startswith("| json | 5 |")]
+        names = [row.split("|")[3].strip() for row in rows]
+        assert names[:4] == ["natsrpc", "raw nats-py", "nats.micro", "natsrpc observed"]
+        assert len(rows) == 5  # and the CPU row: plain and observed, both sides, the SDK's share, natsrpc's own
+        assert "natsrpc's own" in out
