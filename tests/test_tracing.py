@@ -158,6 +158,28 @@ class TestSpans:
         assert flags & 1  # sampled
         assert header == f"00-{client.context.trace_id:032x}-{client.context.span_id:016x}-{flags:02x}"
 
+    async def test_a_tracestate_is_carried_and_an_oversized_one_dropped_unparsed(
+        self, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A caller's tracestate reaches the server span; one over 512 characters (a peer's flood) is
+        dropped without being parsed or logged, and the call still answers."""
+        tracing = Tracing(tracer_provider=spans[0])
+        parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+        async with (
+            natsrpc.connect(nats_url, middleware=[tracing]) as hosting,
+            serve(hosting, Leaf(), middleware=[tracing]),
+            natsrpc.connect(nats_url) as plain,
+        ):
+            for state in ("vendor=abc", "x" * 100_000):
+                headers = {"traceparent": parent, "tracestate": state}
+                assert await plain.call_service["trleaf"].options(headers=headers).get("a") == "A"
+        first, second = by_name(spans[1].get_finished_spans())[("trleaf/get", SpanKind.SERVER)]
+        assert first.context is not None
+        assert second.context is not None
+        assert first.context.trace_state.to_header() == "vendor=abc"
+        assert second.context.trace_state.to_header() == ""
+        assert not any("x" * 1000 in record.getMessage() for record in caplog.records)
+
     async def test_retries_and_circuit_refusals_are_span_events(
         self, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter]
     ) -> None:

@@ -54,6 +54,7 @@ TRACESTATE = "tracestate"
 """The W3C header carrying vendor trace state beside ``traceparent``."""
 
 _EMPTY = otel_context.Context()
+_MAX_TRACESTATE = 512  # W3C Trace Context: propagate at least 512 characters; longer ones may be dropped
 _NO_SPAN = trace.INVALID_SPAN  # what get_current_span() returns when no span is current
 _MAX_NAMES = 4096  # (service, method, caller) span names kept
 _LOW_64 = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's low 64 bits
@@ -120,6 +121,8 @@ class Tracing(Observer):
         parts = _parts(value) if value else None
         if parts is not None:
             state = call.headers.get(TRACESTATE)
+            if state and len(state) > _MAX_TRACESTATE:  # over what W3C asks to pass on: dropped, not parsed
+                state = None
             remote = SpanContext(
                 parts[0], parts[1], True, _FLAGS[parts[2] & 1], TraceState.from_header([state]) if state else None
             )
