@@ -293,7 +293,6 @@ class _ChosenIds:
         return int(self.inner.generate_trace_id())
 
 
-
 def _parts(value: str) -> tuple[int, int, int] | None:
     """The trace id, parent id and flags of a valid W3C traceparent, or None."""
     if _VERSION_00.fullmatch(value):  # as natsrpc and the SDKs write it
