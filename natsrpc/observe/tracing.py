@@ -246,7 +246,10 @@ class _Roots:
         if not isinstance(ids, _ChosenIds):
             if not all(hasattr(ids, name) for name in ("generate_trace_id", "generate_span_id", "is_trace_id_random")):
                 return
-            ids = tracer.id_generator = _ChosenIds(ids)
+            try:
+                tracer.id_generator = ids = _ChosenIds(ids)
+            except (AttributeError, TypeError):  # a tracer that keeps its generator: the SDK decides every trace
+                return
         self.ids: _ChosenIds = ids
         self.bound = _ratio_bound(sampler.get_description())
         if ids.inner.is_trace_id_random() and hasattr(TraceFlags, "RANDOM_TRACE_ID"):
