@@ -5,6 +5,6 @@
 (``natsrpc[otel]``) import their libraries themselves, so ``import natsrpc`` never needs them.
 """
 
-from natsrpc.observe.middleware import Invocation, Middleware, compose
+from natsrpc.observe.middleware import Invocation, Middleware, Observer, compose
 
-__all__ = ["Invocation", "Middleware", "compose"]
+__all__ = ["Invocation", "Middleware", "Observer", "compose"]
