@@ -262,7 +262,10 @@ class TestSharedKV:
     async def test_500_put_then_get_pairs_across_two_kv_instances_all_read_their_write(
         self, js_client: natsrpc.Client, js_server: NatsServer
     ) -> None:
-        """Two kv instances (two connections, load-balanced), 500 put-then-get pairs: every get sees its put."""
+        """Two kv instances (two connections, load-balanced), 500 put-then-get pairs: every get sees its put.
+
+        The keys have a prefix of their own: the bucket is shared with the earlier tests, whose
+        memory ids (``memory:<hex>``) would match a ``memory:4`` prefix one time in sixteen."""
         from services.kv import KV
 
         first, second = KV(), KV()
@@ -278,14 +281,14 @@ class TestSharedKV:
             two = kv.options(instance=second.ctx.instance_id)
             for i in range(500):  # each put through one instance, its get through the other
                 writer, reader = (one, two) if i % 2 else (two, one)
-                await writer.put(f"memory:{i}", f"v{i}")
-                assert await reader.get(f"memory:{i}") == f"v{i}"
-            assert await kv.keys("memory:4") == sorted(f"memory:{i}" for i in range(500) if str(i).startswith("4"))
-            assert await kv.delete("memory:1") is True
-            assert await kv.delete("memory:1") is False
+                await writer.put(f"pairs:{i}", f"v{i}")
+                assert await reader.get(f"pairs:{i}") == f"v{i}"
+            assert await kv.keys("pairs:4") == sorted(f"pairs:{i}" for i in range(500) if str(i).startswith("4"))
+            assert await kv.delete("pairs:1") is True
+            assert await kv.delete("pairs:1") is False
         async with serve(js_client, KV()):  # a restarted service keeps the data
-            assert await js_client.call_service["kv"].get("memory:2") == "v2"
-            assert await js_client.call_service["kv"].get("memory:1") is None
+            assert await js_client.call_service["kv"].get("pairs:2") == "v2"
+            assert await js_client.call_service["kv"].get("pairs:1") is None
         nc = await nats.connect(js_server.url)
         await nc.jetstream().delete_key_value("kv")
         await nc.close()
