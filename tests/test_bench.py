@@ -413,6 +413,7 @@ class TestBenchScripts:
         out = self.run("bench/hotpath.py", "--span-only", "--calls", "200")
         assert out.startswith("the SDK's two spans of a sampled call, alone:")
 
+    @pytest.mark.slow  # 4 s: the default suite keeps under 3 minutes; .ci/run runs it with -m slow
     def test_compare_observed_prints_the_cpu_table(self) -> None:
         out = self.run(
             "bench/compare.py", "--rounds", "1", "--duration", "0.2", "--concurrency", "5",
