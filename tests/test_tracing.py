@@ -59,12 +59,19 @@ class Branch(Service):
         return [await leaf.get(key), await leaf.get(key + "2")]
 
 
+def recorded(sampler: Sampler | None = None) -> tuple[TracerProvider, InMemorySpanExporter]:
+    """A private SDK tracer provider (with ``sampler``, else the SDK's default) whose finished
+    spans are kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
 @pytest.fixture
 def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     """A private SDK tracer provider whose finished spans are kept in memory."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider, exporter = recorded()
     yield provider, exporter
     provider.shutdown()
 
@@ -226,9 +233,7 @@ class TestSpans:
 
     async def test_an_unsampled_trace_records_nothing_and_calls_still_work(self, nats_url: str) -> None:
         """With a sampler that drops everything no span is exported, and calls answer as usual."""
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider(sampler=ALWAYS_OFF)
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider, exporter = recorded(ALWAYS_OFF)
         tracing = Tracing(tracer_provider=provider)
         async with (
             natsrpc.connect(nats_url, middleware=[tracing]) as app,
@@ -245,9 +250,7 @@ class TestSpans:
         """A request whose traceparent says "not sampled": no SDK span by default (its context still
         travels on to the calls it makes); with trust_parent_sampling=False a sampler that records
         below unsampled parents is asked, and records the server span and its child."""
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider(sampler=ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON))
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider, exporter = recorded(ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON))
         tracing = Tracing(tracer_provider=provider, trust_parent_sampling=trust)
         parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"
         async with (
@@ -287,10 +290,8 @@ class TestNewTraces:
         """400 root calls at 50%: each request's sampled flag is TraceIdRatioBased's rule on its
         trace id, every kept trace is recorded (client and server span, that trace id) and no
         dropped one is; a plain handler's calls inherit the decision."""
-        exporter = InMemorySpanExporter()
         sampler = TraceIdRatioBased(0.5)
-        provider = TracerProvider(sampler=ParentBased(sampler))
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider, exporter = recorded(ParentBased(sampler))
         tracing = Tracing(tracer_provider=provider)
         async with (
             natsrpc.connect(nats_url, middleware=[tracing]) as hosting,
@@ -307,19 +308,17 @@ class TestNewTraces:
             if sampled:
                 kept.add(trace_id)
         assert 120 < len(kept) < 280  # 200 expected: a binomial this far off is one in millions
-        recorded = by_name(exporter.get_finished_spans())
+        finished = by_name(exporter.get_finished_spans())
         for kind in (SpanKind.CLIENT, SpanKind.SERVER):
-            assert {s.context.trace_id for s in recorded[("trleaf/parent", kind)] if s.context} == kept
-        assert len(recorded[("trleaf/parent", SpanKind.CLIENT)]) == len(kept)
+            assert {s.context.trace_id for s in finished[("trleaf/parent", kind)] if s.context} == kept
+        assert len(finished[("trleaf/parent", SpanKind.CLIENT)]) == len(kept)
         provider.shutdown()
 
     async def test_a_request_without_traceparent_is_a_new_trace_its_calls_follow(self, nats_url: str) -> None:
         """A request with no traceparent (the nats CLI's): the host decides a new trace; the calls
         its handler makes carry that decision and trace id, sampled or not."""
-        exporter = InMemorySpanExporter()
         sampler = TraceIdRatioBased(0.5)
-        provider = TracerProvider(sampler=ParentBased(sampler))
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider, exporter = recorded(ParentBased(sampler))
         tracing = Tracing(tracer_provider=provider)
         async with (
             natsrpc.connect(nats_url, middleware=[tracing]) as hosting,
@@ -367,9 +366,7 @@ class TestNewTraces:
             def get_description(self) -> str:
                 return "EveryOther"
 
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider(sampler=EveryOther())
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider, exporter = recorded(EveryOther())
         async with natsrpc.connect(nats_url, middleware=[Tracing(tracer_provider=provider)]) as app:
             for _ in range(10):
                 with pytest.raises(natsrpc.NoResponders):

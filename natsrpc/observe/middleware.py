@@ -160,7 +160,12 @@ def _end(observer: Observer, call: Invocation, state: Any, error: BaseException 
     try:
         observer.end(call, state, error)
     except Exception:
-        _log.exception("observer failed", observer=repr(observer), call=repr(call))
+        _failed(observer, call)
+
+
+def _failed(observer: Observer, call: Invocation) -> None:
+    """Logs the error an observer's ``end`` raised (called in its ``except``)."""
+    _log.exception("observer failed", observer=repr(observer), call=repr(call))
 
 
 class Observers:
@@ -186,11 +191,11 @@ class Observers:
         """Runs the ``end`` of each observer begun (``states`` holds theirs), innermost first; an
         observer's own error is logged, not raised: the call's outcome stands."""
         observers = self.observers
-        for position in range(len(states) - 1, -1, -1):
+        for position in range(len(states) - 1, -1, -1):  # not through _end: one call fewer per observer
             try:
                 observers[position].end(call, states[position], error)
             except Exception:
-                _log.exception("observer failed", observer=repr(observers[position]), call=repr(call))
+                _failed(observers[position], call)
 
 
 def split(middleware: Sequence[Middleware] | None) -> tuple[Observers | None, Chain | None]:

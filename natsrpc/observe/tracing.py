@@ -60,6 +60,7 @@ _MAX_NAMES = 4096  # (service, method, caller) span names kept
 _LOW_64 = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's low 64 bits
 _VERSION_00 = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")  # one C call
 _FLAGS = (TraceFlags(0), TraceFlags(TraceFlags.SAMPLED))
+_UNSAMPLED = "02468ace"  # a traceparent's last hex digit when its sampled bit is clear
 
 # The descriptions of the SDK samplers whose decision for a new trace is known from its trace id.
 _PARENT_BASED = re.compile(
@@ -95,7 +96,7 @@ class Tracing(Observer):
         if call.side == "server":
             headers = call.headers
             value = headers.get(protocol.TRACEPARENT) if headers else None
-            if value and self.trust_parent_sampling and value[-1] in "02468ace" and _VERSION_00.fullmatch(value):
+            if value and self.trust_parent_sampling and value[-1] in _UNSAMPLED and _VERSION_00.fullmatch(value):
                 return None  # not sampled: the request's context (natsrpc's own) carries the decision on
             return self._serve(call, value)
         return self._call(call)
@@ -123,10 +124,7 @@ class Tracing(Observer):
             state = call.headers.get(TRACESTATE)
             if state and len(state) > _MAX_TRACESTATE:  # over what W3C asks to pass on: dropped, not parsed
                 state = None
-            remote = SpanContext(
-                parts[0], parts[1], True, _FLAGS[parts[2] & 1], TraceState.from_header([state]) if state else None
-            )
-            return self._start(call, trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY), SpanKind.SERVER)
+            return self._start(call, _under_remote(*parts, state), SpanKind.SERVER)
         if self.trust_parent_sampling and self._dropped(call):
             return None
         return self._start(call, _EMPTY, SpanKind.SERVER)
@@ -142,13 +140,12 @@ class Tracing(Observer):
             context = call.context
             if context is not None:  # inside a handler, no span current: its own context decides
                 hop_traceparent = context.traceparent  # natsrpc's own: always valid
-                if hop_traceparent[-1] in "02468ace":  # not sampled
+                if hop_traceparent[-1] in _UNSAMPLED:
                     return None
                 hop = _parts(hop_traceparent)
                 if hop is None:
                     return None
-                remote = SpanContext(hop[0], hop[1], True, _FLAGS[1])
-                return self._start(call, trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY), SpanKind.CLIENT)
+                return self._start(call, _under_remote(*hop), SpanKind.CLIENT)
             if self._dropped(call):
                 return None
         return self._start(call, None, SpanKind.CLIENT)
@@ -302,6 +299,14 @@ def _parts(value: str) -> tuple[int, int, int] | None:
         return int(value[3:35], 16), int(value[36:52], 16), int(value[53:], 16)
     match = parse_traceparent(value)  # another version, or surrounding space: the full rules
     return None if match is None else (int(match[2], 16), int(match[3], 16), int(match[4], 16))
+
+
+def _under_remote(trace_id: int, span_id: int, flags: int, state: str | None = None) -> Any:
+    """The context whose current span is a remote parent with these ids, flags and trace state."""
+    remote = SpanContext(
+        trace_id, span_id, True, _FLAGS[flags & TraceFlags.SAMPLED], TraceState.from_header([state]) if state else None
+    )
+    return trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY)
 
 
 def _traceparent(span_context: SpanContext) -> str:
