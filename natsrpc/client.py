@@ -43,6 +43,7 @@ from natsrpc.errors import (
     streaming_awaited,
     translate_nats_errors,
 )
+from natsrpc.expiry import Expiry
 from natsrpc.observe.middleware import Invocation, Middleware, check_middleware, compose, hooks, split
 from natsrpc.proxy import (
     Call,
@@ -161,6 +162,7 @@ class Client:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.get_running_loop()
         self._loop_time = self._loop.time
+        self._expiry = Expiry(self._loop, _expire)
         self._closed = False
         self._connected = asyncio.Event()  # cleared while the connection is down
         self._connected.set()
@@ -996,7 +998,7 @@ class Client:
         future: asyncio.Future[Reply] = loop.create_future()
         self._pending[token] = future
         self._called[token] = subject
-        timer = loop.call_later(wait, _expire, future, subject)
+        due = self._expiry.add(future, subject, wait)
         try:
             inbox = self._inbox + token
             if not transport.send(self.nc, subject, inbox, body, block):
@@ -1014,7 +1016,7 @@ class Client:
             self._cancel_remote(subject, self._inbox + token)
             raise
         finally:
-            timer.cancel()
+            due.pop(future, None)
             self._pending.pop(token, None)
             del self._called[token]
             if self._parked:
