@@ -468,8 +468,8 @@ class Client:
                     self._refuse_unknown(service, method)
             body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
             headers = {protocol.ARGS_FORM: protocol.MIXED_ARGS} if mixed else None
-            if _through is not None and _through.headers:  # names are checked as they are encoded
-                headers = {**_through.headers, **(headers or {})}
+            if _through is not None and _through.headers:  # names are checked as they are encoded; not changed
+                headers = _through.headers if headers is None else {**_through.headers, **headers}
             # One instance: no load balancing, so no circuit of the whole service.
             breaker = self.circuits.get(service) if self.circuits is not None and not opts.instance else None
             cached = self.registry is not None and self.registry.cached

@@ -165,7 +165,7 @@ class Tracing(Observer):
                 roots.ids.choose(trace_id)  # the SDK's own decision on this id is the same: kept
                 return False
             hexed = bits.to_bytes(24, "big").hex()
-            traceparent = "00-" + hexed[:32] + "-" + hexed[32:] + roots.dropped_flags
+            traceparent = f"00-{hexed[:32]}-{hexed[32:]}{roots.dropped_flags}"
         else:
             ids = roots.ids
             trace_id = ids.inner.generate_trace_id()
