@@ -13,10 +13,13 @@ drift on shared machines; the ratios measured side by side are the figures to qu
 ``--observe`` adds a fourth contender, "natsrpc observed": a client and a host (in the responder
 process) with the Prometheus ``Metrics`` and OpenTelemetry ``Tracing`` middleware, the SDK set up
 in both processes as production runs it (a parent-based ``--sample`` ratio sampler at the root,
-0.1 by default) with an exporter that drops the spans. It also prints the CPU each side spends per
-call (plain and observed), and the SDK's own cost for the two spans of a sampled call, measured
-alone in the same run (times the ratio: only sampled traces ask the SDK for spans): what is left is
-natsrpc's own cost per observed call (its metrics included).
+0.1 by default) with an exporter that drops the spans, and a fifth, "natsrpc observed, no spans":
+the same middleware on a tracer provider that samples no trace (natsrpc's own work, every
+``traceparent`` made and read, its metrics, and no span). It also prints the CPU each side spends
+per call, and splits what observing adds: natsrpc's own (no spans, against plain) and the SDK's
+spans as they run in the call (observed, against no spans), beside the SDK's cost for the two spans
+of a sampled call measured alone in the same run (times the ratio: only sampled traces ask the SDK
+for spans).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ RAW_SUBJECT = "bench.raw.echo"
 MICRO_SUBJECT = "bench.micro.echo"
 CONTENDERS = ("natsrpc", "raw nats-py", "nats.micro")
 OBSERVED = "natsrpc observed"
+NO_SPANS = "natsrpc observed, no spans"
 
 
 class Echo(Service):
@@ -70,6 +74,12 @@ class ObservedEcho(Echo):
     name = "echoobs"
 
 
+class UnsampledEcho(Echo):
+    """The same echo, hosted with the metrics and tracing middleware on a provider that samples nothing."""
+
+    name = "echonospans"
+
+
 def observability(sample: float) -> list[Any]:
     """Sets up the OpenTelemetry SDK (parent-based ratio sampler, spans dropped) and returns the
     middleware: Prometheus metrics and tracing."""
@@ -87,6 +97,18 @@ def observability(sample: float) -> list[Any]:
     return [Metrics(), Tracing()]
 
 
+def observability_without_spans() -> list[Any]:
+    """The same middleware as :func:`observability`, on a provider whose sampler keeps no trace:
+    natsrpc's own work of observing, without the SDK's spans."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from natsrpc.observe.metrics import Metrics
+    from natsrpc.observe.tracing import Tracing
+
+    return [Metrics(), Tracing(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0))))]
+
+
 def dropped_exporter() -> Any:
     """An OpenTelemetry span exporter that drops every span."""
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -102,15 +124,16 @@ async def serve(url: str, observe: bool, sample: float) -> None:
     """Runs the three responders (four with ``observe``) until stdin closes."""
     natsrpc.logs.configure("console", "warning")
     nc = await nats.connect(url)
-    middleware = observability(sample) if observe else []
-    observed = await natsrpc.connect(url, middleware=middleware) if observe else None
-    observed_host = (
-        natsrpc.Host(observed, [ObservedEcho()], max_concurrency=1000, max_queue=10000, middleware=middleware)
-        if observed is not None
-        else None
-    )
-    if observed_host is not None:
-        await observed_host.start()
+    observed_hosts: list[natsrpc.Host] = []
+    if observe:
+        for echo, middleware in (
+            (ObservedEcho(), observability(sample)),
+            (UnsampledEcho(), observability_without_spans()),
+        ):
+            connection = await natsrpc.connect(url, middleware=middleware)
+            host = natsrpc.Host(connection, [echo], max_concurrency=1000, max_queue=10000, middleware=middleware)
+            await host.start()
+            observed_hosts.append(host)
         gc.freeze()  # as the runner does once started: the collector leaves start-up's objects alone
 
     async def raw(msg: Any) -> None:
@@ -132,9 +155,9 @@ async def serve(url: str, observe: bool, sample: float) -> None:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await service.stop()
-    if observed_host is not None and observed is not None:
-        await observed_host.stop()
-        await observed.close()
+    for host in observed_hosts:
+        await host.stop()
+        await host.client.close()
     await nc.drain()
 
 
@@ -172,7 +195,7 @@ async def closed_loop(
 
 
 def calls(
-    client: natsrpc.Client, nc: Any, encoding: str, observed: natsrpc.Client | None = None
+    client: natsrpc.Client, nc: Any, encoding: str, observed: tuple[natsrpc.Client, natsrpc.Client] | None = None
 ) -> dict[str, Callable[[], Awaitable[object]]]:
     """Returns one call of each contender, sending the same arguments in ``encoding``."""
     msgpack = encoding == "msgpack"
@@ -189,15 +212,18 @@ def calls(
     async def micro() -> object:
         return await nc.request(MICRO_SUBJECT, body, timeout=5, headers=headers)
 
-    contenders = dict(zip(CONTENDERS, (ours, raw, micro), strict=True))
+    contenders: dict[str, Callable[[], Awaitable[object]]] = dict(zip(CONTENDERS, (ours, raw, micro), strict=True))
     if observed is not None:
-        observed_echo = observed.call_service["echoobs"].options(encoding=encoding).echo
-
-        async def traced() -> object:
-            return await observed_echo(PAYLOAD)
-
-        contenders[OBSERVED] = traced
+        for name, caller, service in ((OBSERVED, observed[0], "echoobs"), (NO_SPANS, observed[1], "echonospans")):
+            contenders[name] = _echo_call(caller.call_service[service].options(encoding=encoding).echo)
     return contenders
+
+
+def _echo_call(echo: Any) -> Callable[[], Awaitable[object]]:
+    async def call() -> object:
+        return await echo(PAYLOAD)
+
+    return call
 
 
 Results = dict[tuple[str, str, int], list[Result]]
@@ -208,11 +234,16 @@ async def measure(url: str, args: argparse.Namespace, responder: int) -> Results
     nc = await nats.connect(url)
     results: Results = {}
     middleware = observability(args.sample) if args.observe else []
-    async with natsrpc.connect(url) as client, natsrpc.connect(url, middleware=middleware) as observed:
+    unsampled = observability_without_spans() if args.observe else []
+    async with (
+        natsrpc.connect(url) as client,
+        natsrpc.connect(url, middleware=middleware) as observed,
+        natsrpc.connect(url, middleware=unsampled) as without_spans,
+    ):
         if args.observe:
             gc.freeze()
         for encoding in args.encodings:
-            contenders = calls(client, nc, encoding, observed if args.observe else None)
+            contenders = calls(client, nc, encoding, (observed, without_spans) if args.observe else None)
             for call in contenders.values():  # warm up every path
                 await closed_loop(call, 10, 0.3)
             names = list(contenders)
@@ -275,7 +306,7 @@ def table(results: Results, loop_name: str, args: argparse.Namespace) -> str:
         "| encoding | concurrency | contender | calls/s | ratio to raw | p99 ms | p99 ratio |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
-    names = (*CONTENDERS, OBSERVED) if args.observe else CONTENDERS
+    names = (*CONTENDERS, NO_SPANS, OBSERVED) if args.observe else CONTENDERS
     for encoding in args.encodings:
         for concurrency in args.concurrency:
             raw = results[(encoding, "raw nats-py", concurrency)]
@@ -295,17 +326,19 @@ def table(results: Results, loop_name: str, args: argparse.Namespace) -> str:
 
 
 def observed_cost(results: Results, args: argparse.Namespace) -> list[str]:
-    """The CPU per call of plain and observed natsrpc on each side, and what the SDK takes alone."""
+    """The CPU per call of each natsrpc contender on each side, and what observing adds: natsrpc's
+    own (no spans against plain) and the SDK's spans in the call (observed against no spans),
+    beside the SDK's pair measured alone."""
     pair = results[("", "sdk span s", 0)][0][0]
     sdk = pair * args.sample  # only sampled traces ask the SDK for spans
     lines = [
-        f"CPU per call, µs (sample ratio {args.sample:g}; the SDK's two spans of a sampled call, measured alone: "
-        f"{pair * 1e6:.1f}, so {sdk * 1e6:.1f} per call at this ratio; the metrics are natsrpc's own code, "
-        "prometheus-client runs only when scraped):",
+        f"CPU per call, µs, both processes (sample ratio {args.sample:g}; the SDK's two spans of a sampled call, "
+        f"measured alone: {pair * 1e6:.1f}, so {sdk * 1e6:.1f} per call at this ratio; the metrics are natsrpc's "
+        "own code, prometheus-client runs only when scraped):",
         "",
-        "| encoding | concurrency | client plain | client observed | responder plain | responder observed "
-        "| added, both sides | of it the SDK's spans | natsrpc's own |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| encoding | concurrency | client plain | client no spans | client observed | responder plain "
+        "| responder no spans | responder observed | natsrpc's own | the SDK's spans in the call | the SDK's alone |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for encoding in args.encodings:
         for concurrency in args.concurrency:
@@ -313,13 +346,12 @@ def observed_cost(results: Results, args: argparse.Namespace) -> list[str]:
             def cpu(name: str, side: int, key: tuple[str, int] = (encoding, concurrency)) -> float:
                 return statistics.median(r[side] for r in results[(key[0], name, key[1])])
 
-            plain_c, obs_c = cpu("natsrpc", 2), cpu(OBSERVED, 2)
-            plain_s, obs_s = cpu("natsrpc", 3), cpu(OBSERVED, 3)
-            added = (obs_c - plain_c) + (obs_s - plain_s)
-            lines.append(
-                f"| {encoding} | {concurrency} | {plain_c * 1e6:.1f} | {obs_c * 1e6:.1f} | {plain_s * 1e6:.1f} | "
-                f"{obs_s * 1e6:.1f} | {added * 1e6:.1f} | {sdk * 1e6:.1f} | {(added - sdk) * 1e6:.1f} |"
-            )
+            client = [cpu(name, 2) for name in ("natsrpc", NO_SPANS, OBSERVED)]
+            responder = [cpu(name, 3) for name in ("natsrpc", NO_SPANS, OBSERVED)]
+            own = (client[1] - client[0]) + (responder[1] - responder[0])
+            spans = (client[2] - client[1]) + (responder[2] - responder[1])
+            cells = [f"{value * 1e6:.1f}" for value in (*client, *responder, own, spans, sdk)]
+            lines.append(f"| {encoding} | {concurrency} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -220,7 +220,12 @@ def main() -> None:
     parser.add_argument("--only", choices=KINDS, help="measure one contender (for valgrind)")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     parser.add_argument("--observe", action="store_true", help="natsrpc with the metrics and tracing middleware")
-    parser.add_argument("--sample", type=float, default=0.1, help="the root sampling ratio with --observe")
+    parser.add_argument(
+        "--sample",
+        type=float,
+        default=0.1,
+        help="the root sampling ratio with --observe (0: no span at all, natsrpc's own work alone)",
+    )
     parser.add_argument(
         "--span-only", action="store_true", help="count the SDK's two spans of a sampled call alone (for valgrind)"
     )
@@ -239,9 +244,11 @@ def main() -> None:
         elif args.piece is not None:
             installed = [m for m in installed if type(m).__name__.lower() == args.piece]
         MIDDLEWARE.extend(installed)
-        every = max(1, round(1 / args.sample))
         sampled, unsampled = (b"traceparent: 00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-0" + f for f in (b"1", b"0"))
-        TRACEPARENTS[:] = [sampled] + [unsampled] * (every - 1)
+        if args.sample > 0:
+            TRACEPARENTS[:] = [sampled] + [unsampled] * (max(1, round(1 / args.sample)) - 1)
+        else:  # natsrpc's own work alone: no trace is sampled, the SDK makes no span
+            TRACEPARENTS[:] = [unsampled]
         if args.span_only:
             print(f"the SDK's two spans of a sampled call, alone: {sdk_span_cost(args.calls) * 1e6:.2f} us")
             return

@@ -421,6 +421,8 @@ class TestBenchScripts:
         )  # fmt: skip
         rows = [line for line in out.splitlines() if line.startswith("| json | 5 |")]
         names = [row.split("|")[3].strip() for row in rows]
-        assert names[:4] == ["natsrpc", "raw nats-py", "nats.micro", "natsrpc observed"]
-        assert len(rows) == 5  # and the CPU row: plain and observed, both sides, the SDK's share, natsrpc's own
+        assert names[:5] == ["natsrpc", "raw nats-py", "nats.micro", "natsrpc observed, no spans", "natsrpc observed"]
+        assert len(rows) == 6  # and the CPU row: each natsrpc contender's sides, natsrpc's own, the SDK's share
+        cpu = [float(cell) for cell in rows[5].split("|")[3:-1]]  # numbers, each of them
+        assert len(cpu) == 9
         assert "natsrpc's own" in out
