@@ -4,7 +4,9 @@ A loop timer per call costs a ``TimerHandle``, a heap push and its cancellation 
 asyncio), paid by every call though almost none reaches its deadline. Here a call's future joins
 the bucket of the 1/100 s tick its deadline falls in (a dict entry, taken out when the call
 ends), and one timer, armed for the earliest deadline still waiting, fails what is due when it
-fires: at its deadline, as a timer of its own would.
+fires: at its deadline, as a timer of its own would. A bucket left empty stays until its tick
+has passed (most are refilled first), unless the empty ones pile up (long timeouts): then they are
+swept, so the buckets kept stay within a bound of the calls waiting.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 TICKS_PER_SECOND = 100
 """How finely deadlines are grouped (not how precisely they are met)."""
 
+_SWEEP_AT = 4096  # buckets kept, empty ones included, before the empty ones are swept
 _EARLY = 1e-5  # the loop runs a timer up to its clock's resolution early: a future so close is due
 
 Bucket = dict["asyncio.Future[Any]", tuple[str, float]]
@@ -32,7 +35,7 @@ class Expiry:
         expire: called as ``expire(future, subject)`` for each future still waiting at its deadline.
     """
 
-    __slots__ = ("_armed", "_buckets", "_expire", "_loop", "_ticks", "_timer")
+    __slots__ = ("_armed", "_buckets", "_expire", "_loop", "_sweep_at", "_ticks", "_timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, expire: Callable[[asyncio.Future[Any], str], None]) -> None:
         self._loop = loop
@@ -41,6 +44,7 @@ class Expiry:
         self._ticks: list[int] = []  # the ticks that have a bucket, a heap
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0.0  # when the timer fires
+        self._sweep_at = _SWEEP_AT  # buckets kept before the empty ones are swept
 
     def add(self, future: asyncio.Future[Any], subject: str, wait: float) -> Bucket:
         """Fails ``future`` (unless it is done) ``wait`` s from now.
@@ -52,6 +56,8 @@ class Expiry:
         tick = int(due * TICKS_PER_SECOND)
         bucket = self._buckets.get(tick)
         if bucket is None:
+            if len(self._buckets) >= self._sweep_at:
+                self._sweep()
             bucket = self._buckets[tick] = {}
             heapq.heappush(self._ticks, tick)
         bucket[future] = (subject, due)
@@ -62,6 +68,18 @@ class Expiry:
     def __len__(self) -> int:
         """The futures waiting for a deadline."""
         return sum(len(bucket) for bucket in self._buckets.values())
+
+    @property
+    def buckets(self) -> int:
+        """The buckets kept, empty ones included."""
+        return len(self._buckets)
+
+    def _sweep(self) -> None:
+        """Forgets the empty buckets; the next sweep waits until the buckets kept have doubled."""
+        self._buckets = {tick: bucket for tick, bucket in self._buckets.items() if bucket}
+        self._ticks = list(self._buckets)
+        heapq.heapify(self._ticks)
+        self._sweep_at = 2 * len(self._buckets) + _SWEEP_AT
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:

@@ -89,6 +89,27 @@ class TestDeadlines:
             future.cancel()
 
 
+class TestMemory:
+    """The buckets kept stay within a bound of the futures waiting, however long the timeouts."""
+
+    async def test_empty_buckets_of_long_timeouts_are_swept(self) -> None:
+        """Twenty thousand calls with hour-long timeouts, each over at once, leave a bounded number of buckets."""
+        loop = asyncio.get_running_loop()
+        expiry = Expiry(loop, expired_at(loop, {}))
+        waiting = [loop.create_future() for _ in range(10)]
+        for future in waiting:
+            expiry.add(future, "waiting", 3600.0)
+        most = 0
+        for i in range(20_000):  # a tick of its own each: a bucket each, emptied when the call ends
+            future = loop.create_future()
+            expiry.add(future, "s", 3600.0 + i / TICKS_PER_SECOND).pop(future)
+            most = max(most, expiry.buckets)
+        assert most <= 4096 + 2 * len(waiting) + 1
+        assert len(expiry) == len(waiting)
+        for future in waiting:
+            future.cancel()
+
+
 class TestClientCalls:
     """The client's calls wait on its Expiry: none is left in it once the calls have ended."""
 
