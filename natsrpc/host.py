@@ -434,6 +434,8 @@ class Host:
                     endpoint.streaming,
                     inst.label,
                     call,
+                    "",
+                    {},  # reply_headers: a middleware adds to them
                 )
                 if observers is not None:  # in line; one raising refuses, those begun are ended (finally)
                     states = []

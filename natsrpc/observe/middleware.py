@@ -39,6 +39,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import msgspec
+
 from natsrpc import logs
 from natsrpc.context import CallContext
 from natsrpc.errors import ConfigurationError
@@ -55,7 +57,7 @@ class Middleware(Protocol):
         """Runs around the call; ``await call_next()`` runs it (and the middleware inside this one)."""
 
 
-class Invocation:
+class Invocation(msgspec.Struct, eq=False):
     """One call as a middleware sees it.
 
     Attributes:
@@ -77,39 +79,21 @@ class Invocation:
             the context of the handler making the call (None outside a handler).
     """
 
-    __slots__ = (
-        "_trace_id", "args", "caller", "context", "deadline", "headers", "instance", "kwargs", "method",
-        "reply_headers", "service", "side", "streaming",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        side: str,
-        service: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        headers: Any,
-        deadline: float,
-        caller: str,
-        streaming: bool = False,
-        instance: str = "",
-        context: CallContext | None = None,
-        trace_id: str = "",
-    ) -> None:
-        self.side = side
-        self.service = service
-        self.method = method
-        self.args = args
-        self.kwargs = kwargs
-        self.headers = headers
-        self.reply_headers: dict[str, str] | None = {} if side == "server" else None
-        self.deadline = deadline
-        self.caller = caller
-        self.streaming = streaming
-        self.instance = instance
-        self.context = context
-        self._trace_id = trace_id
+    # A Struct, not a class with __init__: built in C from the positional fields, half the cost
+    # of a Python __init__ on every observed call. Compared and hashed by identity, as objects are.
+    side: str
+    service: str
+    method: str
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    headers: Any
+    deadline: float
+    caller: str
+    streaming: bool = False
+    instance: str = ""
+    context: CallContext | None = None
+    _trace_id: str = ""
+    reply_headers: dict[str, str] | None = None
 
     @property
     def trace_id(self) -> str:

@@ -164,8 +164,8 @@ class Tracing(Observer):
             if trace_id & _LOW_64 < roots.bound:
                 roots.ids.choose(trace_id)  # the SDK's own decision on this id is the same: kept
                 return False
-            hexed = bits.to_bytes(24, "big").hex()
-            traceparent = f"00-{hexed[:32]}-{hexed[32:]}{roots.dropped_flags}"
+            # trace id and span id as "<32 hex>-<16 hex>": one C call puts the dash 16 bytes in
+            traceparent = "00-" + bits.to_bytes(24, "big").hex("-", -16) + roots.dropped_flags
         else:
             ids = roots.ids
             trace_id = ids.inner.generate_trace_id()
