@@ -130,7 +130,8 @@ class Tracing(Observer):
         return self._start(call, _EMPTY, SpanKind.SERVER)
 
     def _call(self, call: Invocation) -> tuple[Any, object] | None:
-        current = trace.get_current_span()  # a handler's server span, the application's own, or none
+        ambient = otel_context.get_current()  # empty unless a span (or baggage) was made current
+        current = trace.get_current_span(ambient) if ambient else _NO_SPAN  # a server span, the app's, or none
         if current is not _NO_SPAN and current.is_recording():
             return self._start(call, None, SpanKind.CLIENT)  # its child
         if self.trust_parent_sampling:
