@@ -430,3 +430,24 @@ class TestObservers:
         assert sorted((e[1], e[2]) for e in log) == [
             ("begin", "client"), ("begin", "server"), ("end", "client"), ("end", "server")
         ]  # fmt: skip
+
+
+class TestInvocation:
+    """An Invocation is one call: compared and hashed by identity, its fields settable."""
+
+    def test_two_calls_alike_are_two_calls(self) -> None:
+        """Invocations with equal fields differ, key a dict apart, and take new arguments and headers."""
+        fields = ("client", "kv", "get", ("a",), {}, {}, 0.0, "client")
+        first, second = Invocation(*fields), Invocation(*fields)
+        assert first != second
+        assert first == first
+        assert len({first: 1, second: 2}) == 2
+        first.args, first.headers["X-Tenant"] = ("b",), "acme"
+        assert (first.args, first.headers, first.reply_headers, first.trace_id) == (
+            ("b",),
+            {"X-Tenant": "acme"},
+            None,
+            "",
+        )
+        with pytest.raises(AttributeError):
+            first.unknown = 1  # type: ignore[attr-defined]
