@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,12 +25,13 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
 
 import natsrpc
 import natsrpc.circuit
 import natsrpc.retry
 from natsrpc import Service, ServiceError, current_call, rpc
+from natsrpc.observe import tracing as tracing_module
 from natsrpc.observe.tracing import Tracing
 from natsrpc.testing import serve
 
@@ -417,3 +419,22 @@ class TestAcrossProcesses:
             assert served["parent_id"] == record["span_id"]
             assert served["pid"] != server["pid"]
         assert len({r["pid"] for r in mine}) == 3  # memory, kv, vdb (the root is in this process)
+
+
+class TestTraceparentFormat:
+    """The traceparent written from a span context is the W3C form of its ids and flags."""
+
+    def test_written_as_the_w3c_form(self) -> None:
+        """For ids of every size and every flags byte, the text is 00-<32 hex>-<16 hex>-<2 hex>."""
+        draw = random.Random(7)
+        for flags in range(256):
+            trace_id, span_id = draw.getrandbits(draw.randint(1, 128)) | 1, draw.getrandbits(draw.randint(1, 64)) | 1
+            expected = f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+            context = SpanContext(trace_id, span_id, False, TraceFlags(flags))
+            headers: dict[str, str] = {}
+            tracing_module._inject(context, headers)
+            assert headers == {"traceparent": expected}
+            assert tracing_module._traceparent(context) == expected
+        empty: dict[str, str] = {}
+        tracing_module._inject(SpanContext(0, 0, False), empty)  # an invalid context carries nothing
+        assert empty == {}
