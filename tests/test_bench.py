@@ -402,6 +402,7 @@ class TestBenchScripts:
         assert [row.split("|")[3].strip() for row in rows] == ["natsrpc", "raw nats-py", "nats.micro"]
         assert rows[1].split("|")[5].strip() == "1.00"  # raw is the reference
 
+    @pytest.mark.slow  # 4 s: the default suite keeps under 3 minutes; .ci/run runs it with -m slow
     def test_hotpath_observed_with_each_piece_and_the_sdk_pair(self) -> None:
         """--observe runs with all pieces and with each alone; --span-only prints the SDK's pair."""
         for piece in ([], ["--piece", "nothing"], ["--piece", "metrics"], ["--piece", "tracing"]):
