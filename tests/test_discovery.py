@@ -35,6 +35,7 @@ from natsrpc.instance import LatencyHistogram
 from natsrpc.protocol import Heartbeat
 from natsrpc.registry import EXPIRY_INTERVALS, InstanceState, Registry
 from natsrpc.testing import serve
+from natsrpc.transport import sync_with_server
 from services.kv import KV
 
 INTERVAL = 0.1  # heartbeat interval of the services hosted here
@@ -181,7 +182,7 @@ async def beats(nc: NatsConnection) -> AsyncIterator[Beats]:
     """Heartbeats seen by a plain subscriber to ``svc._hb.>`` (subscribed before the test's hosts start)."""
     log = Beats()
     sub = await nc.subscribe("svc._hb.>", cb=log.on_msg)
-    await nc.flush()
+    await sync_with_server(nc)  # nc.flush() can return before the SUB is sent
     try:
         yield log
     finally:
@@ -545,7 +546,7 @@ class TestHeartbeats:
             subjects.append(msg.subject)
 
         sub = await nc.subscribe("svc._hb.discpulse.*", cb=on_msg)
-        await nc.flush()
+        await sync_with_server(nc)  # nc.flush() can return before the SUB is sent
         try:
             async with serve(client, Pulse(), heartbeat_interval=INTERVAL) as host:
                 await poll(lambda: len(subjects) >= 2, "2 beats")

@@ -23,6 +23,7 @@ from stream_service import Streams, Word
 import natsrpc
 from natsrpc import Service, current_call, protocol, rpc
 from natsrpc.testing import serve
+from natsrpc.transport import sync_with_server
 
 KEEPALIVE = 0.1  # the hosts' stream keepalive in these tests: dead peers show within 0.3 s
 PROMPT = 0.1  # "within 100 ms on loopback"
@@ -440,7 +441,7 @@ class TestLargeReplies:
             await nc.publish(msg.reply, b"", headers={protocol.SEQ: "2", protocol.END: "1"})
 
         await nc.subscribe("svc.fake.chunks", cb=respond)
-        await nc.flush()
+        await sync_with_server(nc)  # nc.flush() can return before the SUB is sent
         with pytest.raises(natsrpc.BadReply, match="the chunks hold 5 bytes, 10 were announced"):
             await client.call_service["fake"].chunks()
 
@@ -494,7 +495,7 @@ class TestBadPeers:
                 await nc.publish(msg.reply, b"1", headers=headers)
 
         await nc.subscribe("svc.fake.bad", cb=respond)
-        await nc.flush()
+        await sync_with_server(nc)  # nc.flush() can return before the SUB is sent
         started = time.monotonic()
         with pytest.raises(natsrpc.BadReply, match=says):
             async for _ in client.stream("fake", "bad", window=3):
@@ -513,7 +514,7 @@ class TestBadPeers:
             await nc.publish(msg.reply, b"", headers=first)
 
         await nc.subscribe("svc.fake.silent", cb=respond)
-        await nc.flush()
+        await sync_with_server(nc)  # nc.flush() can return before the SUB is sent
         started = time.monotonic()
         with pytest.raises(natsrpc.StreamInterrupted):
             async for _ in client.stream("fake", "silent"):
