@@ -27,7 +27,8 @@ from natsrpc.testing import serve
 from natsrpc.transport import sync_with_server
 from services.kv import KV
 
-BAD_DEADLINE_BUDGET = 0.1  # a request with an implausible deadline header is answered 400 within 100 ms
+BAD_DEADLINE_BUDGET = 0.3  # answered 400 at once: far under the request's 2 s timeout (a loaded 2-core CI
+# machine took 101 ms for the first request of a fresh connection on the public-API path)
 
 
 @pytest.fixture
