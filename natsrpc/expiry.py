@@ -99,9 +99,8 @@ class Expiry:
                 subject, _ = bucket.pop(future)
                 if not future.done():
                     self._expire(future, subject)
-            if bucket:  # due later in this tick
-                self._arm(min(due for _, due in bucket.values()))
-                return
+            if bucket:  # due later in this tick: the timer is armed for it below
+                break
             del buckets[heapq.heappop(ticks)]
         if ticks:
             head = buckets[ticks[0]]
