@@ -16,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -31,6 +32,7 @@ import natsrpc
 import natsrpc.circuit
 import natsrpc.retry
 from natsrpc import Service, ServiceError, current_call, rpc
+from natsrpc.observe import Invocation
 from natsrpc.observe import tracing as tracing_module
 from natsrpc.observe.tracing import Tracing
 from natsrpc.testing import serve
@@ -438,3 +440,38 @@ class TestTraceparentFormat:
         empty: dict[str, str] = {}
         tracing_module._inject(SpanContext(0, 0, False), empty)  # an invalid context carries nothing
         assert empty == {}
+
+
+_LOW_64_MAX = (1 << 64) - 1
+
+
+class _OwnIds(RandomIdGenerator):
+    """An id generator that is not the SDK's own class: Tracing asks it for each id."""
+
+    def __init__(self, trace_id: int) -> None:
+        self.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+    def generate_span_id(self) -> int:
+        return 0xABC
+
+
+class TestOwnIdGenerator:
+    """Under an id generator of the application's own, a dropped trace carries that generator's ids."""
+
+    def test_a_dropped_trace_carries_the_generators_ids(self) -> None:
+        """The traceparent is the W3C form of the ids drawn; ids out of range leave the trace to the SDK."""
+        dropped = (1 << 64) | _LOW_64_MAX  # low 64 bits all ones: dropped at any ratio below 1
+        tracing = Tracing(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)), id_generator=_OwnIds(dropped)))
+        call = Invocation("client", "kv", "get", (), {}, {}, 0.0, "client")
+        assert tracing.begin(call) is None
+        assert tracing._roots is not None
+        assert call.headers == {"traceparent": f"00-{dropped:032x}-{0xABC:016x}{tracing._roots.dropped_flags}"}
+        too_large = Tracing(
+            TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)), id_generator=_OwnIds(1 << 130 | _LOW_64_MAX))
+        )
+        other = Invocation("client", "kv", "get", (), {}, {}, 0.0, "client")
+        assert too_large._dropped(other) is False
+        assert other.headers == {}

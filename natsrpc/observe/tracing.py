@@ -166,8 +166,7 @@ class Tracing(Observer):
             if trace_id & _LOW_64 < roots.bound:
                 roots.ids.choose(trace_id)  # the SDK's own decision on this id is the same: kept
                 return False
-            # trace id and span id as "<32 hex>-<16 hex>": one C call puts the dash 16 bytes in
-            traceparent = "00-" + bits.to_bytes(24, "big").hex("-", -16) + roots.dropped_flags
+            traceparent = _format(bits, roots.dropped_flags)
         else:
             ids = roots.ids
             trace_id = ids.inner.generate_trace_id()
@@ -175,7 +174,10 @@ class Tracing(Observer):
                 ids.choose(trace_id)
                 return False
             span_id = ids.inner.generate_span_id()
-            traceparent = f"00-{trace_id:032x}-{span_id:016x}{roots.dropped_flags}"
+            # A generator of ids out of range makes no valid traceparent: the SDK decides the trace.
+            if not 0 < trace_id < 1 << 128 or not 0 < span_id < 1 << 64:
+                return False
+            traceparent = _format(trace_id << 64 | span_id, roots.dropped_flags)
         if call.side == "server":
             if call.context is not None:
                 call.context.adopt_traceparent(traceparent)  # the calls it makes carry the decision
@@ -313,13 +315,15 @@ def _under_remote(trace_id: int, span_id: int, flags: int, state: str | None = N
 
 def _traceparent(span_context: SpanContext) -> str:
     """A span context as a W3C ``traceparent``."""
-    return _format(span_context.trace_id, span_context.span_id, span_context.trace_flags)
+    ids = span_context.trace_id << 64 | span_context.span_id
+    return _format(ids, _FLAGS_TEXT[span_context.trace_flags & 0xFF])
 
 
-def _format(trace_id: int, span_id: int, flags: int) -> str:
-    """A ``traceparent`` of these ids and flags: "<32 hex>-<16 hex>" in one C call (the dash 16
-    bytes in), the flags from a table."""
-    return "00-" + (trace_id << 64 | span_id).to_bytes(24, "big").hex("-", -16) + _FLAGS_TEXT[flags & 0xFF]
+def _format(ids: int, flags: str) -> str:
+    """A version-00 ``traceparent``: ``ids`` is the trace id and the span id as one number (trace id
+    in the high 128 bits), ``flags`` the last field with its dash ("-01"). One C call hexes both
+    ids and puts the dash between them, 16 bytes in."""
+    return "00-" + ids.to_bytes(24, "big").hex("-", -16) + flags
 
 
 def _inject(span_context: SpanContext, headers: dict[str, str]) -> None:
@@ -327,7 +331,6 @@ def _inject(span_context: SpanContext, headers: dict[str, str]) -> None:
     trace_id, span_id = span_context.trace_id, span_context.span_id
     if not trace_id or not span_id:  # an invalid context (no SDK): nothing to carry
         return
-    ids = (trace_id << 64 | span_id).to_bytes(24, "big").hex("-", -16)  # as _format, one frame fewer
-    headers[protocol.TRACEPARENT] = "00-" + ids + _FLAGS_TEXT[span_context.trace_flags & 0xFF]
+    headers[protocol.TRACEPARENT] = _format(trace_id << 64 | span_id, _FLAGS_TEXT[span_context.trace_flags & 0xFF])
     if span_context.trace_state:
         headers[TRACESTATE] = span_context.trace_state.to_header()
