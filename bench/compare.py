@@ -203,16 +203,15 @@ def calls(
     headers = {"Content-Type": "application/msgpack"} if msgpack else None
     echo = client.call_service["echo"].options(encoding=encoding).echo
 
-    async def ours() -> object:
-        return await echo(PAYLOAD)
-
     async def raw() -> object:
         return await nc.request(RAW_SUBJECT, body, timeout=5, headers=headers)
 
     async def micro() -> object:
         return await nc.request(MICRO_SUBJECT, body, timeout=5, headers=headers)
 
-    contenders: dict[str, Callable[[], Awaitable[object]]] = dict(zip(CONTENDERS, (ours, raw, micro), strict=True))
+    contenders: dict[str, Callable[[], Awaitable[object]]] = dict(
+        zip(CONTENDERS, (_echo_call(echo), raw, micro), strict=True)
+    )
     if observed is not None:
         for name, caller, service in ((OBSERVED, observed[0], "echoobs"), (NO_SPANS, observed[1], "echonospans")):
             contenders[name] = _echo_call(caller.call_service[service].options(encoding=encoding).echo)
