@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import time
@@ -199,6 +200,7 @@ async def _stop_tasks() -> None:
 async def measure(args: argparse.Namespace) -> None:
     """Measures each side, contenders interleaved round by round, and prints the figures."""
     natsrpc.logs.configure("console", "warning")
+    gc.freeze()  # as the runner does once started: the collector leaves start-up's objects (the SDK's) alone
     for side in args.side:
         measure_one = host_side if side == "host" else client_side
         kinds = [k for k in KINDS if not args.only or k == args.only]

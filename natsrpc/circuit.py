@@ -158,24 +158,25 @@ class _Window:
 
     def add(self, now: float, failed: bool) -> None:
         """Counts one call that ended at ``now``."""
-        index = self._slide(now)
-        if not self._slots or self._slots[-1][0] < index:
-            self._slots.append([index, 0, 0])
-        slot = self._slots[-1]  # a clock that steps back lands in the newest bucket
+        index = math.floor(now / self._width)
+        slots = self._slots
+        if slots and slots[0][0] <= index - self._buckets:
+            self._slide(index)
+        if not slots or slots[-1][0] < index:
+            slots.append([index, 0, 0])
+        slot = slots[-1]  # a clock that steps back lands in the newest bucket
         slot[1] += 1
         self.calls += 1
         if failed:
             slot[2] += 1
             self.failures += 1
 
-    def _slide(self, now: float) -> int:
-        """Drops the buckets that fell out of the window; returns the bucket index of ``now``."""
-        index = math.floor(now / self._width)
+    def _slide(self, index: int) -> None:
+        """Drops the buckets that fell out of the window ending in bucket ``index``."""
         while self._slots and self._slots[0][0] <= index - self._buckets:
             _, calls, failures = self._slots.popleft()
             self.calls -= calls
             self.failures -= failures
-        return index
 
     def clear(self) -> None:
         """Forgets every call."""
@@ -277,7 +278,13 @@ class CircuitBreaker:
             ticket: what :meth:`allow` returned for the call; 0 = unknown (counted as it ends).
         """
         if exc is None and self._state is State.CLOSED:  # the hot path: a success while closed
-            self._record_closed(False, ticket)
+            window = self._window
+            window.add(self._clock(), False)
+            self._consecutive = 0
+            if ticket > self._last_success:
+                self._last_success = ticket
+            if window.failures:  # a success can still bring the window to min_calls over the rate
+                self._check_rate()
             return
         failed = _classify(exc)
         state = self.state
@@ -310,7 +317,14 @@ class CircuitBreaker:
             self._consecutive += 1
         if self._consecutive >= cfg.consecutive_failures:
             self._open(f"{self._consecutive} calls in a row failed")
-        elif window.calls >= cfg.min_calls and window.failures / window.calls >= cfg.failure_rate:
+        else:
+            self._check_rate()
+
+    def _check_rate(self) -> None:
+        """Opens the circuit when the window holds enough calls and too many of them failed."""
+        cfg = self.config
+        window = self._window
+        if window.calls >= cfg.min_calls and window.failures / window.calls >= cfg.failure_rate:
             self._open(f"{window.failures} of {window.calls} calls failed in the last {cfg.window:g} s")
 
     def set_alive(self, alive: bool) -> None:

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Header names: HTTP tokens (what nats-py sends), plus names nats-py's parser must skip.
 TOKEN = st.text(alphabet="!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", min_size=1)
 ODD_NAME = st.sampled_from(["bad name", "tab\tname", "naïve", "", "  padded  "])
+OWN_NAME = st.sampled_from(sorted(protocol._PROTOCOL_NAMES))  # natsrpc's own: parsed on a shorter path
 VALUE = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=40)
 
 
@@ -39,7 +40,7 @@ def block(lines: list[tuple[str, str]]) -> bytes:
 
 class TestParseHeaders:
     @settings(max_examples=500, deadline=None)
-    @given(st.lists(st.tuples(st.one_of(TOKEN, ODD_NAME), VALUE), min_size=1, max_size=6))
+    @given(st.lists(st.tuples(st.one_of(TOKEN, ODD_NAME, OWN_NAME), VALUE), min_size=1, max_size=6))
     def test_matches_nats_py(self, lines: list[tuple[str, str]]) -> None:
         raw = block(lines)
         theirs = NatsConnection._parse_header_lines(raw[len("NATS/1.0\r\n") :])
@@ -57,6 +58,21 @@ class TestParseHeaders:
     def test_lines_without_a_colon_and_control_characters_in_names_are_skipped(self) -> None:
         raw = b"NATS/1.0\r\ngarbage\r\nX\x01Y: 1\r\nok: 2\r\n\r\n"
         assert protocol.parse_headers(raw) == {"ok": "2"}
+
+    def test_natsrpcs_own_names_follow_the_same_rules(self) -> None:
+        """natsrpc's own names take a shorter path: without a colon they are skipped, their values
+        are stripped of ASCII whitespace only, and a name with space around it is still read."""
+        raw = (
+            f"NATS/1.0\r\n{protocol.DEADLINE}\r\n{protocol.CALLER}: \t kv/1 \r\n"
+            f" {protocol.TRACEPARENT} :\u00a0x\r\n{protocol.CONTENT_TYPE}:\r\n\r\n"
+        ).encode()
+        theirs = NatsConnection._parse_header_lines(raw[len("NATS/1.0\r\n") :])
+        assert protocol.parse_headers(raw) == theirs
+        assert protocol.parse_headers(raw) == {
+            protocol.CALLER: "kv/1",
+            protocol.TRACEPARENT: "\u00a0x",
+            protocol.CONTENT_TYPE: "",
+        }
 
     def test_no_usable_line_is_none(self) -> None:
         assert protocol.parse_headers(b"NATS/1.0\r\n\r\n") is None

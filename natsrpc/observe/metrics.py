@@ -28,9 +28,9 @@ serve these beside its own metrics; the runner's ``--metrics-port`` serves ``/me
 from __future__ import annotations
 
 import asyncio
-import time
 from bisect import bisect_left
 from collections.abc import Iterator
+from time import perf_counter
 from typing import Any
 
 try:
@@ -70,17 +70,24 @@ _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
 
 
 class _Timings:
-    """One histogram's buckets (counts per bucket, not cumulative), sum and count."""
+    """The calls of one (service, method) on one side: their durations' histogram (counts per
+    bucket, not cumulative) and sum, the successes, and the failures by label (code or outcome).
+    ``in_flight`` is the served service's one-element counter (shared by its methods); None for
+    calls made."""
 
-    __slots__ = ("buckets", "count", "sum")
+    __slots__ = ("buckets", "failed", "in_flight", "ok", "sum")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, in_flight: list[int] | None) -> None:
         self.buckets = [0] * size
-        self.count = 0
         self.sum = 0.0
+        self.ok = 0
+        self.failed: dict[str, int] = {}
+        self.in_flight = in_flight
 
-
-_Counts = tuple[dict[str, int], _Timings]  # calls by code or outcome, and their timings
+    def by_label(self, success: str) -> list[tuple[str, int]]:
+        """The calls counted by label, successes under ``success``."""
+        counts = [(success, self.ok)] if self.ok else []
+        return counts + list(self.failed.items())
 
 
 class Metrics(Observer):
@@ -105,56 +112,58 @@ class Metrics(Observer):
             bounds.append(float("inf"))
         self.bounds = tuple(bounds)
         self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
-        # (service, method) -> (requests by code, timings)
-        self._served: dict[tuple[str, str], _Counts] = {}
-        self._in_flight: dict[str, int] = {}
+        self._served: dict[tuple[str, str], _Timings] = {}  # (service, method) -> its requests
+        self._in_flight: dict[str, list[int]] = {}  # service -> [requests being served]
         self._rejected: dict[tuple[str, str], int] = {}
-        # (caller, service, method) -> (calls by outcome, timings)
-        self._calls: dict[tuple[str, str, str], _Counts] = {}
+        self._calls: dict[tuple[str, str, str], _Timings] = {}  # (caller, service, method) -> its calls
         self._retries: dict[str, int] = {}
         self._circuit: dict[str, int] = {}
         self._cache: dict[tuple[str, str, str], int] = {}
         self.registry.register(self)
 
-    def begin(self, call: Invocation) -> tuple[_Counts, float]:
+    def begin(self, call: Invocation) -> tuple[_Timings, float]:
         """Starts timing a call (and counts it in flight, server side)."""
         if call.side == "server":
-            served = (call.service, call.method)
-            found = self._served.get(served)
-            if found is None:
-                found = self._served[served] = ({}, _Timings(len(self.bounds)))
-                self._in_flight.setdefault(call.service, 0)
-            self._in_flight[call.service] += 1
+            timings = self._served.get((call.service, call.method))
+            if timings is None:
+                timings = self._first(self._served, (call.service, call.method), call.service)
+            timings.in_flight[0] += 1  # type: ignore[index]
         else:
             context = call.context
-            made = (context.service if context is not None else call.caller, call.service, call.method)
-            found = self._calls.get(made)
-            if found is None:
-                found = self._calls[made] = ({}, _Timings(len(self.bounds)))
-        return found, time.perf_counter()
+            made = (call.caller if context is None else context.service, call.service, call.method)
+            timings = self._calls.get(made)
+            if timings is None:
+                timings = self._first(self._calls, made, None)
+        return timings, perf_counter()
 
-    def end(self, call: Invocation, state: tuple[_Counts, float], error: BaseException | None) -> None:
+    def _first(self, kept: dict[Any, _Timings], key: Any, served: str | None) -> _Timings:
+        """The timings of a key's first call (``served``: the service served, None for calls made)."""
+        in_flight = None if served is None else self._in_flight.setdefault(served, [0])
+        timings = kept[key] = _Timings(len(self.bounds), in_flight)
+        return timings
+
+    def end(self, call: Invocation, state: tuple[_Timings, float], error: BaseException | None) -> None:
         """Counts a call by its code (served) or outcome (made) and records its duration."""
-        (counts, timings), started = state
-        seconds = time.perf_counter() - started
+        timings, started = state
+        seconds = perf_counter() - started
         timings.buckets[bisect_left(self.bounds, seconds)] += 1
-        timings.count += 1
         timings.sum += seconds
-        if call.side == "server":
-            self._in_flight[call.service] -= 1
-            if error is None:
-                label = "200"
-            elif isinstance(error, asyncio.CancelledError):
+        in_flight = timings.in_flight
+        if in_flight is not None:
+            in_flight[0] -= 1
+        if error is None:
+            timings.ok += 1
+            return
+        if in_flight is not None:
+            if isinstance(error, asyncio.CancelledError):
                 label = "499"  # the caller gave up, or the deadline passed: nothing was sent
             else:
                 label = str(reply_code(error))  # the code of the error reply the caller gets
-        elif error is None:
-            label = "ok"
         elif isinstance(error, asyncio.CancelledError):
             label = "cancelled"
         else:
             label = next((name for kind, name in _OUTCOMES if isinstance(error, kind)), "failed")
-        counts[label] = counts.get(label, 0) + 1
+        timings.failed[label] = timings.failed.get(label, 0) + 1
 
     def on_rejected(self, service: str, method: str, code: int) -> None:
         """Counts a request the host refused before its handler ran."""
@@ -183,13 +192,14 @@ class Metrics(Observer):
             "natsrpc_server_request_duration_seconds", "Time to serve a request (a whole stream, for streams)",
             labels=["service", "method"],
         )  # fmt: skip
-        for (service, method), (by_code, timings) in list(self._served.items()):
-            for code, n in list(by_code.items()):
+        for (service, method), timings in list(self._served.items()):
+            for code, n in timings.by_label("200"):
                 requests.add_metric([service, method, code], n)
             duration.add_metric([service, method], self._cumulative(timings), timings.sum)
         yield requests
         yield duration
-        yield self._gauge("natsrpc_server_in_flight", "Requests being served", ["service"], self._in_flight)
+        in_flight = {service: cell[0] for service, cell in list(self._in_flight.items())}
+        yield self._gauge("natsrpc_server_in_flight", "Requests being served", ["service"], in_flight)
         yield self._counter(
             "natsrpc_server_rejected", "Requests refused before their handler ran", ["service", "reason"],
             self._rejected,
@@ -201,8 +211,8 @@ class Metrics(Observer):
             "natsrpc_client_request_duration_seconds", "Time a call took, retries included",
             labels=["caller", "service", "method"],
         )  # fmt: skip
-        for key, (by_outcome, timings) in list(self._calls.items()):
-            for outcome, n in list(by_outcome.items()):
+        for key, timings in list(self._calls.items()):
+            for outcome, n in timings.by_label("ok"):
                 calls.add_metric([*key, outcome], n)
             call_duration.add_metric(list(key), self._cumulative(timings), timings.sum)
         yield calls

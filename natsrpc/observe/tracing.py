@@ -100,7 +100,16 @@ class Tracing(Observer):
             if value and self.trust_parent_sampling and value[-1] in _UNSAMPLED and _VERSION_00.fullmatch(value):
                 return None  # not sampled: the request's context (natsrpc's own) carries the decision on
             return self._serve(call, value)
-        return self._call(call)
+        ambient = otel_context.get_current()  # empty unless a span (or baggage) was made current
+        roots = self._roots
+        if not ambient and call.context is None and roots is not None and roots.random and self.trust_parent_sampling:
+            # The usual root call: a new trace under the SDK's ratio sampler and id generator.
+            dropped = _draw(roots)
+            if dropped:
+                call.headers[protocol.TRACEPARENT] = dropped
+                return None
+            return self._start(call, None, SpanKind.CLIENT)
+        return self._call(call, ambient)
 
     def end(self, call: Invocation, state: tuple[Any, object] | None, error: BaseException | None) -> None:
         """Ends the call's span: an error sets its status and is recorded."""
@@ -130,8 +139,7 @@ class Tracing(Observer):
             return None
         return self._start(call, _EMPTY, SpanKind.SERVER)
 
-    def _call(self, call: Invocation) -> tuple[Any, object] | None:
-        ambient = otel_context.get_current()  # empty unless a span (or baggage) was made current
+    def _call(self, call: Invocation, ambient: Any) -> tuple[Any, object] | None:
         current = trace.get_current_span(ambient) if ambient else _NO_SPAN  # a server span, the app's, or none
         if current is not _NO_SPAN and current.is_recording():
             return self._start(call, None, SpanKind.CLIENT)  # its child
@@ -158,15 +166,10 @@ class Tracing(Observer):
         roots = self._roots if self._roots is not None else self._settle()
         if roots is None or roots.bound is None:
             return False
-        if roots.random:  # the SDK's RandomIdGenerator: both ids at once, from the same source
-            bits = getrandbits(192)
-            trace_id = bits >> 64
-            if not trace_id or not bits & _LOW_64:  # an invalid id (1 in 2**64): asked again
-                return self._dropped(call)
-            if trace_id & _LOW_64 < roots.bound:
-                roots.ids.choose(trace_id)  # the SDK's own decision on this id is the same: kept
+        if roots.random:
+            traceparent = _draw(roots)
+            if not traceparent:
                 return False
-            traceparent = _format(bits, roots.dropped_flags)
         else:
             ids = roots.ids
             trace_id = ids.inner.generate_trace_id()
@@ -239,7 +242,7 @@ class _Roots:
     def __init__(self, tracer: Any) -> None:
         self.bound: int | None = None
         self.dropped_flags = "-00"  # a traceparent's last field, for a trace not sampled
-        self.random = False  # the ids come from the SDK's RandomIdGenerator (random.getrandbits)
+        self.random = False  # a ratio sampler (bound set), ids from the SDK's RandomIdGenerator (getrandbits)
         sampler = getattr(tracer, "sampler", None)
         ids = getattr(tracer, "id_generator", None)
         if sampler is None or ids is None or not type(sampler).__module__.startswith("opentelemetry.sdk."):
@@ -255,9 +258,26 @@ class _Roots:
         self.bound = _ratio_bound(sampler.get_description())
         if ids.inner.is_trace_id_random() and hasattr(TraceFlags, "RANDOM_TRACE_ID"):
             self.dropped_flags = f"-{TraceFlags.RANDOM_TRACE_ID:02x}"
-        self.random = type(ids.inner).__name__ == "RandomIdGenerator" and type(ids.inner).__module__.startswith(
-            "opentelemetry.sdk."
+        self.random = (
+            self.bound is not None
+            and type(ids.inner).__name__ == "RandomIdGenerator"
+            and type(ids.inner).__module__.startswith("opentelemetry.sdk.")
         )
+
+
+def _draw(roots: _Roots) -> str:
+    """Decides a new trace under the SDK's ratio sampler and RandomIdGenerator (``roots.random``):
+    both ids are drawn at once, from that generator's own source. Returns the traceparent of a
+    trace dropped, or "" for one kept (its trace id chosen for the SDK, whose own decision on that
+    id is the same)."""
+    bits = getrandbits(192)
+    trace_id = bits >> 64
+    if not trace_id or not bits & _LOW_64:  # an invalid id (1 in 2**64): drawn again
+        return _draw(roots)
+    if trace_id & _LOW_64 < roots.bound:  # type: ignore[operator]  # random: a bound is set
+        roots.ids.choose(trace_id)
+        return ""
+    return _format(bits, roots.dropped_flags)
 
 
 def _ratio_bound(description: str) -> int | None:
