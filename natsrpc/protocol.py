@@ -256,24 +256,19 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
     """
     if not headers:
         return b""
-    if headers.keys() <= _PROTOCOL_NAMES:  # natsrpc's own names only (most requests): nothing to check
-        text = "NATS/1.0\r\n" + "".join([f"{name}: {value}\r\n" for name, value in headers.items()]) + "\r\n"
-        count = len(headers) + 2
-    else:
-        lines = ["NATS/1.0\r\n"]
-        for name, value in headers.items():
-            if name not in _PROTOCOL_NAMES:
-                name = name.strip()
-                if not name:
-                    continue
-                if not HEADER_NAME.fullmatch(name):
-                    raise ValueError(f"header name {name!r} is not an HTTP token")
-                value = value.strip()
-            lines.append(f"{name}: {value}\r\n")
-        lines.append("\r\n")
-        text = "".join(lines)
-        count = len(lines)
-    if text.count("\n") != count or text.count("\r") != count:  # a value carries a line break
+    lines = ["NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if name not in _PROTOCOL_NAMES:
+            name = name.strip()
+            if not name:
+                continue
+            if not HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            value = value.strip()
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):  # a value carries a line break
         return encode_headers({name: clean_header_value(value) for name, value in headers.items()})
     return text.encode()
 
