@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -246,6 +247,50 @@ class TestHealthEndpoints:
         assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 400")
         writer.close()
         assert (await http_get(health.port, "/healthz"))[0] == 200
+
+    async def test_a_peer_that_stops_reading_is_cut_off(self) -> None:
+        """A scraper that asks for /metrics and reads nothing is dropped after the write timeout: its
+        connection closes with the answer untaken, and the server keeps serving."""
+
+        class Huge:
+            CONTENT_TYPE = "text/plain"
+
+            def exposition(self) -> bytes:
+                return b"x" * (64 << 20)  # far over what the socket buffers hold
+
+        async with HealthServer(0, "127.0.0.1", metrics=Huge(), write_timeout=0.3) as health:
+            reader, writer = await asyncio.open_connection("127.0.0.1", health.port, limit=1 << 16)
+            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            await writer.drain()
+            await poll(lambda: health.connections == 0, "the stalled connection dropped")
+            taken = 0
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+                    taken += len(chunk)
+            assert taken < 64 << 20
+            writer.close()
+            assert (await http_get(health.port, "/healthz"))[0] == 200
+
+    async def test_connections_over_the_limit_are_closed_at_once(self) -> None:
+        """With 2 connections open (idle), a third is closed unanswered, well before the 5 s read
+        timeout; once they close, requests are answered again. Stopping closes idle ones at once."""
+        async with HealthServer(0, "127.0.0.1", max_connections=2) as health:
+            idle = [await asyncio.open_connection("127.0.0.1", health.port) for _ in range(2)]
+            await poll(lambda: health.connections == 2, "two connections open")
+            reader, writer = await asyncio.open_connection("127.0.0.1", health.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(), 2) == b""
+            writer.close()
+            for _, idle_writer in idle:
+                idle_writer.close()
+            await poll(lambda: health.connections == 0, "the idle connections closed")
+            assert (await http_get(health.port, "/healthz"))[0] == 200
+            idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", health.port)
+            await poll(lambda: health.connections == 1, "one connection open")
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(idle_reader.read(), 1) == b""
+        idle_writer.close()
 
     async def test_readyz_turns_503_while_the_host_drains(
         self, client: natsrpc.Client, observed: tuple[Metrics, HealthServer, natsrpc.Host, Flaky]

@@ -7,7 +7,10 @@
   (needs ``natsrpc[metrics]``); 404 without one.
 
 A small HTTP/1.1 server on asyncio (no dependency): one request per connection, a request head
-of at most 8 KiB read within 5 seconds, GET and HEAD only.
+of at most 8 KiB read within 5 seconds, GET and HEAD only. A peer that stops taking the answer is
+cut off after 10 seconds, at most 64 connections are open at once (one more is closed as it
+comes), and stopping the server closes the connections still open: no peer holds memory or a
+file descriptor of the process for long.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ log = logs.get_logger("natsrpc.observe")
 
 MAX_HEAD = 8192  # bytes of request line and headers
 READ_TIMEOUT = 5.0  # seconds to send them
+WRITE_TIMEOUT = 10.0  # seconds for the peer to take the answer
+MAX_CONNECTIONS = 64  # open at once; one more is closed unanswered
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 Readiness = Callable[[], Awaitable[dict[str, Any]]]
@@ -38,16 +43,33 @@ class HealthServer:
         host: the address to bind (``0.0.0.0``: every interface, as probes and scrapers come from outside).
         readiness: what ``/readyz`` reports; None means always ready.
         metrics: an object with ``exposition() -> bytes`` and ``CONTENT_TYPE`` (a ``Metrics``), or None.
+        max_connections: connections open at once; one more is closed at once, unanswered.
+        write_timeout: seconds a peer has to take the answer before its connection is dropped.
     """
 
     def __init__(
-        self, port: int, host: str = "0.0.0.0", readiness: Readiness | None = None, metrics: Any = None
+        self,
+        port: int,
+        host: str = "0.0.0.0",
+        readiness: Readiness | None = None,
+        metrics: Any = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self.host = host
         self.port = port
         self.readiness = readiness
         self.metrics = metrics
+        self.max_connections = max_connections
+        self.write_timeout = write_timeout
         self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    @property
+    def connections(self) -> int:
+        """The connections open now."""
+        return len(self._open)
 
     async def start(self) -> None:
         """Starts listening.
@@ -63,6 +85,8 @@ class HealthServer:
         """Stops listening and closes the connections still open."""
         if self._server is not None:
             self._server.close()
+            for writer in list(self._open):  # asyncio leaves accepted connections open
+                writer.transport.abort()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
@@ -75,6 +99,10 @@ class HealthServer:
         await self.stop()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._open) >= self.max_connections:
+            writer.transport.abort()
+            return
+        self._open.add(writer)
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
@@ -94,6 +122,7 @@ class HealthServer:
         except (ConnectionError, OSError):
             pass  # the peer went away
         finally:
+            self._open.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -110,13 +139,15 @@ class HealthServer:
             return 200, self.metrics.exposition(), self.metrics.CONTENT_TYPE
         return 404, b"not found: /healthz, /readyz or /metrics\n", "text/plain"
 
-    @staticmethod
     async def _send(
-        writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str, head_only: bool = False
+        self, writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str, head_only: bool = False
     ) -> None:
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         writer.write(head.encode() + (b"" if head_only else body))
-        await writer.drain()
+        try:
+            await asyncio.wait_for(writer.drain(), self.write_timeout)
+        except TimeoutError:  # the peer stopped reading: close() would wait for it to take the rest
+            writer.transport.abort()
