@@ -33,14 +33,21 @@ Key = tuple[str, str, bool, bytes]
 """(service, method, msgpack, encoded arguments)."""
 
 
+_POSITIONAL = ""  # the name under which positional values are indexed (no argument is named "")
+
+
 class _Entry:
-    __slots__ = ("args", "data", "expires", "kwargs")
+    """A kept reply, its arguments as plain values (what JSON would give for them, as an
+    invalidation carries them) and the value-index slots it is in."""
+
+    __slots__ = ("args", "data", "expires", "indexed", "kwargs")
 
     def __init__(self, data: bytes, expires: float, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         self.data = data
         self.expires = expires
-        self.args = args
-        self.kwargs = kwargs
+        self.args = [_plain(arg) for arg in args]
+        self.kwargs = {name: _plain(value) for name, value in kwargs.items()}
+        self.indexed: list[tuple[str, Any]] = []
 
 
 class _Invalidation(msgspec.Struct):
@@ -62,6 +69,8 @@ class ReplyCache:
         hits: calls answered from the cache.
         misses: calls to a cached method that sent a request (nothing kept, expired, or bypassed).
         invalidations: entries dropped by services' invalidations.
+        ignored: invalidation messages ignored for breaking the format (logged as the registry logs
+            bad heartbeats: the 1st, 2nd, 4th, 8th..., so a flood logs little).
     """
 
     def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE, clock: Callable[[], float] = time.monotonic) -> None:
@@ -70,7 +79,11 @@ class ReplyCache:
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
+        self.ignored = 0
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        # So an invalidation looks only at the entries it may drop, not at every entry kept:
+        self._by_method: dict[tuple[str, str], set[Key]] = {}  # (service, method) -> its keys
+        self._by_value: dict[tuple[str, str, str, Any], set[Key]] = {}  # (service, method, name, value) -> keys
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -83,7 +96,7 @@ class ReplyCache:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return entry.data
-            del self._entries[key]
+            self._drop(key)
         self.misses += 1
         return None
 
@@ -91,60 +104,105 @@ class ReplyCache:
         """Keeps a successful reply for ``ttl`` seconds, dropping the least recently used beyond the bound."""
         if self.max_entries <= 0:
             return
-        self._entries[key] = _Entry(data, self.clock() + ttl, args, dict(kwargs))
-        self._entries.move_to_end(key)
+        if key in self._entries:
+            self._drop(key)
+        entry = self._entries[key] = _Entry(data, self.clock() + ttl, args, kwargs)
+        service, method = key[0], key[1]
+        self._by_method.setdefault((service, method), set()).add(key)
+        values = [(_POSITIONAL, value) for value in entry.args] + list(entry.kwargs.items())
+        for slot in values:
+            try:
+                self._by_value.setdefault((service, method, *slot), set()).add(key)
+            except TypeError:  # a list or a dict: found by a scan of the method's entries
+                continue
+            entry.indexed.append(slot)
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: Key) -> None:
+        """Forgets an entry, and its places in the indexes."""
+        entry = self._entries.pop(key)
+        service, method = key[0], key[1]
+        keys = self._by_method[service, method]
+        keys.discard(key)
+        if not keys:
+            del self._by_method[service, method]
+        for name, value in entry.indexed:
+            index = (service, method, name, value)
+            keys = self._by_value[index]
+            keys.discard(key)
+            if not keys:
+                del self._by_value[index]
 
     def clear(self, service: str, method: str | None = None) -> int:
         """Drops every entry of ``service`` (of ``method`` only, if given); returns how many."""
-        doomed = [k for k in self._entries if k[0] == service and (method is None or k[1] == method)]
+        doomed = [k for m, keys in self._by_method.items() if m[0] == service and method in (None, m[1]) for k in keys]
         for key in doomed:
-            del self._entries[key]
+            self._drop(key)
         return len(doomed)
 
     def invalidate(self, service: str, method: str, arguments: Mapping[str, Any]) -> int:
         """Drops the entries of ``service.method`` whose arguments hold every value in ``arguments``
-        (by name, or among the positional ones); all of the method's entries when it is empty."""
-        doomed = [
-            key
-            for key, entry in self._entries.items()
-            if key[0] == service and key[1] == method and _matches(entry, arguments)
-        ]
+        (by name, or among the positional ones); all of the method's entries when it is empty.
+
+        Only the entries holding one of the values are looked at (an index by value), so an
+        invalidation costs what it drops, not what the cache holds; a value that is a list or an
+        object is looked for among the method's entries."""
+        candidates = self._candidates(service, method, arguments)
+        doomed = [key for key in candidates if _matches(self._entries[key], arguments)]
         for key in doomed:
-            del self._entries[key]
+            self._drop(key)
         self.invalidations += len(doomed)
         return len(doomed)
+
+    def _candidates(self, service: str, method: str, arguments: Mapping[str, Any]) -> list[Key]:
+        """The keys of ``service.method`` that may match: those holding the first value that can be
+        looked up (by its name, or positionally), else every key of the method."""
+        for name, value in arguments.items():
+            try:
+                named = self._by_value.get((service, method, name, value), ())
+                positional = self._by_value.get((service, method, _POSITIONAL, value), ())
+            except TypeError:  # a list or a dict: no index
+                continue
+            return list({*named, *positional})
+        return list(self._by_method.get((service, method), ()))
 
     def on_invalidation(self, service: str, body: bytes) -> int:
         """Takes an invalidation message of ``service`` (named by its subject, not its body); returns
         the entries dropped. A message that breaks the format is logged and ignored."""
         if len(body) > MAX_INVALIDATION_BYTES:
-            log.warning("cache invalidation ignored: too large", service=service, size=len(body))
+            self._ignore("cache invalidation ignored: too large", service, f"{len(body)} bytes")
             return 0
         try:
             message = _decode_invalidation(body)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-            log.warning("cache invalidation ignored: not {method, arguments} JSON", service=service, error=str(exc))
+            self._ignore("cache invalidation ignored: not {method, arguments} JSON", service, str(exc))
             return 0
         return self.invalidate(service, message.method, message.arguments)
+
+    def _ignore(self, event: str, service: str, detail: str) -> None:
+        self.ignored += 1
+        if self.ignored & (self.ignored - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood logs little
+            log.warning(event, service=service, detail=detail[:200], ignored=self.ignored)
 
 
 def _matches(entry: _Entry, arguments: Mapping[str, Any]) -> bool:
     for name, value in arguments.items():
         if name in entry.kwargs:
-            if not _same(entry.kwargs[name], value):
+            if entry.kwargs[name] != value:
                 return False
-        elif not any(_same(arg, value) for arg in entry.args):
+        elif value not in entry.args:
             return False
     return True
 
 
-def _same(arg: Any, value: Any) -> bool:
-    """Whether a positional argument equals an invalidation's value (which came through JSON)."""
-    if arg == value:
-        return True
-    try:  # a Struct, tuple or other value JSON turns into a dict or a list
-        return bool(msgspec.json.decode(msgspec.json.encode(arg)) == value)
-    except (TypeError, msgspec.EncodeError):
-        return False
+def _plain(value: Any) -> Any:
+    """An argument as an invalidation carries it: what JSON makes of it (a Struct or a dataclass
+    becomes a dict, a tuple a list, bytes base64 text), or the value itself when JSON cannot
+    carry it (then only an equal value matches)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    try:
+        return msgspec.json.decode(msgspec.json.encode(value))
+    except (TypeError, msgspec.EncodeError, RecursionError):
+        return value

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+import structlog
 from children import poll
 from micro_schemas import validate
 from prometheus_client.parser import text_string_to_metric_families
@@ -257,6 +258,73 @@ class TestBounds:
         cache.put(("s", "get", False, b"a"), b"x", 10, ("a",), {})
         assert cache.on_invalidation("s", body) == 0
         assert len(cache) == 1
+
+    def test_a_flood_of_bad_invalidations_logs_little(self) -> None:
+        """1,000 garbage messages are each counted, and logged 10 times (the 1st, 2nd, 4th ... 512th)."""
+        cache = ReplyCache()
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(1000):
+                cache.on_invalidation("s", b"not json" * 100)
+        assert cache.ignored == 1000
+        assert [entry["ignored"] for entry in logs] == [1 << n for n in range(10)]
+        assert all(len(entry["detail"]) <= 200 for entry in logs)
+
+    def test_an_invalidation_looks_only_at_the_entries_holding_its_value(self) -> None:
+        """With 10,000 entries kept, invalidating one value compares none of the others' arguments
+        (each compare is counted): its cost is what it drops, not what the cache holds."""
+
+        class Counted:  # not JSON: kept as it is, so a comparison with it runs __eq__
+            compared = 0
+
+            def __eq__(self, other: object) -> bool:
+                Counted.compared += 1
+                return other is self
+
+            __hash__ = object.__hash__
+
+        cache = ReplyCache(max_entries=20_000)
+        for i in range(10_000):
+            cache.put(("s", "get", False, b"%d" % i), b"x", 10, (Counted(),), {"other": Counted()})
+        cache.put(("s", "get", False, b"a"), b"x", 10, ("a",), {})
+        cache.put(("s", "get", False, b"b"), b"x", 10, (), {"key": "a"})
+        assert cache.on_invalidation("s", b'{"method": "get", "arguments": {"key": "a"}}') == 2
+        assert Counted.compared == 0
+        assert len(cache) == 10_000
+
+    def test_invalidation_by_a_list_or_an_object_and_by_several_values(self) -> None:
+        """Values that cannot be looked up (a list, an object) are found among the method's entries;
+        with several values an entry must hold them all, by name or by position."""
+        cache = ReplyCache()
+        cache.put(("s", "near", False, b"1"), b"x", 10, (Point(1, 2),), {"tags": ("a", "b")})
+        cache.put(("s", "near", False, b"2"), b"x", 10, (Point(1, 2),), {"tags": ("c",)})
+        cache.put(("s", "near", False, b"3"), b"x", 10, (Point(5, 5), 3), {})
+        cache.put(("s", "far", False, b"3"), b"x", 10, (Point(5, 5), 3), {})
+        drop = b'{"method": "near", "arguments": {"point": {"x": 1, "y": 2}, "tags": ["a", "b"]}}'
+        assert cache.on_invalidation("s", drop) == 1
+        assert (
+            cache.on_invalidation("s", b'{"method": "near", "arguments": {"radius": 3, "point": {"x": 1, "y": 2}}}')
+            == 0
+        )
+        assert (
+            cache.on_invalidation("s", b'{"method": "near", "arguments": {"radius": 3, "point": {"x": 5, "y": 5}}}')
+            == 1
+        )
+        assert len(cache) == 2
+
+    def test_entries_gone_leave_nothing_in_the_indexes(self) -> None:
+        """Entries dropped by the LRU bound, by expiry, by clear and by invalidation are forgotten
+        by the value indexes too: they hold no more than the entries kept."""
+        now = [0.0]
+        cache = ReplyCache(max_entries=100, clock=lambda: now[0])
+        for i in range(1000):
+            cache.put(("s", "get", False, b"%d" % i), b"x", 10, (f"k{i}",), {"n": i})
+        assert len(cache) == 100
+        assert len(cache._by_value) == 200
+        now[0] = 20.0
+        assert cache.get(("s", "get", False, b"999")) is None  # expired
+        assert cache.on_invalidation("s", b'{"method": "get", "arguments": {"n": 998}}') == 1
+        assert cache.clear("s", "get") == 98
+        assert (len(cache), cache._by_value, cache._by_method) == (0, {}, {})
 
     def test_an_invalidation_names_its_service_by_subject(self) -> None:
         """The service is the subject's, never the body's: another service's entries stay."""
