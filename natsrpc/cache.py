@@ -69,8 +69,6 @@ class ReplyCache:
         hits: calls answered from the cache.
         misses: calls to a cached method that sent a request (nothing kept, expired, or bypassed).
         invalidations: entries dropped by services' invalidations.
-        ignored: invalidation messages ignored for breaking the format (logged as the registry logs
-            bad heartbeats: the 1st, 2nd, 4th, 8th..., so a flood logs little).
     """
 
     def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE, clock: Callable[[], float] = time.monotonic) -> None:
@@ -79,7 +77,7 @@ class ReplyCache:
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
-        self.ignored = 0
+        self._ignored = logs.Ignored(log)
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         # So an invalidation looks only at the entries it may drop, not at every entry kept:
         self._by_method: dict[tuple[str, str], set[Key]] = {}  # (service, method) -> its keys
@@ -171,19 +169,19 @@ class ReplyCache:
         """Takes an invalidation message of ``service`` (named by its subject, not its body); returns
         the entries dropped. A message that breaks the format is logged and ignored."""
         if len(body) > MAX_INVALIDATION_BYTES:
-            self._ignore("cache invalidation ignored: too large", service, f"{len(body)} bytes")
+            self._ignored("cache invalidation ignored: too large", service=service, detail=f"{len(body)} bytes")
             return 0
         try:
             message = _decode_invalidation(body)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-            self._ignore("cache invalidation ignored: not {method, arguments} JSON", service, str(exc))
+            self._ignored("cache invalidation ignored: not {method, arguments} JSON", service=service, detail=str(exc))
             return 0
         return self.invalidate(service, message.method, message.arguments)
 
-    def _ignore(self, event: str, service: str, detail: str) -> None:
-        self.ignored += 1
-        if self.ignored & (self.ignored - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood logs little
-            log.warning(event, service=service, detail=detail[:200], ignored=self.ignored)
+    @property
+    def ignored(self) -> int:
+        """Invalidation messages ignored for breaking the format."""
+        return self._ignored.count
 
 
 def _matches(entry: _Entry, arguments: Mapping[str, Any]) -> bool:

@@ -85,6 +85,29 @@ class LibraryLogger:
         self._log(logging.ERROR, "exception", event, fields)
 
 
+class Ignored:
+    """Counts peer input that was ignored (a bad heartbeat, invalidation or trace header) and logs
+    a warning for the 1st, 2nd, 4th, 8th... of it, so a flood logs little; text fields are cut to
+    200 characters.
+
+    Attributes:
+        count: how many were ignored.
+    """
+
+    __slots__ = ("_log", "count")
+
+    def __init__(self, logger: LibraryLogger) -> None:
+        self._log = logger
+        self.count = 0
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        """Counts one, and logs ``event`` with ``fields`` if its number is a power of two."""
+        self.count += 1
+        if self.count & (self.count - 1) == 0:
+            cut = {key: value[:200] if isinstance(value, str) else value for key, value in fields.items()}
+            self._log.warning(event, **cut, ignored=self.count)
+
+
 def get_logger(name: str) -> LibraryLogger:
     """Returns natsrpc's logger ``name`` (see :class:`LibraryLogger`)."""
     return LibraryLogger(name)

@@ -83,7 +83,7 @@ class Registry:
         """The most instances tracked at once; beats of further new instances are dropped (and counted)."""
         self.max_services = max_services
         """The most service names remembered; past it, names without a live instance are forgotten first."""
-        self.ignored_beats = 0
+        self._ignored = logs.Ignored(log)
         """Beats dropped: undecodable, not on a heartbeat subject, a body naming another service or
         instance than its subject, or a new instance past the limits."""
         self.prefix = protocol.DEFAULT_PREFIX
@@ -130,11 +130,11 @@ class Registry:
         previous = None if instances is None else instances.get(beat.id)
         if previous is None:
             if self._count >= self.max_instances:
-                self.ignored_beats += 1
+                self._ignored.count += 1
                 return
             if instances is None:
                 if len(self._services) >= self.max_services and not self._forget_a_silent_service():
-                    self.ignored_beats += 1
+                    self._ignored.count += 1
                     return
                 instances = self._services[beat.name] = {}
             self._count += 1
@@ -313,10 +313,13 @@ class Registry:
         self.observe(beat)
         return True
 
+    @property
+    def ignored_beats(self) -> int:
+        """Heartbeats ignored: undecodable, disagreeing with their subject, or past the bounds."""
+        return self._ignored.count
+
     def _ignore(self, event: str, subject: str, detail: str) -> None:
-        self.ignored_beats += 1
-        if self.ignored_beats & (self.ignored_beats - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood logs little
-            log.warning(event, subject=subject[:200], detail=detail[:200], ignored=self.ignored_beats)
+        self._ignored(event, subject=subject, detail=detail)
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -173,7 +173,7 @@ class TestSpans:
         self, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter], caplog: pytest.LogCaptureFixture
     ) -> None:
         """A caller's tracestate reaches the server span; one over 512 characters (a peer's flood) is
-        dropped without being parsed or logged, and the call still answers."""
+        dropped without being parsed (and logged cut to 200 characters), and the call still answers."""
         tracing = Tracing(tracer_provider=spans[0])
         parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
         async with (
@@ -190,6 +190,30 @@ class TestSpans:
         assert first.context.trace_state.to_header() == "vendor=abc"
         assert second.context.trace_state.to_header() == ""
         assert not any("x" * 1000 in record.getMessage() for record in caplog.records)
+
+    async def test_a_tracestate_breaking_the_w3c_rules_is_dropped_without_a_log_per_request(
+        self, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A tracestate that is not key=value members, names a key twice or has over 32 members
+        leaves the server span's trace state empty; the API never sees it (it would log a warning
+        for each request), and natsrpc counts it. A valid one, with optional spaces, is carried."""
+        tracing = Tracing(tracer_provider=spans[0])
+        parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+        bad = ["bad value!!", "a=1,a=2", ",".join(f"k{i}=v" for i in range(33)), "Upper=1", "a=1,b"]
+        async with (
+            natsrpc.connect(nats_url, middleware=[tracing]) as hosting,
+            serve(hosting, Leaf(), middleware=[tracing]),
+            natsrpc.connect(nats_url) as plain,
+        ):
+            leaf = plain.call_service["trleaf"]
+            for state in [*bad * 20, "a=1 , b=x@y, tenant@sys=v", ""]:
+                assert await leaf.options(headers={"traceparent": parent, "tracestate": state}).get("a") == "A"
+        served = by_name(spans[1].get_finished_spans())[("trleaf/get", SpanKind.SERVER)]
+        states = [span.context.trace_state.to_header() for span in served if span.context is not None]
+        assert states[:-2] == [""] * 100
+        assert states[-2:] == ["a=1,b=x@y,tenant@sys=v", ""]
+        assert tracing.ignored_tracestates == 100
+        assert not [r for r in caplog.records if r.name.startswith("opentelemetry")], caplog.records[:3]
 
     async def test_retries_and_circuit_refusals_are_span_events(
         self, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter]

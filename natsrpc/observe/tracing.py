@@ -13,7 +13,9 @@ with the RPC semantic conventions' attributes (``rpc.system`` = ``natsrpc``, ``r
 ``rpc.method``) and ``natsrpc.caller``. The client span's context travels in the request's
 ``traceparent`` (and ``tracestate``) header and is the server span's parent, and the server span
 is current while the handler runs, so the calls it makes are its children: a ``memory.remember``
-is one trace across every process.
+is one trace across every process. A request's ``tracestate`` that breaks the W3C rules (or is
+over 512 characters) is dropped, as W3C allows: the server span's trace state is empty, and
+:attr:`Tracing.ignored_tracestates` counts it (logged for the 1st, 2nd, 4th... only).
 
 A failure sets the span's status to ERROR, records the exception as an event and sets
 ``error.type`` (and ``natsrpc.code``, a reply's code). Retries add a ``natsrpc.retry`` event to the
@@ -45,7 +47,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("natsrpc.observe.tracing needs opentelemetry-api: pip install 'natsrpc[otel]'") from exc
 
-from natsrpc import protocol
+from natsrpc import logs, protocol
 from natsrpc.context import parse_traceparent
 from natsrpc.errors import CircuitOpen, RemoteError
 from natsrpc.observe.middleware import Invocation, Observer
@@ -70,6 +72,14 @@ _PARENT_BASED = re.compile(
 )
 _RATIO = re.compile(r"TraceIdRatioBased\{([0-9.eE+-]+)\}")
 
+# A tracestate list member, as W3C Trace Context defines it: key=value.
+_STATE_KEY = r"[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
+_STATE_VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+_STATE_MEMBER = re.compile(f"({_STATE_KEY})=({_STATE_VALUE})")
+_MAX_STATE_MEMBERS = 32
+
+log = logs.get_logger("natsrpc.tracing")
+
 
 class Tracing(Observer):
     """A middleware (an observer) that makes an OpenTelemetry span of every call, on whichever side
@@ -91,6 +101,13 @@ class Tracing(Observer):
         self._provider = tracer_provider
         self._roots: _Roots | None = None  # once the SDK is known: how new traces are decided
         self._named: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}  # span name and attributes
+        self._ignored = logs.Ignored(log)
+
+    @property
+    def ignored_tracestates(self) -> int:
+        """Requests whose ``tracestate`` broke the W3C rules (or was over 512 characters): their
+        span has an empty trace state, as W3C allows."""
+        return self._ignored.count
 
     def begin(self, call: Invocation) -> tuple[Any, object] | None:
         """Starts the call's span (None when the trace is not sampled: nothing to end)."""
@@ -131,9 +148,10 @@ class Tracing(Observer):
     def _serve(self, call: Invocation, value: str | None) -> tuple[Any, object] | None:
         parts = _parts(value) if value else None
         if parts is not None:
-            state = call.headers.get(TRACESTATE)
-            if state and len(state) > _MAX_TRACESTATE:  # over what W3C asks to pass on: dropped, not parsed
-                state = None
+            header = call.headers.get(TRACESTATE)
+            state = _trace_state(header) if header else None
+            if state is None and header:
+                self._ignored("tracestate ignored", service=call.service, caller=call.caller, tracestate=header)
             return self._start(call, _under_remote(*parts, state), SpanKind.SERVER)
         if self.trust_parent_sampling and self._dropped(call):
             return None
@@ -325,12 +343,31 @@ def _parts(value: str) -> tuple[int, int, int] | None:
     return None if match is None else (int(match[2], 16), int(match[3], 16), int(match[4], 16))
 
 
-def _under_remote(trace_id: int, span_id: int, flags: int, state: str | None = None) -> Any:
+def _under_remote(trace_id: int, span_id: int, flags: int, state: TraceState | None = None) -> Any:
     """The context whose current span is a remote parent with these ids, flags and trace state."""
-    remote = SpanContext(
-        trace_id, span_id, True, _FLAGS[flags & TraceFlags.SAMPLED], TraceState.from_header([state]) if state else None
-    )
+    remote = SpanContext(trace_id, span_id, True, _FLAGS[flags & TraceFlags.SAMPLED], state)
     return trace.set_span_in_context(NonRecordingSpan(remote), _EMPTY)
+
+
+def _trace_state(header: str) -> TraceState | None:
+    """A ``tracestate`` header as the API's TraceState, or None when it breaks the W3C rules (a
+    member that is not key=value, a key twice, over 32 members) or is over 512 characters (more
+    than W3C asks to pass on: not parsed). Checked here so the API, which would log a warning for
+    each such header, is handed only valid ones."""
+    if len(header) > _MAX_TRACESTATE:
+        return None
+    pairs: dict[str, str] = {}
+    for member in header.split(","):
+        member = member.strip(" \t")  # optional whitespace (RFC 9110, 5.6.3); empty members are allowed
+        if not member:
+            continue
+        match = _STATE_MEMBER.fullmatch(member)
+        if match is None or match[1] in pairs:
+            return None
+        pairs[match[1]] = match[2]
+    if len(pairs) > _MAX_STATE_MEMBERS:
+        return None
+    return TraceState(list(pairs.items()))
 
 
 def _traceparent(span_context: SpanContext) -> str:
