@@ -1162,8 +1162,10 @@ def check_client_options(*, timeout: object, encoding: object, prefix: object, c
     check_encoding(encoding)
     if not protocol.valid_prefix(prefix):
         raise ConfigurationError(f"prefix {prefix!r} is not a subject prefix (e.g. svc)")
-    if not isinstance(caller, str) or not caller or not caller.isprintable():
-        raise ConfigurationError(f"caller {caller!r} must be a printable one-line string")
+    if not protocol.valid_caller(caller):
+        raise ConfigurationError(
+            f"caller {caller!r} must be a printable one-line string of 1 to {protocol.MAX_CALLER} characters"
+        )
 
 
 def _attempt_wait(remaining: float, opts: CallOptions) -> float:

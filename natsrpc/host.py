@@ -407,13 +407,16 @@ class Host:
             if time.time() >= deadline:
                 self._rejected(route, 504)
                 raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
+            caller = headers.get(protocol.CALLER, "client")
+            if caller != "client" and not protocol.valid_caller(caller):  # it reaches logs and spans
+                raise BadRequest(f"{route.where}: {protocol.BAD_CALLER}")
             values = endpoint.signature.decode_arguments(data, msgpack, mixed)
             call = context.CallContext(
                 inst.service.name,
                 endpoint.name,
                 deadline,
                 inst.label,
-                headers.get(protocol.CALLER, "client"),
+                caller,
                 headers.get(protocol.TRACEPARENT, ""),
                 headers,
             )

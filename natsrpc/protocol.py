@@ -78,6 +78,19 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 
 
+MAX_CALLER: Final = 256
+"""The longest ``Natsrpc-Caller`` value: ``<service>/<instance-id>``, or a client's ``caller`` name."""
+
+
+def valid_caller(value: object) -> bool:
+    """Returns whether ``value`` may name a call's caller: a printable one-line string of 1 to
+    :data:`MAX_CALLER` characters (it reaches logs, span attributes and the handler's context)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_CALLER and value.isprintable()
+
+
+BAD_CALLER: Final = f"the {CALLER} header must be a printable one-line string of 1 to {MAX_CALLER} characters"
+
+
 def valid_subject(subject: object) -> bool:
     """Returns whether ``subject`` may be published to: tokens, no whitespace, control characters or wildcards."""
     return isinstance(subject, str) and PUBLISH_SUBJECT.fullmatch(subject) is not None

@@ -172,6 +172,25 @@ class TestBadInput:
         assert dropped[0]["event_type"] == "order.created"
         assert "$.id" in dropped[0]["error"]
 
+    async def test_an_event_with_a_bad_caller_header_is_logged_counted_and_dropped(
+        self, client: natsrpc.Client
+    ) -> None:
+        """A Natsrpc-Caller that is too long or not printable drops the event, as a payload that
+        does not fit does: the handler never sees it."""
+        orders = Orders()
+        async with serve(client, orders) as host:
+            with structlog.testing.capture_logs() as logs:
+                for caller in ("c" * 10_000, "bad\x00"):
+                    headers = {"Natsrpc-Caller": caller}
+                    await client.nc.publish("evt.order.created", b'{"id": 1}', headers=headers)
+                await emit_all(client, "order.created", [OrderCreated(5)])
+                route = host.instances[0].event_routes["order.created"]
+                await poll(lambda: route.stats.invalid == 2 and route.stats.handled == 1, "counted")
+        assert orders.created == [5]
+        dropped = [e for e in logs if e["event"].startswith("event dropped") and e["handler"] == "evorders.on_created"]
+        assert len(dropped) == 2
+        assert "Natsrpc-Caller" in dropped[0]["event"]
+
     async def test_emit_refuses_bad_types_and_unencodable_values_before_publishing(
         self, client: natsrpc.Client
     ) -> None:

@@ -166,6 +166,28 @@ class TestHeaders:
         with pytest.raises(natsrpc.ConfigurationError, match="caller"):
             await natsrpc.connect(nats_url, caller="me\r\nX-Evil: 1")
 
+    async def test_a_caller_longer_than_256_characters_is_refused(self, nats_url: str) -> None:
+        """connect(caller=...) is at most 256 characters, as a host takes the header."""
+        with pytest.raises(natsrpc.ConfigurationError, match="1 to 256 characters"):
+            await natsrpc.connect(nats_url, caller="c" * 257)
+
+    @pytest.mark.parametrize(
+        "value", ["c" * 257, "c" * 100_000, "bad\x00caller", "tab\tin"], ids=["257", "100k", "nul", "tab"]
+    )
+    async def test_a_bad_caller_header_is_400(self, client: natsrpc.Client, raw: NatsConnection, value: str) -> None:
+        """A raw request whose Natsrpc-Caller is too long or not printable gets a 400 naming the
+        header, before the handler runs (the caller would reach every log line and span); a caller
+        of 256 characters is served."""
+        kv = KV()
+        async with serve(client, kv):
+            reply = await raw.request("svc.kv.get", b'{"key":"a"}', timeout=2, headers={protocol.CALLER: value})
+            assert reply.headers is not None
+            assert reply.headers[protocol.ERROR_CODE] == "400"
+            assert protocol.CALLER in reply.headers[protocol.ERROR]
+            good = await raw.request("svc.kv.get", b'{"key":"a"}', timeout=2, headers={protocol.CALLER: "c" * 256})
+            assert good.data == b"null"
+            assert not good.headers or protocol.ERROR_CODE not in good.headers
+
     async def test_the_handler_sees_no_extra_header(self, client: natsrpc.Client) -> None:
         """What a handler sees is exactly the headers the client meant to send."""
         async with serve(client, Echo()):

@@ -25,6 +25,7 @@ import msgspec
 
 from natsrpc import context, logs, protocol
 from natsrpc.dispatch import Drains, resume
+from natsrpc.errors import BadRequest
 from natsrpc.events.handlers import EventHandler
 
 log = logs.get_logger("natsrpc.events")
@@ -168,12 +169,18 @@ class EventPool(Drains):
                 )
                 return
             h = headers or {}
+            caller = h.get(protocol.CALLER, "client")
+            if caller != "client" and not protocol.valid_caller(caller):  # it would reach logs and spans
+                route.stats.invalid += 1
+                error, invalid, finished = BadRequest(protocol.BAD_CALLER), True, True
+                log.warning("event dropped: " + protocol.BAD_CALLER, handler=route.where, event_type=event_type)
+                return
             call = context.CallContext(
                 route.service.name,
                 handler.attr,
                 time.time() + self.timeout,
                 route.label,
-                h.get(protocol.CALLER, "client"),
+                caller,
                 h.get(protocol.TRACEPARENT, ""),
                 h,
             )
