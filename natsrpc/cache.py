@@ -2,9 +2,10 @@
 
 A call to a method whose instances announce a ``cache_ttl`` (in their heartbeats) is answered
 from a reply kept for the same service, method, encoding and encoded arguments, until the TTL
-passes, without sending a request. The cache is a bounded LRU (``connect(cache_size=...)``,
-default 10,000 entries); it keeps the reply's bytes and decodes them for each caller, so no two
-callers share a mutable result.
+passes, without sending a request. The cache is an LRU bounded twice (``connect(cache_size=...)``,
+default 10,000 entries, and ``connect(cache_bytes=...)``, default 64 MiB of replies: a reply
+larger than that is not kept); it keeps the reply's bytes and decodes them for each caller, so no
+two callers share a mutable result.
 
 ``.options(cache=False)`` sends the request anyway and keeps the fresh reply;
 ``client.cache.clear(service, method=None)`` empties entries. A service's
@@ -27,6 +28,7 @@ from natsrpc import logs
 log = logs.get_logger("natsrpc.cache")
 
 DEFAULT_CACHE_SIZE = 10_000
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024  # of replies and encoded arguments kept
 MAX_INVALIDATION_BYTES = 64 * 1024  # an invalidation message larger than this is ignored
 
 Key = tuple[str, str, bool, bytes]
@@ -64,6 +66,8 @@ class ReplyCache:
     Args:
         max_entries: the most replies kept (0 turns caching off).
         clock: monotonic seconds (inject a fake in tests).
+        max_bytes: the most bytes of replies and encoded arguments kept (0 turns caching off); a
+            reply whose entry alone is over it is not kept.
 
     Attributes:
         hits: calls answered from the cache.
@@ -71,9 +75,17 @@ class ReplyCache:
         invalidations: entries dropped by services' invalidations.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_CACHE_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.clock = clock
+        self.bytes = 0
+        """The bytes of replies and encoded arguments kept now."""
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
@@ -100,11 +112,13 @@ class ReplyCache:
 
     def put(self, key: Key, data: bytes, ttl: float, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Keeps a successful reply for ``ttl`` seconds, dropping the least recently used beyond the bound."""
-        if self.max_entries <= 0:
-            return
         if key in self._entries:
             self._drop(key)
+        size = len(data) + len(key[3])
+        if self.max_entries <= 0 or size > self.max_bytes:
+            return
         entry = self._entries[key] = _Entry(data, self.clock() + ttl, args, kwargs)
+        self.bytes += size
         service, method = key[0], key[1]
         self._by_method.setdefault((service, method), set()).add(key)
         values = [(_POSITIONAL, value) for value in entry.args] + list(entry.kwargs.items())
@@ -114,12 +128,13 @@ class ReplyCache:
             except TypeError:  # a list or a dict: found by a scan of the method's entries
                 continue
             entry.indexed.append(slot)
-        while len(self._entries) > self.max_entries:
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, key: Key) -> None:
         """Forgets an entry, and its places in the indexes."""
         entry = self._entries.pop(key)
+        self.bytes -= len(entry.data) + len(key[3])
         service, method = key[0], key[1]
         keys = self._by_method[service, method]
         keys.discard(key)

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from natsrpc import codec, context, logs, protocol, transport
-from natsrpc.cache import DEFAULT_CACHE_SIZE, ReplyCache
+from natsrpc.cache import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_SIZE, ReplyCache
 from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
 from natsrpc.errors import (
     BadReply,
@@ -92,6 +92,7 @@ class Client:
             ``on_cache(service, method, hit)`` methods: they are told of each retry, each change
             of a circuit's state and each call to a cached method.
         cache_size: the most replies the reply cache keeps (0 turns it off).
+        cache_bytes: the most bytes of replies (and their encoded arguments) it keeps.
     """
 
     def __init__(
@@ -108,11 +109,12 @@ class Client:
         retry: RetryPolicy = DEFAULT_RETRY,
         middleware: Sequence[Middleware] | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         check_client_options(timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
         check_middleware(middleware)
-        check_cache_size(cache_size)
-        self.cache = ReplyCache(cache_size)
+        check_cache_size(cache_size, cache_bytes)
+        self.cache = ReplyCache(cache_size, max_bytes=cache_bytes)
         """Replies of methods declared with ``cache_ttl``, kept for their TTL (:mod:`natsrpc.cache`)."""
         self._invalidations: Any = None  # the subscription to services' cache invalidations, once needed
         self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
@@ -1142,14 +1144,15 @@ class Client:
             log.debug("cancel not sent", subject=subject, error=repr(exc))
 
 
-def check_cache_size(cache_size: object) -> None:
-    """Checks the ``cache_size`` option.
+def check_cache_size(cache_size: object, cache_bytes: object = DEFAULT_CACHE_BYTES) -> None:
+    """Checks the ``cache_size`` and ``cache_bytes`` options.
 
     Raises:
-        ConfigurationError: it is not a whole number >= 0.
+        ConfigurationError: one is not a whole number >= 0.
     """
-    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-        raise ConfigurationError(f"cache_size must be a whole number >= 0 (0: no reply cache), got {cache_size!r}")
+    for name, value in (("cache_size", cache_size), ("cache_bytes", cache_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigurationError(f"{name} must be a whole number >= 0 (0: no reply cache), got {value!r}")
 
 
 def check_client_options(*, timeout: object, encoding: object, prefix: object, caller: object) -> None:

@@ -18,7 +18,7 @@ import nats.errors
 from nats.aio.client import Client as NatsConnection
 
 from natsrpc import auth, logs, protocol, transport
-from natsrpc.cache import DEFAULT_CACHE_SIZE
+from natsrpc.cache import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_SIZE
 from natsrpc.circuit import CircuitConfig
 from natsrpc.client import DEFAULT_CIRCUIT, DEFAULT_TIMEOUT, Client, check_cache_size, check_client_options
 from natsrpc.errors import (
@@ -71,6 +71,8 @@ class connect:
         middleware: runs around every call this client makes, the first listed outermost
             (:mod:`natsrpc.observe.middleware`).
         cache_size: the most replies of ``cache_ttl`` methods the client keeps (0: no reply cache).
+        cache_bytes: the most bytes of such replies (with their encoded arguments) it keeps
+            (default 64 MiB; a reply over it is not kept).
         user: user name, with ``password``.
         password: password.
         token: authentication token.
@@ -104,6 +106,7 @@ class connect:
         retry: RetryPolicy = DEFAULT_RETRY,
         middleware: Sequence[Middleware] | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
@@ -119,7 +122,7 @@ class connect:
             raise ConfigurationError("give tls (an SSLContext) or tls_ca/tls_cert/tls_key, not both")
         check_client_options(timeout=timeout, encoding=encoding, prefix=prefix, caller=caller)
         check_middleware(middleware)
-        check_cache_size(cache_size)
+        check_cache_size(cache_size, cache_bytes)
         security = auth.nats_options(
             user=user, password=password, token=token, nkeys_seed=nkeys_seed, creds=creds,
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, inbox_prefix=inbox_prefix,
@@ -130,7 +133,7 @@ class connect:
         self._client_options: dict[str, Any] = {
             "timeout": timeout, "encoding": encoding, "prefix": prefix, "caller": caller,
             "discovery": discovery, "circuit": circuit, "retry": retry, "middleware": middleware,
-            "cache_size": cache_size,
+            "cache_size": cache_size, "cache_bytes": cache_bytes,
         }  # fmt: skip
         self._client: Client | None = None
 

@@ -236,6 +236,21 @@ class TestBounds:
         assert cache.get(("s", "m", False, b"0")) is None
         assert cache.get(("s", "m", False, b"4")) == b"x"
 
+    def test_the_lru_keeps_at_most_max_bytes(self) -> None:
+        """Replies and their encoded arguments count against max_bytes: the least recently used go
+        first, a reply over the bound alone is not kept (and drops the entry it would replace)."""
+        cache = ReplyCache(max_entries=100, max_bytes=1000)
+        for i in range(10):
+            cache.put(("s", "m", False, b"%d" % i), b"x" * 149, 10, (i,), {})  # 150 bytes each
+        assert (len(cache), cache.bytes) == (6, 900)
+        assert cache.get(("s", "m", False, b"3")) is None
+        assert cache.get(("s", "m", False, b"4")) is not None
+        cache.put(("s", "m", False, b"4"), b"x" * 1000, 10, (4,), {})  # 1,001 bytes: not kept
+        assert cache.get(("s", "m", False, b"4")) is None
+        assert (len(cache), cache.bytes) == (5, 750)
+        assert cache.clear("s") == 5
+        assert cache.bytes == 0
+
     def test_zero_entries_turns_caching_off(self) -> None:
         cache = ReplyCache(max_entries=0)
         cache.put(("s", "m", False, b"a"), b"x", 10, (), {})
@@ -345,6 +360,8 @@ class TestBounds:
         for size in (-1, 1.5, True, "10"):
             with pytest.raises(natsrpc.ConfigurationError, match="cache_size"):
                 natsrpc.connect("nats://127.0.0.1:1", cache_size=size)  # type: ignore[arg-type]
+            with pytest.raises(natsrpc.ConfigurationError, match="cache_bytes"):
+                natsrpc.connect("nats://127.0.0.1:1", cache_bytes=size)  # type: ignore[arg-type]
 
 
 async def test_many_clients_all_drop_on_invalidate(nats_url: str, store: Store) -> None:
