@@ -195,9 +195,7 @@ def _render(command: str, replies: list[tuple[dict[str, Any], float]]) -> str:
                 ",".join(sorted({i["version"] for i in items})),
                 str(len(items)),
                 " ".join(sorted({e["name"] for i in items for e in i["endpoints"]})),
-                " ".join(
-                    sorted({t for i in items for t in str(i.get("metadata", {}).get("events", "")).split(",") if t})
-                )
+                " ".join(sorted({t for i in items for t in str(i["metadata"].get("events", "")).split(",") if t}))
                 or "-",
             ]
             for name, items in sorted(grouped.items())
@@ -207,7 +205,7 @@ def _render(command: str, replies: list[tuple[dict[str, Any], float]]) -> str:
         rows = [
             [r["name"], r["id"], r["version"], e["name"], e["subject"], e.get("queue_group", "")]
             for r, _ in replies
-            for e in r["endpoints"]
+            for e in r["endpoints"] or [{"name": "-", "subject": "-"}]  # an instance without endpoints shows too
         ]
         return table(rows, ["SERVICE", "INSTANCE", "VERSION", "ENDPOINT", "SUBJECT", "QUEUE"])
     if command == "stats":

@@ -328,10 +328,60 @@ class Registry:
             self.sweep()
 
 
+class _Endpoint(msgspec.Struct):
+    """What a survey needs of an endpoint in an INFO reply (the Service API's ``endpoint_info``)."""
+
+    name: str
+    subject: str
+    queue_group: str = ""
+    metadata: dict[str, str] | None = None
+
+
+class _EndpointStats(_Endpoint, kw_only=True):
+    """... and in a STATS reply (``endpoint_stats``)."""
+
+    num_requests: int
+    num_errors: int
+    last_error: str
+    processing_time: int
+    average_processing_time: int
+    data: Any = None
+
+
+class _Ping(msgspec.Struct):
+    """The fields every ``$SRV`` reply has (``ping_response``)."""
+
+    name: str
+    id: str
+    version: str
+    metadata: dict[str, str] | None = None
+
+
+class _Info(_Ping):
+    description: str = ""
+    endpoints: list[_Endpoint] | None = None
+
+
+class _Stats(_Ping):
+    started: str = ""
+    endpoints: list[_EndpointStats] | None = None
+
+
+_SURVEY_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    "PING": msgspec.json.Decoder(_Ping),
+    "INFO": msgspec.json.Decoder(_Info),
+    "STATS": msgspec.json.Decoder(_Stats),
+}
+
+
 async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> list[tuple[dict[str, Any], float]]:
     """Asks every instance (of ``service``, or all) a ``$SRV`` question; returns (reply, seconds) pairs.
 
-    Replies are collected for ``wait`` seconds, since any number of instances may answer.
+    Replies are collected for ``wait`` seconds, since any number of instances may answer. A reply
+    without the fields of its kind (name, id, version; endpoints with name and subject, and a
+    STATS endpoint's counts as integers) is ignored and logged (1st, 2nd, 4th... of them), so
+    one broken or hostile responder cannot break a listing of the others. A reply kept is
+    returned as it came, with ``metadata`` and ``endpoints`` never null.
     """
     if verb not in protocol.SERVICE_API_VERBS:
         raise ValueError(f"verb must be one of {protocol.SERVICE_API_VERBS}, got {verb!r}")
@@ -341,13 +391,22 @@ async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> li
     replies: list[tuple[dict[str, Any], float]] = []
     sent = time.perf_counter()
 
+    decoder = _SURVEY_DECODERS[verb]
+    ignored = logs.Ignored(log)
+
     async def collect(msg: Msg) -> None:
         if not msg.data:  # the server's "no responders" status: nobody answers, which is no reply
             return
         try:
-            replies.append((msgspec.json.decode(msg.data), time.perf_counter() - sent))
-        except msgspec.DecodeError:
-            log.warning("undecodable discovery reply", subject=msg.subject)
+            decoder.decode(msg.data)
+            reply = msgspec.json.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            ignored(f"$SRV.{verb} reply ignored", error=str(exc), reply=msg.data.decode(errors="replace"))
+            return
+        reply["metadata"] = reply.get("metadata") or {}
+        if verb != "PING":
+            reply["endpoints"] = reply.get("endpoints") or []
+        replies.append((reply, time.perf_counter() - sent))
 
     sub = await nc.subscribe(inbox, cb=collect)
     try:

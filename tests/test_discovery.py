@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ import nats
 import pytest
 import pytest_asyncio
 import structlog.testing
-from children import poll
+from children import child_env, poll
 from micro_schemas import VALIDATORS, validate
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
@@ -881,3 +882,67 @@ class TestNameClashes:
         assert warnings[0]["log_level"] == "warning"
         assert {entry.split(" ")[0] for entry in warnings[0]["instances"]} == ids
         assert any("version 2.0.0: get" in entry for entry in warnings[0]["instances"])
+
+
+class TestBrokenResponders:
+    """A responder on ``$SRV`` that answers nonsense cannot break a listing of the others."""
+
+    BAD = (
+        b"not json",
+        b"[]",
+        b'{"name": 5, "id": "x", "version": "1.0.0"}',
+        b'{"name": "broken", "version": "1.0.0"}',
+        b'{"name": "broken", "id": "b1", "version": "1.0.0", "endpoints": [{"name": "e"}]}',
+        b'{"name": "broken", "id": "b2", "version": "1.0.0", "endpoints": "many"}',
+        b'{"name": "broken", "id": "b3", "version": "1.0.0", "metadata": {"a": 1}}',
+    )
+    # As a Go service may answer: metadata and endpoints null.
+    NULLS = b'{"type": "x", "name": "gosvc", "id": "g1", "version": "1.0.0", "metadata": null, "endpoints": null}'
+
+    async def test_ls_info_stats_and_ping_list_the_others_and_log_little(
+        self, client: natsrpc.Client, nc: NatsConnection, nats_url: str
+    ) -> None:
+        """Against kv and a responder sending the bad replies above (and one with nulls) to every
+        question, each command exits 0 listing kv (and the null one), never a traceback; a survey
+        returns the valid replies only, their nulls made empty."""
+
+        async def answer(msg: Msg) -> None:
+            for body in self.BAD:
+                await nc.publish(msg.reply, body)
+            if not msg.subject.startswith("$SRV.STATS"):
+                await nc.publish(msg.reply, self.NULLS)
+
+        await nc.subscribe("$SRV.>", cb=answer)
+        await sync_with_server(nc)
+        async with serve(client, KV()):
+            with structlog.testing.capture_logs() as logs:
+                replies = await natsrpc.registry.survey(client.nc, "INFO", wait=0.3)
+            names = sorted(reply["name"] for reply, _ in replies)
+            assert names == ["gosvc", "kv"]
+            gosvc = next(reply for reply, _ in replies if reply["name"] == "gosvc")
+            assert (gosvc["metadata"], gosvc["endpoints"]) == ({}, [])
+            assert [entry["ignored"] for entry in logs if "reply ignored" in entry["event"]] == [1, 2, 4]
+            commands = [("ls",), ("info", "gosvc"), ("stats", "kv"), ("ping",)]
+            procs = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "natsrpc",
+                    *command,
+                    "--url",
+                    nats_url,
+                    "--wait",
+                    "0.3",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=child_env(),
+                )
+                for command in commands
+            ]
+            outputs = [await asyncio.wait_for(proc.communicate(), 30) for proc in procs]
+        for command, proc, (out, err) in zip(commands, procs, outputs, strict=True):
+            assert proc.returncode == 0, (command, err.decode())
+            assert "Traceback" not in err.decode(), command
+            listed = out.decode()
+            expected = {"info": "gosvc", "stats": "get"}.get(command[0], "kv")  # stats lists endpoints
+            assert expected in listed, (command, listed)
