@@ -147,16 +147,27 @@ def _failed(as_json: bool, code: int | None, type_: str, message: str, data: Any
     if as_json:
         print(msgspec.json.encode({"error": {"code": code, "type": type_, "message": message, "data": data}}).decode())
         return 1
-    print(f"error {'' if code is None else f'{code} '}{type_}: {message}", file=sys.stderr)
+    print(f"error {'' if code is None else f'{code} '}{shown(type_)}: {shown(message)}", file=sys.stderr)
     if data is not None:
         print(f"data: {msgspec.json.encode(data).decode()}", file=sys.stderr)
     return 1
 
 
+def shown(text: object) -> str:
+    """``text`` as it may reach a terminal: a character that is not printable (an escape sequence's
+    ESC, a line break) as its ``\\x..`` escape, so a peer's reply cannot move the cursor, recolour
+    or retitle the terminal, or forge lines of the output."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
-    """Returns ``rows`` as an aligned text table under ``header``."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    """Returns ``rows`` as an aligned text table under ``header`` (each cell :func:`shown`)."""
+    rows = [[shown(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

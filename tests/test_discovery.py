@@ -896,8 +896,10 @@ class TestBrokenResponders:
         b'{"name": "broken", "id": "b2", "version": "1.0.0", "endpoints": "many"}',
         b'{"name": "broken", "id": "b3", "version": "1.0.0", "metadata": {"a": 1}}',
     )
-    # As a Go service may answer: metadata and endpoints null.
+    # As a Go service may answer: metadata and endpoints null; and a version with an escape
+    # sequence (clear the screen) and a line break, which must not reach the terminal as they are.
     NULLS = b'{"type": "x", "name": "gosvc", "id": "g1", "version": "1.0.0", "metadata": null, "endpoints": null}'
+    ESCAPES = b'{"name": "esc", "id": "e1", "version": "1.0.0\\u001b[2J\\nforged line", "endpoints": []}'
 
     async def test_ls_info_stats_and_ping_list_the_others_and_log_little(
         self, client: natsrpc.Client, nc: NatsConnection, nats_url: str
@@ -911,6 +913,7 @@ class TestBrokenResponders:
                 await nc.publish(msg.reply, body)
             if not msg.subject.startswith("$SRV.STATS"):
                 await nc.publish(msg.reply, self.NULLS)
+                await nc.publish(msg.reply, self.ESCAPES)
 
         await nc.subscribe("$SRV.>", cb=answer)
         await sync_with_server(nc)
@@ -918,7 +921,7 @@ class TestBrokenResponders:
             with structlog.testing.capture_logs() as logs:
                 replies = await natsrpc.registry.survey(client.nc, "INFO", wait=0.3)
             names = sorted(reply["name"] for reply, _ in replies)
-            assert names == ["gosvc", "kv"]
+            assert names == ["esc", "gosvc", "kv"]
             gosvc = next(reply for reply, _ in replies if reply["name"] == "gosvc")
             assert (gosvc["metadata"], gosvc["endpoints"]) == ({}, [])
             assert [entry["ignored"] for entry in logs if "reply ignored" in entry["event"]] == [1, 2, 4]
@@ -946,3 +949,6 @@ class TestBrokenResponders:
             listed = out.decode()
             expected = {"info": "gosvc", "stats": "get"}.get(command[0], "kv")  # stats lists endpoints
             assert expected in listed, (command, listed)
+            assert "\x1b" not in listed, command
+            assert not any(line.startswith("forged") for line in listed.splitlines()), command
+        assert "1.0.0\\x1b[2J\\nforged line" in outputs[0][0].decode()  # ls shows the version, escaped
