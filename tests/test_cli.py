@@ -121,6 +121,14 @@ class TestErrors:
         assert (code, out) == (1, "")
         assert err == 'error 409 ServiceError: pen is taken\ndata: {"item":"pen","by":"ann"}\n'
 
+    async def test_an_error_message_reaches_the_terminal_escaped(self, client: natsrpc.Client, nats_url: str) -> None:
+        """An error message holding an escape sequence and a line break is printed with them escaped."""
+        async with serve(client, Refuser()):
+            code, _, err = await cli("--url", nats_url, "call", "refuser.take", '["a\\u001b[2J\\nb"]')
+        assert code == 1
+        assert err.startswith("error 409 ServiceError: a\\x1b[2J\\nb is taken\n")
+        assert "\x1b" not in err
+
     async def test_json_prints_the_error_object_on_stdout(self, client: natsrpc.Client, nats_url: str) -> None:
         """With --json a failure is the wire's error object on stdout, for scripts; stderr stays empty."""
         async with serve(client, Refuser()):
