@@ -1,4 +1,5 @@
-"""Test helpers shared by the test modules: child processes of the repository, and polling.
+"""Test helpers shared by the test modules: child processes of the repository, polling, and a
+probe that tells whether code handed the event loop control.
 
 Imported by bare name (``from children import ...``), as pytest puts ``tests/`` on ``sys.path``.
 """
@@ -11,8 +12,8 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,20 @@ async def poll(condition: Callable[[], bool], what: str = "the condition", limit
             pytest.fail(f"{what}: not true after {limit} s")
         await asyncio.sleep(0.001)
     return time.monotonic() - start
+
+
+@contextmanager
+def loop_probe() -> Iterator[list[bool]]:
+    """Schedules a callback as the block starts: the list it gives is not empty afterwards if the
+    block handed the event loop control. What "at once" means for a call refused or failed
+    before anything is sent (it never yields), without a bound on wall time that the OS or the
+    garbage collector could break."""
+    ran: list[bool] = []
+    handle = asyncio.get_running_loop().call_soon(ran.append, True)
+    try:
+        yield ran
+    finally:
+        handle.cancel()
 
 
 class Child:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import pytest_asyncio
-from children import REPO, child_env, poll
+from children import REPO, child_env, loop_probe, poll
 
 import natsrpc
 from natsrpc import Service, ServiceError, rpc
@@ -184,19 +184,15 @@ class Caller:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self.stop.is_set():
-            # A callback scheduled now runs only if the call hands the loop control before it ends.
-            ran: list[bool] = []
-            probe = loop.call_soon(ran.append, True)
             started = time.monotonic()
-            try:
-                await self.call()
-                error = None
-            except natsrpc.CallError as exc:
-                error = exc
-            self.outcomes.append(Outcome(started, time.monotonic() - started, error, bool(ran)))
-            probe.cancel()
+            with loop_probe() as yielded:
+                try:
+                    await self.call()
+                    error = None
+                except natsrpc.CallError as exc:
+                    error = exc
+            self.outcomes.append(Outcome(started, time.monotonic() - started, error, bool(yielded)))
             await asyncio.sleep(0.001)  # a refused call never yields: leave the loop room to run
 
     def since(self, moment: float) -> list[Outcome]:
