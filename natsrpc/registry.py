@@ -83,9 +83,7 @@ class Registry:
         """The most instances tracked at once; beats of further new instances are dropped (and counted)."""
         self.max_services = max_services
         """The most service names remembered; past it, names without a live instance are forgotten first."""
-        self._ignored = logs.Ignored(log)
-        """Beats dropped: undecodable, not on a heartbeat subject, a body naming another service or
-        instance than its subject, or a new instance past the limits."""
+        self._ignored = logs.Ignored(log)  # the beats dropped (ignored_beats), logged little
         self.prefix = protocol.DEFAULT_PREFIX
         self._services: dict[str, dict[str, InstanceState]] = {}
         self._count = 0  # instances tracked, over all services
@@ -305,21 +303,20 @@ class Registry:
         try:
             beat = heartbeat_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
-            self._ignore("bad heartbeat ignored", subject, str(exc))
+            self._ignored("bad heartbeat ignored", subject=subject, detail=str(exc))
             return False
         if where is None or where != (beat.name, beat.id):
-            self._ignore("heartbeat whose body disagrees with its subject ignored", subject, f"{beat.name}/{beat.id}")
+            detail = f"{beat.name}/{beat.id}"
+            self._ignored("heartbeat whose body disagrees with its subject ignored", subject=subject, detail=detail)
             return False
         self.observe(beat)
         return True
 
     @property
     def ignored_beats(self) -> int:
-        """Heartbeats ignored: undecodable, disagreeing with their subject, or past the bounds."""
+        """Beats dropped: undecodable, not on a heartbeat subject, a body naming another service or
+        instance than its subject, or a new instance past the limits."""
         return self._ignored.count
-
-    def _ignore(self, event: str, subject: str, detail: str) -> None:
-        self._ignored(event, subject=subject, detail=detail)
 
     async def _sweep_forever(self) -> None:
         while True:
