@@ -455,12 +455,8 @@ class Client:
         if _through is None and self._observers is not None:
             observers = self._observers
             _through = self._invocation(service, method, args, kwargs or {}, opts, False)
-            states: list[Any] = []
+            states = observers.begin(_through)  # in line, outermost first; one raising refuses the call
         try:
-            if observers is not None:  # in line, outermost first; one raising refuses the call
-                assert _through is not None
-                for observer in observers.observers:
-                    states.append(observer.begin(_through))
             subject = self._subjects.get((service, method, opts.instance))
             if subject is None:
                 subject = self._subject(service, method, opts.instance)
@@ -531,10 +527,10 @@ class Client:
             value = await self._middleware(through, call_itself)
         except BaseException as exc:
             if observers is not None:
-                observers.end(through, states, exc)  # type: ignore[arg-type]
+                observers.end(through, states, exc)
             raise
         if observers is not None:
-            observers.end(through, states, None)  # type: ignore[arg-type]
+            observers.end(through, states, None)
         return value
 
     def _invocation(

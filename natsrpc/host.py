@@ -54,6 +54,7 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_HANDLER_TIMEOUT = 30.0
 CANCELLED = 499  # counted (never sent) for a call its caller cancelled, as nginx logs a closed request
 _MAX_REPLY_SUBJECT = 512  # a cancel naming a longer reply subject names no call of ours
+_NOT_BEGUN = object()  # the observers had not all begun: nothing to end
 
 
 class Host:
@@ -393,7 +394,7 @@ class Host:
         started = time.perf_counter_ns()
         streams: Sequence[produce.Producer] = ()  # the stream this request opened, if any (errors end it)
         observers = self._observers
-        states: list[Any] | None = None  # the observers' states, once they began
+        states: Any = _NOT_BEGUN  # the observers' states, once they all began
         failure: BaseException | None = None  # what they are told the request ended with
         if headers is None:
             headers = {}
@@ -440,10 +441,8 @@ class Host:
                     "",
                     {},  # reply_headers: a middleware adds to them
                 )
-                if observers is not None:  # in line; one raising refuses, those begun are ended (finally)
-                    states = []
-                    for observer in observers.observers:
-                        states.append(observer.begin(through))
+                if observers is not None:  # in line; one raising refuses (those begun are ended by it)
+                    states = observers.begin(through)
             if self._middleware is not None:
                 collected: list[bytes] = []  # a plain request's array reply, from a streaming endpoint
                 opened: list[produce.Producer] = []
@@ -514,7 +513,7 @@ class Host:
             await self._reply_error(reply, route, InternalError(str(exc), type=type(exc).__name__), *streams)
             log.exception("handler raised", where=route.where)  # after the reply: logging may fail too
         finally:  # every request served counts, errors too (as Go's micro library counts them)
-            if states is not None:
+            if states is not _NOT_BEGUN:
                 observers.end(through, states, failure)  # type: ignore[union-attr]
             elapsed = time.perf_counter_ns() - started
             route.stats.processing_time_ns += elapsed

@@ -15,6 +15,7 @@ import natsrpc.observe.middleware
 import natsrpc.retry
 from natsrpc import Service, ServiceError, current_call, rpc
 from natsrpc.observe import Invocation
+from natsrpc.observe.middleware import Observers
 from natsrpc.testing import serve
 
 
@@ -430,6 +431,63 @@ class TestObservers:
         assert sorted((e[1], e[2]) for e in log) == [
             ("begin", "client"), ("begin", "server"), ("end", "client"), ("end", "server")
         ]  # fmt: skip
+
+
+class Quiet(natsrpc.observe.middleware.Observer):
+    """An observer keeping no state (its begin returns None), counting its ends by side."""
+
+    def __init__(self) -> None:
+        self.ends: list[str] = []
+
+    def end(self, call: Invocation, state: Any, error: BaseException | None) -> None:
+        self.ends.append(call.side)
+
+
+class TestObserversInLine:
+    """The observers at the head of a list run in line, made for their number: one, two, many."""
+
+    @pytest.mark.parametrize("count", [1, 2, 3, 4])
+    def test_begin_outermost_first_end_innermost_first_with_states(self, count: int) -> None:
+        log: list[Any] = []
+        observers = Observers([Watch(str(i), log) for i in range(count)])
+        call = Invocation("server", "kv", "get", (), {}, {}, 0.0, "client")
+        states = observers.begin(call)
+        observers.end(call, states, None)
+        labels = [str(i) for i in range(count)]
+        assert [e[0] for e in log if e[1] == "begin"] == labels
+        assert [(e[0], e[3]) for e in log if e[1] == "end"] == [(x, f"{x}-state") for x in reversed(labels)]
+
+    @pytest.mark.parametrize("count", [1, 2, 3, 4])
+    def test_the_last_refusing_ends_those_begun_with_its_error(self, count: int) -> None:
+        log: list[Any] = []
+        chain = [Watch(str(i), log) for i in range(count - 1)] + [Watch("guard", log, refuse=True)]
+        observers = Observers(chain)
+        call = Invocation("server", "kv", "get", (), {}, {}, 0.0, "client")
+        with pytest.raises(ServiceError):
+            observers.begin(call)
+        ended = [(e[0], e[4]) for e in log if e[1] == "end"]
+        assert ended == [(str(i), "ServiceError") for i in reversed(range(count - 1))]
+
+    @pytest.mark.parametrize("count", [1, 2, 3])
+    def test_an_end_raising_is_logged_and_the_others_still_end(self, count: int) -> None:
+        log: list[Any] = []
+        chain = [Watch(str(i), log) for i in range(count)]
+        chain[-1].fail_end = True
+        observers = Observers(chain)
+        call = Invocation("client", "kv", "get", (), {}, {}, 0.0, "client")
+        observers.end(call, observers.begin(call), None)
+        assert [e[0] for e in log if e[1] == "end"] == [str(i) for i in reversed(range(count))]
+
+    async def test_an_observer_with_no_state_is_still_ended(self, nats_url: str) -> None:
+        """A begin returning None (the default) is not taken for "not begun": end runs on both sides."""
+        quiet = Quiet()
+        async with (
+            natsrpc.connect(nats_url, middleware=[quiet]) as client,
+            serve(client, Echo(), middleware=[quiet]),
+        ):
+            assert await client.call_service["mwecho"].echo("x") == "x"
+            await poll(lambda: quiet.ends.count("server") == 1, "the server's end")
+        assert sorted(quiet.ends) == ["client", "server"]
 
 
 class TestInvocation:

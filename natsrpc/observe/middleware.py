@@ -153,33 +153,80 @@ def _failed(observer: Observer, call: Invocation) -> None:
 
 
 class Observers:
-    """The observers at the head of a middleware list, run in line by the client and the host."""
+    """The observers at the head of a middleware list, run in line by the client and the host.
 
-    __slots__ = ("observers",)
+    ``begin(call)`` runs every observer's ``begin``, outermost first, and returns their states; if
+    one raises, those begun are ended with its error and it is raised (there is nothing to end).
+    ``end(call, states, error)`` runs each ``end``, innermost first; an observer's own error is
+    logged, not raised: the call's outcome stands. One or two observers (metrics, tracing) get
+    functions made for their number, with no loop: they run on every call.
+    """
+
+    __slots__ = ("begin", "end", "observers")
+
+    begin: Callable[[Invocation], Any]
+    end: Callable[[Invocation, Any, BaseException | None], None]
 
     def __init__(self, observers: Sequence[Observer]) -> None:
         self.observers = tuple(observers)
+        count = len(self.observers)
+        made = _one if count == 1 else _two if count == 2 else _many
+        self.begin, self.end = made(*self.observers)
 
-    def begin(self, call: Invocation) -> list[Any]:
-        """Runs every ``begin``, outermost first; if one raises, those begun are ended with its error."""
+
+def _one(observer: Observer) -> tuple[Callable[[Invocation], Any], Callable[[Invocation, Any, Any], None]]:
+    begin, end_it = observer.begin, observer.end
+
+    def end(call: Invocation, state: Any, error: BaseException | None) -> None:
+        try:
+            end_it(call, state, error)
+        except Exception:
+            _failed(observer, call)
+
+    return begin, end
+
+
+def _two(first: Observer, second: Observer) -> tuple[Callable[[Invocation], Any], Callable[..., None]]:
+    begin1, begin2, end1, end2 = first.begin, second.begin, first.end, second.end
+
+    def begin(call: Invocation) -> tuple[Any, Any]:
+        state = begin1(call)
+        try:
+            return state, begin2(call)
+        except BaseException as exc:
+            _end(first, call, state, exc)
+            raise
+
+    def end(call: Invocation, states: tuple[Any, Any], error: BaseException | None) -> None:
+        state1, state2 = states
+        try:
+            end2(call, state2, error)
+        except Exception:
+            _failed(second, call)
+        try:
+            end1(call, state1, error)
+        except Exception:
+            _failed(first, call)
+
+    return begin, end
+
+
+def _many(*observers: Observer) -> tuple[Callable[[Invocation], Any], Callable[..., None]]:
+    def begin(call: Invocation) -> list[Any]:
         states: list[Any] = []
         try:
-            for observer in self.observers:
+            for observer in observers:
                 states.append(observer.begin(call))
         except BaseException as exc:
-            self.end(call, states, exc)
+            end(call, states, exc)
             raise
         return states
 
-    def end(self, call: Invocation, states: list[Any], error: BaseException | None) -> None:
-        """Runs the ``end`` of each observer begun (``states`` holds theirs), innermost first; an
-        observer's own error is logged, not raised: the call's outcome stands."""
-        observers = self.observers
-        for position in range(len(states) - 1, -1, -1):  # not through _end: one call fewer per observer
-            try:
-                observers[position].end(call, states[position], error)
-            except Exception:
-                _failed(observers[position], call)
+    def end(call: Invocation, states: list[Any], error: BaseException | None) -> None:
+        for position in range(len(states) - 1, -1, -1):  # those begun, innermost first
+            _end(observers[position], call, states[position], error)
+
+    return begin, end
 
 
 def split(middleware: Sequence[Middleware] | None) -> tuple[Observers | None, Chain | None]:
