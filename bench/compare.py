@@ -10,6 +10,9 @@ drives closed-loop load at each concurrency and encoding, rotating the contender
 round, and prints median throughput, p99 latency and the ratios to raw nats-py. Absolute numbers
 drift on shared machines; the ratios measured side by side are the figures to quote.
 
+Below each table it prints how the machine's CPU went during the run (``/proc/stat``): time stolen
+by the hypervisor means other guests took CPU, and the figures drift.
+
 ``--observe`` adds a fourth contender, "natsrpc observed": a client and a host (in the responder
 process) with the Prometheus ``Metrics`` and OpenTelemetry ``Tracing`` middleware, the SDK set up
 in both processes as production runs it (a parent-based ``--sample`` ratio sampler at the root,
@@ -19,7 +22,10 @@ the same middleware on a tracer provider that samples no trace (natsrpc's own wo
 per call, and splits what observing adds: natsrpc's own (no spans, against plain) and the SDK's
 spans as they run in the call (observed, against no spans), beside the SDK's cost for the two spans
 of a sampled call measured alone in the same run (times the ratio: only sampled traces ask the SDK
-for spans).
+for spans). It prints the nats-server's CPU per call too, and "cores busy": calls/s times the CPU
+of an observed call, all three processes. Where that is the number of cores, throughput is bound by
+CPU, and "observed without natsrpc's own" is the ratio the observed contender would reach if
+natsrpc's own part of observing cost nothing: what is left is the SDK's.
 """
 
 from __future__ import annotations
@@ -167,17 +173,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-Result = tuple[float, float, float, float]
-"""calls/s, p99 latency s, client CPU s per call, responder CPU s per call."""
+def server_pid(server: natsrpc.NatsServer) -> int:
+    """The pid of the nats-server process itself (a tethered server runs under a keeper process)."""
+    assert server.process is not None
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = children.read_text().split() if children.exists() else []
+    return int(found[0]) if server.tethered and found else pid
+
+
+Result = tuple[float, float, float, float, float]
+"""calls/s, p99 latency s, client CPU s per call, responder CPU s per call, nats-server CPU s per call."""
 
 
 async def closed_loop(
-    call: Callable[[], Awaitable[object]], concurrency: int, duration: float, responder: int = 0
+    call: Callable[[], Awaitable[object]], concurrency: int, duration: float, responder: int = 0, server: int = 0
 ) -> Result:
     """Runs ``concurrency`` workers calling back-to-back for ``duration`` s."""
     latencies: list[float] = []
     stop = time.perf_counter() + duration
     cpu, served = time.process_time(), cpu_seconds(responder) if responder else 0.0
+    routed = cpu_seconds(server) if server else 0.0
 
     async def worker() -> None:
         while (start := time.perf_counter()) < stop:
@@ -190,8 +206,9 @@ async def closed_loop(
     n = len(latencies)
     client_cpu = (time.process_time() - cpu) / n
     responder_cpu = (cpu_seconds(responder) - served) / n if responder else 0.0
+    server_cpu = (cpu_seconds(server) - routed) / n if server else 0.0
     latencies.sort()
-    return n / elapsed, latencies[max(0, int(n * 0.99) - 1)], client_cpu, responder_cpu
+    return n / elapsed, latencies[max(0, int(n * 0.99) - 1)], client_cpu, responder_cpu, server_cpu
 
 
 def calls(
@@ -228,7 +245,7 @@ def _echo_call(echo: Any) -> Callable[[], Awaitable[object]]:
 Results = dict[tuple[str, str, int], list[Result]]
 
 
-async def measure(url: str, args: argparse.Namespace, responder: int) -> Results:
+async def measure(url: str, args: argparse.Namespace, responder: int, server: int) -> Results:
     """Measures every contender at every encoding and concurrency, rotating their order each round."""
     nc = await nats.connect(url)
     results: Results = {}
@@ -250,12 +267,12 @@ async def measure(url: str, args: argparse.Namespace, responder: int) -> Results
                 order = names[round_no % len(names) :] + names[: round_no % len(names)]
                 for concurrency in args.concurrency:
                     for name in order:
-                        result = await closed_loop(contenders[name], concurrency, args.duration, responder)
+                        result = await closed_loop(contenders[name], concurrency, args.duration, responder, server)
                         results.setdefault((encoding, name, concurrency), []).append(result)
                 print(f"{encoding}: round {round_no + 1}/{args.rounds} done", file=sys.stderr)
     await nc.drain()
     if args.observe:
-        results[("", "sdk span s", 0)] = [(sdk_span_cost(), 0.0, 0.0, 0.0)]
+        results[("", "sdk span s", 0)] = [(sdk_span_cost(), 0.0, 0.0, 0.0, 0.0)]
     return results
 
 
@@ -327,17 +344,23 @@ def table(results: Results, loop_name: str, args: argparse.Namespace) -> str:
 def observed_cost(results: Results, args: argparse.Namespace) -> list[str]:
     """The CPU per call of each natsrpc contender on each side, and what observing adds: natsrpc's
     own (no spans against plain) and the SDK's spans in the call (observed against no spans),
-    beside the SDK's pair measured alone."""
+    beside the SDK's pair measured alone; and what the observed ratio would be without natsrpc's own
+    part, when the cores are what limits throughput (all of them busy: calls/s times the CPU of a
+    call, the nats-server's included, is the number of cores)."""
     pair = results[("", "sdk span s", 0)][0][0]
     sdk = pair * args.sample  # only sampled traces ask the SDK for spans
     lines = [
         f"CPU per call, µs, both processes (sample ratio {args.sample:g}; the SDK's two spans of a sampled call, "
         f"measured alone: {pair * 1e6:.1f}, so {sdk * 1e6:.1f} per call at this ratio; the metrics are natsrpc's "
-        "own code, prometheus-client runs only when scraped):",
+        "own code, prometheus-client runs only when scraped). 'cores busy' is calls/s times the CPU of an observed "
+        f"call, the nats-server's included ({os.cpu_count()} cores here); when it is the number of cores, 'observed "
+        "without natsrpc's own' is the ratio to raw that the observed contender would reach if natsrpc's own part "
+        "cost nothing (its ratio times its CPU per call over that CPU less natsrpc's own):",
         "",
         "| encoding | concurrency | client plain | client no spans | client observed | responder plain "
-        "| responder no spans | responder observed | natsrpc's own | the SDK's spans in the call | the SDK's alone |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| responder no spans | responder observed | nats-server | natsrpc's own | the SDK's spans in the call "
+        "| the SDK's alone | cores busy | observed without natsrpc's own |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for encoding in args.encodings:
         for concurrency in args.concurrency:
@@ -347,9 +370,14 @@ def observed_cost(results: Results, args: argparse.Namespace) -> list[str]:
 
             client = [cpu(name, 2) for name in ("natsrpc", NO_SPANS, OBSERVED)]
             responder = [cpu(name, 3) for name in ("natsrpc", NO_SPANS, OBSERVED)]
+            server = cpu(OBSERVED, 4)
             own = (client[1] - client[0]) + (responder[1] - responder[0])
             spans = (client[2] - client[1]) + (responder[2] - responder[1])
-            cells = [f"{value * 1e6:.1f}" for value in (*client, *responder, own, spans, sdk)]
+            total = client[2] + responder[2] + server
+            rps, raw_rps = cpu(OBSERVED, 0), cpu("raw nats-py", 0)
+            without_own = rps / raw_rps * total / (total - own) if total > own else float("nan")
+            cells = [f"{value * 1e6:.1f}" for value in (*client, *responder, server, own, spans, sdk)]
+            cells += [f"{rps * total:.2f}", f"{without_own:.2f}"]
             lines.append(f"| {encoding} | {concurrency} | " + " | ".join(cells) + " |")
     return lines
 
@@ -369,12 +397,34 @@ def run_loop(loop_name: str, args: argparse.Namespace) -> str:
         try:
             if responders.stdout.readline().strip() != "ready":
                 raise SystemExit("the responders did not start")
+            before = machine_ticks()
             with runner(loop_name) as loop:
-                results = loop.run(measure(server.url, args, responders.pid))
+                results = loop.run(measure(server.url, args, responders.pid, server_pid(server)))
+            spent = [after - then for then, after in zip(before, machine_ticks(), strict=True)]
         finally:
             responders.stdin.close()
             responders.wait(10)
-    return table(results, loop_name, args)
+    return table(results, loop_name, args) + "\n\n" + machine_share(spent)
+
+
+_TICKS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_ticks() -> list[int]:
+    """The machine's CPU time so far, by kind (``/proc/stat``: user, nice, system, idle, ..., steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return [int(value) for value in fields[: len(_TICKS)]]
+
+
+def machine_share(spent: list[int]) -> str:
+    """How the machine's CPU went during the run: a busy or stolen machine makes the ratios noisy."""
+    total = sum(spent) or 1
+    shares = dict(zip(_TICKS, (100 * n / total for n in spent), strict=True))
+    return (
+        f"The machine's CPU during the run: user {shares['user'] + shares['nice']:.0f}%, system "
+        f"{shares['system'] + shares['irq'] + shares['softirq']:.0f}%, idle {shares['idle'] + shares['iowait']:.0f}%, "
+        f"stolen by the hypervisor {shares['steal']:.0f}% (over 5%: other guests took CPU, the figures drift)."
+    )
 
 
 def runner(loop_name: str) -> asyncio.Runner:

@@ -425,5 +425,7 @@ class TestBenchScripts:
         assert names[:5] == ["natsrpc", "raw nats-py", "nats.micro", "natsrpc observed, no spans", "natsrpc observed"]
         assert len(rows) == 6  # and the CPU row: each natsrpc contender's sides, natsrpc's own, the SDK's share
         cpu = [float(cell) for cell in rows[5].split("|")[3:-1]]  # numbers, each of them
-        assert len(cpu) == 9
+        assert len(cpu) == 12
+        assert cpu[6] > 0  # the nats-server's CPU per call was read
+        assert cpu[10] > 0  # cores busy
         assert "natsrpc's own" in out
