@@ -174,7 +174,12 @@ class Observers:
         self.begin, self.end = made(*self.observers)
 
 
-def _one(observer: Observer) -> tuple[Callable[[Invocation], Any], Callable[[Invocation, Any, Any], None]]:
+_BeginEnd = tuple[Callable[[Invocation], Any], Callable[..., None]]
+"""An ``Observers.begin`` and ``Observers.end``, made for a number of observers."""
+
+
+def _one(observer: Observer) -> _BeginEnd:
+    """One observer: its own ``begin``, and its ``end`` with its error logged."""
     begin, end_it = observer.begin, observer.end
 
     def end(call: Invocation, state: Any, error: BaseException | None) -> None:
@@ -186,7 +191,8 @@ def _one(observer: Observer) -> tuple[Callable[[Invocation], Any], Callable[[Inv
     return begin, end
 
 
-def _two(first: Observer, second: Observer) -> tuple[Callable[[Invocation], Any], Callable[..., None]]:
+def _two(first: Observer, second: Observer) -> _BeginEnd:
+    """Two observers (metrics and tracing, usually): their states as a pair, no loop."""
     begin1, begin2, end1, end2 = first.begin, second.begin, first.end, second.end
 
     def begin(call: Invocation) -> tuple[Any, Any]:
@@ -211,7 +217,9 @@ def _two(first: Observer, second: Observer) -> tuple[Callable[[Invocation], Any]
     return begin, end
 
 
-def _many(*observers: Observer) -> tuple[Callable[[Invocation], Any], Callable[..., None]]:
+def _many(*observers: Observer) -> _BeginEnd:
+    """Three observers or more: their states in a list, in a loop."""
+
     def begin(call: Invocation) -> list[Any]:
         states: list[Any] = []
         try:
