@@ -401,6 +401,8 @@ class TestBenchScripts:
         rows = [line for line in out.splitlines() if line.startswith("| json | 1 |")]
         assert [row.split("|")[3].strip() for row in rows] == ["natsrpc", "raw nats-py", "nats.micro"]
         assert rows[1].split("|")[5].strip() == "1.00"  # raw is the reference
+        assert rows[1].split("|")[8].strip() == "1.00 (1.00-1.00)"  # in every round too
+        assert "The machine's CPU during the run: user" in out
 
     @pytest.mark.slow  # 4 s: the default suite keeps under 3 minutes; .ci/run runs it with -m slow
     def test_hotpath_observed_with_each_piece_and_the_sdk_pair(self) -> None:
