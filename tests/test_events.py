@@ -187,6 +187,21 @@ class TestBadInput:
         assert dropped[0]["event_type"] == "order.created"
         assert said in dropped[0].get("error", "") + dropped[0]["event"]
 
+    async def test_a_flood_of_bad_events_is_counted_and_logs_little(self, client: natsrpc.Client) -> None:
+        """Twenty events that fit no handler: all counted and dropped, a warning for the 1st, 2nd,
+        4th, 8th and 16th only of each handler's (a peer publishing bad events cannot flood the log)."""
+        orders = Orders()
+        async with serve(client, orders) as host:
+            with structlog.testing.capture_logs() as logs:
+                for _ in range(20):
+                    await client.nc.publish("evt.order.created", b"not json")
+                routes = host.instances[0].event_routes
+                await poll(lambda: all(routes[p].stats.invalid == 20 for p in ("order.created", "order.*")), "counted")
+        for handler in ("evorders.on_created", "evorders.on_any"):
+            dropped = [e for e in logs if e["event"].startswith("event dropped") and e["handler"] == handler]
+            assert [e["ignored"] for e in dropped] == [1, 2, 4, 8, 16]
+        assert orders.created == orders.any == []
+
     async def test_emit_refuses_bad_types_and_unencodable_values_before_publishing(
         self, client: natsrpc.Client
     ) -> None:

@@ -41,14 +41,14 @@ class EventStats:
     received: int = 0
     handled: int = 0
     failed: int = 0  # the handler raised
-    invalid: int = 0  # the payload did not fit the annotation
+    invalid: int = 0  # the payload did not fit the annotation, or the Natsrpc-Caller header broke the rules
     dropped: int = 0  # the instance's event pool was full
 
 
 class EventRoute:
     """One ``@event`` handler of one hosted instance: the bound method and its counters."""
 
-    __slots__ = ("bound", "handler", "label", "service", "stats", "where")
+    __slots__ = ("bound", "handler", "ignored", "label", "service", "stats", "where")
 
     def __init__(self, service: Any, label: str, handler: EventHandler) -> None:
         self.service = service
@@ -57,6 +57,13 @@ class EventRoute:
         self.bound = getattr(service, handler.attr)
         self.stats = EventStats()
         self.where = f"{service.name}.{handler.attr}"
+        self.ignored = logs.Ignored(log)  # events dropped as invalid: a flood of them logs little
+
+    def drop_invalid(self, event_type: str, why: str, **fields: Any) -> None:
+        """Counts an event dropped as invalid (``stats.invalid``) and logs why, for the 1st, 2nd,
+        4th... only: a peer publishing bad events cannot flood the log."""
+        self.stats.invalid += 1
+        self.ignored("event dropped: " + why, handler=self.where, event_type=event_type, **fields)
 
 
 Item = tuple[EventRoute, str, bytes, "dict[str, str] | None", Any]
@@ -159,21 +166,14 @@ class EventPool(Drains):
             try:
                 payload = handler.decode(data, msgpack)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-                route.stats.invalid += 1
                 error, invalid, finished = exc, True, True
-                log.warning(
-                    "event dropped: its payload does not fit",
-                    handler=route.where,
-                    event_type=event_type,
-                    error=str(exc),
-                )
+                route.drop_invalid(event_type, "its payload does not fit", error=str(exc))
                 return
             h = headers or {}
             caller = h.get(protocol.CALLER, "client")
             if caller != "client" and not protocol.valid_caller(caller):  # it would reach logs and spans
-                route.stats.invalid += 1
                 error, invalid, finished = BadRequest(protocol.BAD_CALLER), True, True
-                log.warning("event dropped: " + protocol.BAD_CALLER, handler=route.where, event_type=event_type)
+                route.drop_invalid(event_type, protocol.BAD_CALLER)
                 return
             call = context.CallContext(
                 route.service.name,
