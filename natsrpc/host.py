@@ -85,7 +85,8 @@ class Host:
         middleware: runs around every request served, the first listed outermost
             (:mod:`natsrpc.observe.middleware`). A middleware may also have an
             ``on_rejected(service, method, code)`` method: it is told of each request refused
-            before its handler ran (429 full, 503 stopped, 504 deadline passed).
+            before its handler ran (400 bad arguments or headers, 429 full, 503 stopped, 504
+            deadline passed).
     """
 
     def __init__(
@@ -366,6 +367,7 @@ class Host:
                 value = (headers or {}).get(protocol.DEADLINE, "")
                 shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
                 bad = BadRequest(f"{route.where}: header {protocol.DEADLINE} {shown} is not epoch milliseconds")
+                self._rejected(route, 400)
                 self._spawn(self._reply_error(reply, route, bad))
                 return
             if time.time() >= deadline:
@@ -410,8 +412,13 @@ class Host:
                 raise DeadlineExceeded(f"{route.where}: the deadline passed while the request waited for a slot")
             caller = headers.get(protocol.CALLER, "client")
             if caller != "client" and not protocol.valid_caller(caller):  # it reaches logs and spans
+                self._rejected(route, 400)
                 raise BadRequest(f"{route.where}: {protocol.BAD_CALLER}")
-            values = endpoint.signature.decode_arguments(data, msgpack, mixed)
+            try:
+                values = endpoint.signature.decode_arguments(data, msgpack, mixed)
+            except BadRequest:
+                self._rejected(route, 400)
+                raise
             call = context.CallContext(
                 inst.service.name,
                 endpoint.name,
@@ -424,6 +431,7 @@ class Host:
             context.enter(call)
             args, kwargs = endpoint.signature.call_parts(values)
             if endpoint.streaming and not reply:  # a stream sent nowhere would publish to an empty subject
+                self._rejected(route, 400)
                 raise BadRequest(f"{route.where} streams: the request needs a reply subject")
             if observers is not None or self._middleware is not None:
                 through = Invocation(

@@ -146,6 +146,30 @@ class TestServerMetrics:
         assert got[("natsrpc_server_rejected_total", (("reason", "overloaded"), ("service", "obsflaky")))] == 1
         assert got[("natsrpc_server_in_flight", (("service", "obsflaky"),))] == 0
 
+    async def test_requests_refused_as_bad_count_as_bad_request(
+        self, client: natsrpc.Client, observed: tuple[Metrics, HealthServer, natsrpc.Host, Flaky]
+    ) -> None:
+        """Arguments that do not fit, a bad Natsrpc-Caller, a bad deadline header and a stream asked
+        with no reply subject are each answered 400 before the handler, and counted as bad_request:
+        a peer sending garbage shows in the metrics, not only in $SRV.STATS."""
+        metrics, _, _, _ = observed
+        nc = client.nc
+        for body, headers in (
+            (b'{"fail": "not a bool"}', None),
+            (b"[true, 1, 2]", None),
+            (b"not json", None),
+            (b"[]", {natsrpc.protocol.CALLER: "c" * 257}),
+            (b"[]", {natsrpc.protocol.DEADLINE: "soon"}),
+        ):
+            reply = await nc.request("svc.obsflaky.maybe", body, timeout=5, headers=headers)
+            assert (reply.headers or {}).get(natsrpc.protocol.ERROR_CODE) == "400", reply
+        await nc.publish("svc.obsflaky.count", b"[3]")  # no reply subject: nowhere to stream
+        reply = await nc.request("svc.obsflaky.maybe", b"[]", timeout=5)  # behind it on the same connection
+        assert reply.data == b'"ok"'
+        got = samples(metrics.exposition().decode())
+        assert got[("natsrpc_server_rejected_total", (("reason", "bad_request"), ("service", "obsflaky")))] == 6
+        assert got[("natsrpc_server_requests_total", (("code", "200"), ("method", "maybe"), ("service", "obsflaky")))] == 1
+
 
 class TestClientMetrics:
     async def test_calls_outcomes_retries_and_circuit_state(self, nats_url: str, client: natsrpc.Client) -> None:

@@ -13,7 +13,8 @@ The same object on both sides records, by ``call.side``:
 - served: ``natsrpc_server_requests_total{service,method,code}``,
   ``natsrpc_server_request_duration_seconds{service,method}`` (a histogram),
   ``natsrpc_server_in_flight{service}`` and ``natsrpc_server_rejected_total{service,reason}``
-  (429 ``overloaded``, 503 ``unavailable``, 504 ``deadline``: refused before the handler ran);
+  (400 ``bad_request``: arguments that do not fit the signature, or a bad header; 429
+  ``overloaded``, 503 ``unavailable``, 504 ``deadline``: refused before the handler ran);
 - made: ``natsrpc_client_requests_total{caller,service,method,outcome}``,
   ``natsrpc_client_request_duration_seconds{caller,service,method}``,
   ``natsrpc_client_retries_total{service}`` and ``natsrpc_client_circuit_state{service}``
@@ -51,7 +52,7 @@ from natsrpc.errors import (
 )
 from natsrpc.observe.middleware import Invocation, Observer
 
-REJECTED_REASONS = {429: "overloaded", 503: "unavailable", 504: "deadline"}
+REJECTED_REASONS = {400: "bad_request", 429: "overloaded", 503: "unavailable", 504: "deadline"}
 """The ``reason`` label of ``natsrpc_server_rejected_total`` for each code refused before a handler."""
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
