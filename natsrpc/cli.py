@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import nats.errors
 
 import natsrpc
 from natsrpc import auth, bench, logs, protocol, registry
 from natsrpc.connection import DEFAULT_URL, connect
-from natsrpc.errors import CallError, ConfigurationError, ConnectionLost, RemoteError
+from natsrpc.errors import CallError, ConfigurationError, ConnectionLost, NoResponders, RemoteError
 from natsrpc.proxy import CallOptions
 
 
@@ -129,13 +130,33 @@ async def _call(args: argparse.Namespace) -> int:
             subject = protocol.endpoint_subject(service, method, client.prefix)
             # Asked as a stream: a streaming endpoint's items come one JSON line each, and a unary
             # endpoint's reply as the only item.
-            async for item in client.stream_request(subject, body, options):
-                print(item.decode(errors="replace") if item else "null", flush=True)
+            try:
+                async for item in client.stream_request(subject, body, options):
+                    print(item.decode(errors="replace") if item else "null", flush=True)
+            except NoResponders:
+                missing = await _missing_method(client.nc, service, method)
+                if missing is None:
+                    raise
+                return _failed(args.json, protocol.NOT_FOUND, "NotFound", missing, None)
     except RemoteError as exc:
         return _failed(args.json, exc.code, exc.type, exc.message, exc.data)
     except (CallError, ConnectionLost) as exc:
         return _failed(args.json, None, type(exc).__name__, str(exc), None)
     return 0
+
+
+async def _missing_method(nc: Any, service: str, method: str) -> str | None:
+    """Tells a method that does not exist from a service that is not running, when nothing answered
+    a call: asks the service's instances for their endpoints ($SRV.INFO). Returns what to say when
+    they run without ``method``; None when none answers (the service is not running) or one has it."""
+    try:
+        infos = await registry.survey(nc, "INFO", service, wait=0.3)
+    except (ConfigurationError, nats.errors.Error, OSError):
+        return None
+    methods = sorted({endpoint["name"] for info, _ in infos for endpoint in info["endpoints"]})
+    if not infos or method in methods:
+        return None
+    return f"{service} has no method {method!r} (it has: {', '.join(methods)}; {len(infos)} instance(s) answered)"
 
 
 def _failed(as_json: bool, code: int | None, type_: str, message: str, data: Any) -> int:

@@ -164,12 +164,24 @@ class TestErrors:
         assert "not valid JSON" in err
         assert seen == []
 
-    async def test_unknown_method_is_no_responders(self, nats_url: str, kv: KV) -> None:
-        """A method nobody serves exits 1 with NoResponders."""
+    async def test_an_unknown_method_of_a_running_service_is_not_found(self, nats_url: str, kv: KV) -> None:
+        """A method the running service lacks exits 1 with a 404 naming the methods it has, not a
+        NoResponders that reads as if the service were down."""
         code, out, err = await cli("--url", nats_url, "call", "kv.nosuchmethod", "{}")
         assert code == 1
         assert out == ""
-        assert "NoResponders" in err
+        assert err.startswith("error 404 NotFound: kv has no method 'nosuchmethod' (it has: delete, get, keys, put;"), (
+            err
+        )
+        code, out, _ = await cli("--url", nats_url, "call", "kv.nosuchmethod", "{}", "--json")
+        assert (code, json.loads(out)["error"]["code"]) == (1, 404)
+
+    async def test_a_service_not_running_is_no_responders(self, nats_url: str, kv: KV) -> None:
+        """A service nobody runs exits 1 with NoResponders (kv's instance does not answer for it)."""
+        code, out, err = await cli("--url", nats_url, "call", "kvv.get", "{}")
+        assert code == 1
+        assert out == ""
+        assert err.startswith("error NoResponders: no instance answers svc.kvv.get"), err
 
     async def test_no_server_exits_1_with_connection_lost(self) -> None:
         """A URL where nothing listens exits 1 with ConnectionLost, not a traceback."""

@@ -173,7 +173,9 @@ class Receiver:
                 self._violation("a keepalive that does not name the control subject came first")
             return
         if h.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not data:
-            self._push(_ERROR, NoResponders(f"no instance answers {self.subject} (service not running)"))
+            self._push(
+                _ERROR, NoResponders(f"no instance answers {self.subject} (service not running, or no such method)")
+            )
         elif protocol.ERROR_CODE in h:
             self._push(_ERROR, error_from_reply(h, data))
         elif self._expected == 1 and not self.control:  # not a streaming endpoint: its result is the only item
