@@ -1,11 +1,14 @@
 """The client's reply cache: successful replies of ``@rpc(idempotent=True, cache_ttl=...)`` methods.
 
 A call to a method whose instances announce a ``cache_ttl`` (in their heartbeats) is answered
-from a reply kept for the same service, method, encoding and encoded arguments, until the TTL
-passes, without sending a request. The cache is an LRU bounded twice (``connect(cache_size=...)``,
-default 10,000 entries, and ``connect(cache_bytes=...)``, default 64 MiB of replies: a reply
-larger than that is not kept); it keeps the reply's bytes and decodes them for each caller, so no
-two callers share a mutable result.
+from a reply kept for the same service, method, encoding, encoded arguments and request headers,
+until the TTL passes, without sending a request. The headers are those of ``.options(headers=...)``
+and of the client's middleware, all but the trace context and the deadline (which change with
+every call and do not change a reply): a reply to a call made with one ``Authorization`` or
+tenant header is never handed to a call made with another. The cache is an LRU bounded twice
+(``connect(cache_size=...)``, default 10,000 entries, and ``connect(cache_bytes=...)``, default
+64 MiB of replies: a reply larger than that is not kept); it keeps the reply's bytes and decodes
+them for each caller, so no two callers share a mutable result.
 
 ``.options(cache=False)`` sends the request anyway and keeps the fresh reply;
 ``client.cache.clear(service, method=None)`` empties entries. A service's
@@ -23,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from natsrpc import logs
+from natsrpc import logs, protocol
 
 log = logs.get_logger("natsrpc.cache")
 
@@ -31,8 +34,20 @@ DEFAULT_CACHE_SIZE = 10_000
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024  # of replies and encoded arguments kept
 MAX_INVALIDATION_BYTES = 64 * 1024  # an invalidation message larger than this is ignored
 
-Key = tuple[str, str, bool, bytes]
-"""(service, method, msgpack, encoded arguments)."""
+Key = tuple[str, str, bool, bytes, bytes]
+"""(service, method, msgpack, encoded arguments, the request headers a reply may depend on: :func:`varied`)."""
+
+_UNVARIED = frozenset((protocol.TRACEPARENT, "tracestate", protocol.DEADLINE))  # new with every call
+
+
+def varied(*blocks: Mapping[str, str] | None) -> bytes:
+    """The part of a cache key that the request headers make: every header in ``blocks`` (the later
+    block's value winning, as the headers sent are merged), but the trace context and the deadline,
+    as name and value lines in name order; b"" for none."""
+    merged = {name: value for block in blocks if block for name, value in block.items() if name not in _UNVARIED}
+    if not merged:
+        return b""
+    return "\r\n".join(f"{name}: {merged[name]}" for name in sorted(merged)).encode()
 
 
 _POSITIONAL = ""  # the name under which positional values are indexed (no argument is named "")
@@ -114,7 +129,7 @@ class ReplyCache:
         """Keeps a successful reply for ``ttl`` seconds, dropping the least recently used beyond the bound."""
         if key in self._entries:
             self._drop(key)
-        size = len(data) + len(key[3])
+        size = len(data) + len(key[3]) + len(key[4])
         if self.max_entries <= 0 or size > self.max_bytes:
             return
         entry = self._entries[key] = _Entry(data, self.clock() + ttl, args, kwargs)
@@ -134,7 +149,7 @@ class ReplyCache:
     def _drop(self, key: Key) -> None:
         """Forgets an entry, and its places in the indexes."""
         entry = self._entries.pop(key)
-        self.bytes -= len(entry.data) + len(key[3])
+        self.bytes -= len(entry.data) + len(key[3]) + len(key[4])
         service, method = key[0], key[1]
         keys = self._by_method[service, method]
         keys.discard(key)

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from natsrpc import codec, context, logs, protocol, transport
-from natsrpc.cache import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_SIZE, ReplyCache
+from natsrpc.cache import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_SIZE, ReplyCache, varied
 from natsrpc.circuit import CircuitBreaker, CircuitConfig, Circuits, State
 from natsrpc.errors import (
     BadReply,
@@ -477,7 +477,7 @@ class Client:
             else:
                 if not self._invalidations.done():  # the first cached call: hear invalidations before keeping
                     await self._invalidations
-                key = (service, method, opts.msgpack, body)
+                key = (service, method, opts.msgpack, body, varied(opts.headers, headers))
                 kept = self.cache.get(key) if opts.cache else None
                 for hook in self._cache_hooks:
                     hook(service, method, kept is not None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import natsrpc
 from natsrpc import DefinitionError, Service, rpc
 from natsrpc.cache import ReplyCache
+from natsrpc.observe import Observer
 from natsrpc.observe.metrics import Metrics
 from natsrpc.testing import serve
 
@@ -211,6 +213,45 @@ class TestCaching:
         assert store.reads == 4
         assert len(app.cache) == 0
 
+    async def test_a_reply_is_kept_per_request_headers(self, app: natsrpc.Client, store: Store) -> None:
+        """A reply to a call made with one Authorization header is not handed to a call made with
+        another, or with none: the headers a call sends are part of its key."""
+        kv = app.call_service["cachestore"]
+        ann = kv.options(headers={"Authorization": "Bearer ann"})
+        bob = kv.options(headers={"Authorization": "Bearer bob"})
+        await ann.get("a")
+        await bob.get("a")
+        await kv.get("a")
+        assert store.reads == 3
+        await ann.get("a")
+        await bob.get("a")
+        await kv.get("a")
+        assert store.reads == 3
+        assert (app.cache.hits, app.cache.misses) == (3, 3)
+
+    async def test_a_middlewares_headers_vary_the_key_but_trace_context_does_not(
+        self, nats_url: str, store: Store
+    ) -> None:
+        """A header a client middleware adds (a tenant) is part of the key; the traceparent that
+        tracing sets anew on every call, and the deadline, are not, so tracing leaves hits hits."""
+        tenant = ["ann"]
+
+        class Tenant(Observer):
+            def begin(self, call: Any) -> None:
+                call.headers["X-Tenant"] = tenant[0]
+                call.headers["traceparent"] = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+        async with natsrpc.connect(nats_url, middleware=[Tenant()]) as other:
+            assert other.registry is not None
+            await poll(lambda: ("cachestore", "get") in other.registry.cached, "the store's beat is seen")
+            kv = other.call_service["cachestore"]
+            await kv.get("t")
+            await kv.options(headers={"traceparent": f"00-{'1' * 32}-{'2' * 16}-01"}).get("t")
+            assert store.reads == 1
+            tenant[0] = "bob"
+            await kv.get("t")
+            assert store.reads == 2
+
     async def test_hits_and_misses_are_counted_in_the_metrics(self, nats_url: str, store: Store) -> None:
         metrics = Metrics()
         async with natsrpc.connect(nats_url, middleware=[metrics]) as other:
@@ -231,29 +272,29 @@ class TestBounds:
     def test_the_lru_keeps_at_most_max_entries(self) -> None:
         cache = ReplyCache(max_entries=3)
         for i in range(5):
-            cache.put(("s", "m", False, str(i).encode()), b"x", 10, (i,), {})
+            cache.put(("s", "m", False, str(i).encode(), b""), b"x", 10, (i,), {})
         assert len(cache) == 3
-        assert cache.get(("s", "m", False, b"0")) is None
-        assert cache.get(("s", "m", False, b"4")) == b"x"
+        assert cache.get(("s", "m", False, b"0", b"")) is None
+        assert cache.get(("s", "m", False, b"4", b"")) == b"x"
 
     def test_the_lru_keeps_at_most_max_bytes(self) -> None:
         """Replies and their encoded arguments count against max_bytes: the least recently used go
         first, a reply over the bound alone is not kept (and drops the entry it would replace)."""
         cache = ReplyCache(max_entries=100, max_bytes=1000)
         for i in range(10):
-            cache.put(("s", "m", False, b"%d" % i), b"x" * 149, 10, (i,), {})  # 150 bytes each
+            cache.put(("s", "m", False, b"%d" % i, b""), b"x" * 149, 10, (i,), {})  # 150 bytes each
         assert (len(cache), cache.bytes) == (6, 900)
-        assert cache.get(("s", "m", False, b"3")) is None
-        assert cache.get(("s", "m", False, b"4")) is not None
-        cache.put(("s", "m", False, b"4"), b"x" * 1000, 10, (4,), {})  # 1,001 bytes: not kept
-        assert cache.get(("s", "m", False, b"4")) is None
+        assert cache.get(("s", "m", False, b"3", b"")) is None
+        assert cache.get(("s", "m", False, b"4", b"")) is not None
+        cache.put(("s", "m", False, b"4", b""), b"x" * 1000, 10, (4,), {})  # 1,001 bytes: not kept
+        assert cache.get(("s", "m", False, b"4", b"")) is None
         assert (len(cache), cache.bytes) == (5, 750)
         assert cache.clear("s") == 5
         assert cache.bytes == 0
 
     def test_zero_entries_turns_caching_off(self) -> None:
         cache = ReplyCache(max_entries=0)
-        cache.put(("s", "m", False, b"a"), b"x", 10, (), {})
+        cache.put(("s", "m", False, b"a", b""), b"x", 10, (), {})
         assert len(cache) == 0
 
     @pytest.mark.parametrize(
@@ -270,7 +311,7 @@ class TestBounds:
     def test_bad_invalidations_are_ignored(self, body: bytes) -> None:
         """Garbage, a wrong shape, deep nesting or an oversized body: nothing dropped, nothing raised."""
         cache = ReplyCache()
-        cache.put(("s", "get", False, b"a"), b"x", 10, ("a",), {})
+        cache.put(("s", "get", False, b"a", b""), b"x", 10, ("a",), {})
         assert cache.on_invalidation("s", body) == 0
         assert len(cache) == 1
 
@@ -299,9 +340,9 @@ class TestBounds:
 
         cache = ReplyCache(max_entries=20_000)
         for i in range(10_000):
-            cache.put(("s", "get", False, b"%d" % i), b"x", 10, (Counted(),), {"other": Counted()})
-        cache.put(("s", "get", False, b"a"), b"x", 10, ("a",), {})
-        cache.put(("s", "get", False, b"b"), b"x", 10, (), {"key": "a"})
+            cache.put(("s", "get", False, b"%d" % i, b""), b"x", 10, (Counted(),), {"other": Counted()})
+        cache.put(("s", "get", False, b"a", b""), b"x", 10, ("a",), {})
+        cache.put(("s", "get", False, b"b", b""), b"x", 10, (), {"key": "a"})
         assert cache.on_invalidation("s", b'{"method": "get", "arguments": {"key": "a"}}') == 2
         assert Counted.compared == 0
         assert len(cache) == 10_000
@@ -310,10 +351,10 @@ class TestBounds:
         """Values that cannot be looked up (a list, an object) are found among the method's entries;
         with several values an entry must hold them all, by name or by position."""
         cache = ReplyCache()
-        cache.put(("s", "near", False, b"1"), b"x", 10, (Point(1, 2),), {"tags": ("a", "b")})
-        cache.put(("s", "near", False, b"2"), b"x", 10, (Point(1, 2),), {"tags": ("c",)})
-        cache.put(("s", "near", False, b"3"), b"x", 10, (Point(5, 5), 3), {})
-        cache.put(("s", "far", False, b"3"), b"x", 10, (Point(5, 5), 3), {})
+        cache.put(("s", "near", False, b"1", b""), b"x", 10, (Point(1, 2),), {"tags": ("a", "b")})
+        cache.put(("s", "near", False, b"2", b""), b"x", 10, (Point(1, 2),), {"tags": ("c",)})
+        cache.put(("s", "near", False, b"3", b""), b"x", 10, (Point(5, 5), 3), {})
+        cache.put(("s", "far", False, b"3", b""), b"x", 10, (Point(5, 5), 3), {})
         drop = b'{"method": "near", "arguments": {"point": {"x": 1, "y": 2}, "tags": ["a", "b"]}}'
         assert cache.on_invalidation("s", drop) == 1
         assert (
@@ -332,11 +373,11 @@ class TestBounds:
         now = [0.0]
         cache = ReplyCache(max_entries=100, clock=lambda: now[0])
         for i in range(1000):
-            cache.put(("s", "get", False, b"%d" % i), b"x", 10, (f"k{i}",), {"n": i})
+            cache.put(("s", "get", False, b"%d" % i, b""), b"x", 10, (f"k{i}",), {"n": i})
         assert len(cache) == 100
         assert len(cache._by_value) == 200
         now[0] = 20.0
-        assert cache.get(("s", "get", False, b"999")) is None  # expired
+        assert cache.get(("s", "get", False, b"999", b"")) is None  # expired
         assert cache.on_invalidation("s", b'{"method": "get", "arguments": {"n": 998}}') == 1
         assert cache.clear("s", "get") == 98
         assert (len(cache), cache._by_value, cache._by_method) == (0, {}, {})
@@ -344,7 +385,7 @@ class TestBounds:
     def test_an_invalidation_names_its_service_by_subject(self) -> None:
         """The service is the subject's, never the body's: another service's entries stay."""
         cache = ReplyCache()
-        cache.put(("kv", "get", False, b"a"), b"x", 10, ("a",), {})
+        cache.put(("kv", "get", False, b"a", b""), b"x", 10, ("a",), {})
         assert cache.on_invalidation("evil", b'{"method": "get", "arguments": {}}') == 0
         assert cache.on_invalidation("kv", b'{"method": "get", "arguments": {}}') == 1
 
