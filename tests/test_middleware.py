@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import structlog
 from children import poll
 
 import natsrpc
@@ -332,6 +333,56 @@ class TestClientSide:
                     await app.call_service["mwnobody"].options(retry=policy, idempotent=True).get()
         assert retries[:2] == [("mwnobody", "get"), ("mwnobody", "get")]
         assert ("mwnobody", "open") in states
+
+    async def test_hooks_that_raise_are_logged_and_what_they_watch_goes_on(
+        self, nats_url: str, client: natsrpc.Client
+    ) -> None:
+        """An on_rejected, on_retry or on_circuit that raises is logged (the 1st, 2nd, 4th...), and
+        the request refused still gets its error reply (not a timeout), the retry is still made and
+        the circuit still opens."""
+        told: list[str] = []
+
+        class Broken:
+            async def __call__(self, call: Invocation, call_next: Any) -> Any:
+                return await call_next()
+
+            def on_rejected(self, service: str, method: str, code: int) -> None:
+                told.append(f"rejected {code}")
+                raise RuntimeError("on_rejected bug")
+
+            def on_retry(self, service: str, method: str) -> None:
+                told.append("retry")
+                raise RuntimeError("on_retry bug")
+
+            def on_circuit(self, service: str, state: Any) -> None:
+                told.append(f"circuit {state}")
+                raise RuntimeError("on_circuit bug")
+
+        raw = client.nc
+        with structlog.testing.capture_logs() as logged:
+            async with serve(client, Echo(), middleware=[Broken()]):
+                for _ in range(3):  # a bad deadline header: refused in the read loop, before any task
+                    reply = await raw.request("svc.mwecho.echo", b'["x"]', timeout=5, headers={"Natsrpc-Deadline": "x"})
+                    assert reply.headers is not None
+                    assert reply.headers["Nats-Service-Error-Code"] == "400"
+            config = natsrpc.circuit.CircuitConfig(min_calls=2, failure_rate=0.5)
+            policy = natsrpc.retry.RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.002)
+            async with natsrpc.connect(nats_url, middleware=[Broken()], circuit=config, discovery=False) as app:
+                for _ in range(2):
+                    with pytest.raises(natsrpc.NoResponders):
+                        await app.call_service["mwnobody"].options(retry=policy, idempotent=True).get()
+                with pytest.raises(natsrpc.CircuitOpen):
+                    await app.call_service["mwnobody"].get()
+        assert told[:3] == ["rejected 400"] * 3
+        assert told.count("retry") == 2
+        assert "circuit open" in told
+        failures = [e for e in logged if e["event"] == "middleware hook failed"]
+        assert [(e["hook"], e["ignored"]) for e in failures if e["hook"] == "on_rejected"] == [
+            ("on_rejected", 1),
+            ("on_rejected", 2),
+        ]
+        assert {e["hook"] for e in failures} == {"on_rejected", "on_retry", "on_circuit"}
+        assert "on_rejected bug" in failures[0]["error"]
 
     def test_middleware_that_is_not_callable_is_refused_before_connecting(self) -> None:
         """A middleware list holding a non-callable is a ConfigurationError at connect() and Host()."""

@@ -269,11 +269,25 @@ def check_middleware(middleware: object) -> None:
             )
 
 
-def hooks(middleware: Sequence[Middleware], name: str) -> list[Callable[..., Any]]:
+def hooks(middleware: Sequence[Middleware], name: str) -> list[Callable[..., None]]:
     """Returns the ``name`` methods of the middleware that have one (``on_retry``, ``on_circuit``,
-    ``on_rejected``: told of events that are not calls)."""
-    found = (getattr(layer, name, None) for layer in middleware)
-    return [hook for hook in found if callable(hook)]
+    ``on_rejected``, ``on_cache``: told of events that are not calls), each made so that an error
+    it raises is logged (the 1st, 2nd, 4th... of each hook's), not raised: a hook only watches, and
+    what it is told of goes on (a refused request still gets its error reply, a retry is still made)."""
+    found = ((layer, getattr(layer, name, None)) for layer in middleware)
+    return [_guarded(layer, name, hook) for layer, hook in found if callable(hook)]
+
+
+def _guarded(layer: Middleware, name: str, hook: Callable[..., Any]) -> Callable[..., None]:
+    failed = logs.Ignored(_log)
+
+    def guarded(*args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception as exc:
+            failed("middleware hook failed", middleware=repr(layer), hook=name, error=repr(exc))
+
+    return guarded
 
 
 def compose(middleware: Sequence[Middleware] | None) -> Chain | None:
