@@ -212,12 +212,14 @@ class Registry:
 
     def _update_cached(self, service: str) -> None:
         """Recomputes the cache TTLs of ``service``'s methods: announced by an instance that serves the
-        method, within (0, MAX_CACHE_TTL], the shortest when instances differ."""
+        method and declares it idempotent (as ``@rpc`` requires of a ``cache_ttl``: a TTL on any
+        other would have clients answer a write from the cache, never sending it), within
+        (0, MAX_CACHE_TTL], the shortest when instances differ."""
         for key in [key for key in self.cached if key[0] == service]:
             del self.cached[key]
         for state in self._services.get(service, {}).values():
             for method, ttl in state.cached.items():
-                if method in state.endpoints and 0 < ttl <= protocol.MAX_CACHE_TTL:
+                if method in state.endpoints and method in state.idempotent and 0 < ttl <= protocol.MAX_CACHE_TTL:
                     key = (service, method)
                     self.cached[key] = min(ttl, self.cached.get(key, ttl))
 

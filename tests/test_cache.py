@@ -21,6 +21,8 @@ from natsrpc import DefinitionError, Service, rpc
 from natsrpc.cache import ReplyCache
 from natsrpc.observe import Observer
 from natsrpc.observe.metrics import Metrics
+from natsrpc.protocol import Heartbeat
+from natsrpc.registry import Registry
 from natsrpc.testing import serve
 
 TTL = 30.0
@@ -122,6 +124,20 @@ class TestDiscovery:
         assert app.registry is not None
         assert app.registry.cached[("cachestore", "get")] == TTL
         assert ("cachestore", "plain") not in app.registry.cached
+
+    def test_a_ttl_announced_for_a_method_not_idempotent_is_not_taken(self) -> None:
+        """A heartbeat (from another implementation, or a bug) announcing cache_ttl on a method it
+        does not declare idempotent (a write) gives it no TTL: clients send every call of it. Nor
+        does a TTL for a method the beat does not serve, or one out of range."""
+        registry = Registry()
+        registry.observe(
+            Heartbeat(
+                "kv", "a", "1.0.0", ["get", "put"], 0, True, False, 2.0, ["get"], [],
+                {"get": 5.0, "put": 5.0, "gone": 5.0},
+            )
+        )  # fmt: skip
+        registry.observe(Heartbeat("vdb", "b", "1.0.0", ["q"], 0, True, False, 2.0, ["q"], [], {"q": 1e9}))
+        assert registry.cached == {("kv", "get"): 5.0}
 
 
 class TestCaching:
