@@ -10,6 +10,11 @@ tenant header is never handed to a call made with another. The cache is an LRU b
 64 MiB of replies: a reply larger than that is not kept); it keeps the reply's bytes and decodes
 them for each caller, so no two callers share a mutable result.
 
+A reply is kept only if no invalidation (or ``clear``) of its method came while its request was
+out: one read before a write but answered after the write's invalidation (by another instance,
+say) would otherwise be kept, stale, for the whole TTL. In-flight calls are told apart by 256
+counters, each shared by the methods that hash to it: bounded, whatever method names invalidations carry.
+
 ``.options(cache=False)`` sends the request anyway and keeps the fresh reply;
 ``client.cache.clear(service, method=None)`` empties entries. A service's
 ``await self.invalidate("get", key="a")`` reaches every client on ``svc._inval.<service>``: each
@@ -49,6 +54,8 @@ def varied(*blocks: Mapping[str, str] | None) -> bytes:
         return b""
     return "\r\n".join(f"{name}: {merged[name]}" for name in sorted(merged)).encode()
 
+
+_STRIPES = 256  # invalidation counters (a power of two): a method's is at hash((service, method)) & 255
 
 _POSITIONAL = ""  # the name under which positional values are indexed (no argument is named "")
 
@@ -109,6 +116,12 @@ class ReplyCache:
         # So an invalidation looks only at the entries it may drop, not at every entry kept:
         self._by_method: dict[tuple[str, str], set[Key]] = {}  # (service, method) -> its keys
         self._by_value: dict[tuple[str, str, str, Any], set[Key]] = {}  # (service, method, name, value) -> keys
+        self._epochs = [0] * _STRIPES  # invalidations and clears so far, by the methods' stripe
+
+    def epoch(self, service: str, method: str) -> int:
+        """The count of invalidations and clears of ``service.method`` (and of the methods sharing
+        its counter) so far: taken before a request, handed to :meth:`put` with its reply."""
+        return self._epochs[hash((service, method)) & (_STRIPES - 1)]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -125,10 +138,22 @@ class ReplyCache:
         self.misses += 1
         return None
 
-    def put(self, key: Key, data: bytes, ttl: float, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        """Keeps a successful reply for ``ttl`` seconds, dropping the least recently used beyond the bound."""
+    def put(
+        self,
+        key: Key,
+        data: bytes,
+        ttl: float,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        epoch: int | None = None,
+    ) -> None:
+        """Keeps a successful reply for ``ttl`` seconds, dropping the least recently used beyond the
+        bound; not if :meth:`epoch` moved since ``epoch`` (taken when the request went out): the
+        method was invalidated meanwhile, so the reply may predate the write."""
         if key in self._entries:
             self._drop(key)
+        if epoch is not None and epoch != self.epoch(key[0], key[1]):
+            return
         size = len(data) + len(key[3]) + len(key[4])
         if self.max_entries <= 0 or size > self.max_bytes:
             return
@@ -165,6 +190,7 @@ class ReplyCache:
     def clear(self, service: str, method: str | None = None) -> int:
         """Drops every entry of ``service`` (of ``method`` only, if given); returns how many."""
         doomed = [k for m, keys in self._by_method.items() if m[0] == service and method in (None, m[1]) for k in keys]
+        self._moved(service, method)
         for key in doomed:
             self._drop(key)
         return len(doomed)
@@ -176,12 +202,20 @@ class ReplyCache:
         Only the entries holding one of the values are looked at (an index by value), so an
         invalidation costs what it drops, not what the cache holds; a value that is a list or an
         object is looked for among the method's entries."""
+        self._moved(service, method)
         candidates = self._candidates(service, method, arguments)
         doomed = [key for key in candidates if _matches(self._entries[key], arguments)]
         for key in doomed:
             self._drop(key)
         self.invalidations += len(doomed)
         return len(doomed)
+
+    def _moved(self, service: str, method: str | None) -> None:
+        """Counts an invalidation or clear of ``service.method`` (of every method: ``None``)."""
+        if method is None:
+            self._epochs = [n + 1 for n in self._epochs]
+        else:
+            self._epochs[hash((service, method)) & (_STRIPES - 1)] += 1
 
     def _candidates(self, service: str, method: str, arguments: Mapping[str, Any]) -> list[Key]:
         """The keys of ``service.method`` that may match: those holding the first value that can be

@@ -484,8 +484,9 @@ class Client:
                 if kept is not None:
                     data, reply_headers = kept, None
                 else:
+                    epoch = self.cache.epoch(service, method)
                     data, reply_headers = await self._request(subject, body, opts, headers, service, breaker)
-                    self.cache.put(key, data, ttl, args, kwargs or {})
+                    self.cache.put(key, data, ttl, args, kwargs or {}, epoch)
             if _through is not None:
                 _through.reply_headers = reply_headers
             try:

@@ -42,6 +42,9 @@ class Store(Service):
         super().__init__()
         self.data: dict[str, str] = {}
         self.reads = 0
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.holding = asyncio.Event()
 
     @rpc(idempotent=True, cache_ttl=TTL)
     async def get(self, key: str) -> str | None:
@@ -53,10 +56,20 @@ class Store(Service):
         self.reads += 1
         return [point.x, point.y, radius]
 
+    @rpc(idempotent=True, cache_ttl=TTL)
+    async def slow_get(self, key: str) -> str | None:
+        """Reads, then waits for ``hold`` before answering."""
+        self.reads += 1
+        value = self.data.get(key)
+        self.holding.set()
+        await self.hold.wait()
+        return value
+
     @rpc
     async def put(self, key: str, value: str) -> None:
         self.data[key] = value
         await self.invalidate("get", key=key)
+        await self.invalidate("slow_get", key=key)
 
     @rpc(idempotent=True)
     async def plain(self) -> int:
@@ -228,6 +241,22 @@ class TestCaching:
         await one.get("z")
         assert store.reads == 4
         assert len(app.cache) == 0
+
+    async def test_a_read_answered_after_an_invalidation_is_not_kept(self, app: natsrpc.Client, store: Store) -> None:
+        """A get that read the old value, answered only after a put's invalidation reached the
+        client, is returned but not kept: the next get is sent and sees the new value (kept, it
+        would have served the old one for the whole TTL)."""
+        store.data["r"] = "old"
+        store.hold.clear()
+        kv = app.call_service["cachestore"]
+        slow = asyncio.ensure_future(kv.slow_get("r"))
+        await store.holding.wait()  # it has read "old"
+        await kv.put("r", "new")  # invalidates slow_get and get of "r": heard before the put's reply
+        store.hold.set()
+        assert await slow == "old"
+        assert await kv.slow_get("r") == "new"
+        assert await kv.slow_get("r") == "new"  # this one was kept
+        assert store.reads == 2
 
     async def test_a_reply_is_kept_per_request_headers(self, app: natsrpc.Client, store: Store) -> None:
         """A reply to a call made with one Authorization header is not handed to a call made with
