@@ -15,6 +15,9 @@ out: one read before a write but answered after the write's invalidation (by ano
 say) would otherwise be kept, stale, for the whole TTL. In-flight calls are told apart by 256
 counters, each shared by the methods that hash to it: bounded, whatever method names invalidations carry.
 
+When the client's connection comes back after an outage, the whole cache is dropped: the
+invalidations published while it was away never reached it.
+
 ``.options(cache=False)`` sends the request anyway and keeps the fresh reply;
 ``client.cache.clear(service, method=None)`` empties entries. A service's
 ``await self.invalidate("get", key="a")`` reaches every client on ``svc._inval.<service>``: each
@@ -194,6 +197,18 @@ class ReplyCache:
         for key in doomed:
             self._drop(key)
         return len(doomed)
+
+    def clear_all(self) -> int:
+        """Drops every entry, and keeps no reply of a call out now; returns how many were dropped.
+        The client calls it when its connection comes back: invalidations sent while it was away
+        were missed."""
+        dropped = len(self._entries)
+        self._entries.clear()
+        self._by_method.clear()
+        self._by_value.clear()
+        self.bytes = 0
+        self._moved("", None)
+        return dropped
 
     def invalidate(self, service: str, method: str, arguments: Mapping[str, Any]) -> int:
         """Drops the entries of ``service.method`` whose arguments hold every value in ``arguments``

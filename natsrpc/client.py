@@ -202,9 +202,11 @@ class Client:
         self._fail_streams(ConnectionLost("the connection to the NATS server broke during the stream"))
 
     def on_reconnected(self) -> None:
-        """Notes that the connection is back (connection's nats-py callback): probes open circuits, tells listeners."""
+        """Notes that the connection is back (connection's nats-py callback): drops the reply cache,
+        probes open circuits, tells listeners."""
         self._connected.set()
         self._parked.clear()  # sent with the reconnect: from now on in flight like any other call
+        self.cache.clear_all()  # the invalidations published while away were missed
         self.probe_open_circuits()
         for listener in list(self._reconnect_listeners):
             try:

@@ -466,3 +466,26 @@ async def test_many_clients_all_drop_on_invalidate(nats_url: str, store: Store) 
         assert store.reads == 6
     finally:
         await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_a_reconnect_drops_the_cache() -> None:
+    """Invalidations published while a client was cut off never reach it: once its connection is
+    back, it has dropped every entry, and the next get is sent (the server's counter moves)."""
+    store = Store()
+    with natsrpc.NatsServer() as server:
+        async with (
+            natsrpc.connect(server.url) as host_client,
+            serve(host_client, store, heartbeat_interval=0.2),
+            natsrpc.connect(server.url) as other,
+        ):
+            assert other.registry is not None
+            await poll(lambda: ("cachestore", "get") in other.registry.cached, "the store's beat is seen")
+            kv = other.call_service["cachestore"]
+            await kv.get("a")
+            await kv.get("a")
+            assert (store.reads, len(other.cache)) == (1, 1)
+            await asyncio.to_thread(server.restart)
+            await poll(lambda: other.nc.is_connected and len(other.cache) == 0, "reconnected, the cache dropped")
+            await poll(lambda: ("cachestore", "get") in other.registry.cached, "the store's beat is seen again")
+            await kv.options(timeout=10).get("a")
+            assert store.reads == 2
