@@ -156,7 +156,11 @@ async def _missing_method(nc: Any, service: str, method: str) -> str | None:
     methods = sorted({endpoint["name"] for info, _ in infos for endpoint in info["endpoints"]})
     if not infos or method in methods:
         return None
-    return f"{service} has no method {method!r} (it has: {', '.join(methods)}; {len(infos)} instance(s) answered)"
+    shown_methods = ", ".join(methods[:_SHOWN_METHODS]) + (", ..." if len(methods) > _SHOWN_METHODS else "")
+    return f"{service} has no method {method!r} (it has: {shown_methods}; {len(infos)} instance(s) answered)"
+
+
+_SHOWN_METHODS = 30  # an error line names at most this many of a service's methods
 
 
 def _failed(as_json: bool, code: int | None, type_: str, message: str, data: Any) -> int:
