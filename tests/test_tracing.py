@@ -232,6 +232,31 @@ class TestSpans:
         assert [e.name for e in first.events] == ["natsrpc.retry", "natsrpc.retry", "exception"]
         assert [e.name for e in refused.events] == ["natsrpc.circuit_open", "exception"]
 
+    async def test_a_cached_call_says_whether_the_cache_answered(
+        self, client: natsrpc.Client, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        """Two calls of a cached method: the first span has natsrpc.cache_hit False and a server
+        span below it, the second True and none."""
+
+        class Cached(Service):
+            name = "trcached"
+
+            @rpc(idempotent=True, cache_ttl=30)
+            async def get(self, key: str) -> str:
+                return key
+
+        tracing = Tracing(tracer_provider=spans[0])
+        async with (
+            serve(client, Cached(), heartbeat_interval=0.2),
+            natsrpc.connect(nats_url, middleware=[tracing]) as app,
+        ):
+            assert app.registry is not None
+            await poll(lambda: ("trcached", "get") in app.registry.cached, "the beat is seen")
+            assert await app.call_service["trcached"].get("k") == "k"
+            assert await app.call_service["trcached"].get("k") == "k"
+        calls = by_name(spans[1].get_finished_spans())[("trcached/get", SpanKind.CLIENT)]
+        assert [dict(span.attributes or {})["natsrpc.cache_hit"] for span in calls] == [False, True]
+
     async def test_streams_are_spans_too(
         self, nats_url: str, spans: tuple[TracerProvider, InMemorySpanExporter]
     ) -> None:

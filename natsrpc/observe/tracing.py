@@ -19,7 +19,8 @@ over 512 characters) is dropped, as W3C allows: the server span's trace state is
 
 A failure sets the span's status to ERROR, records the exception as an event and sets
 ``error.type`` (and ``natsrpc.code``, a reply's code). Retries add a ``natsrpc.retry`` event to the
-call's span; a call refused by an open circuit adds ``natsrpc.circuit_open``.
+call's span; a call refused by an open circuit adds ``natsrpc.circuit_open``. A call to a cached
+method has ``natsrpc.cache_hit`` (True when the reply cache answered it: no request was sent).
 
 Only opentelemetry-api is needed: with no SDK configured nothing is recorded (the spans are
 no-ops), and whatever SDK, sampler and exporter the application set up are used.
@@ -245,6 +246,13 @@ class Tracing(Observer):
             }
             found = self._named[key] = (f"{call.service}/{call.method}", attributes)
         return found
+
+    def on_cache(self, service: str, method: str, hit: bool) -> None:
+        """Marks the span of a call to a cached method (the current one): ``natsrpc.cache_hit`` is
+        True for a call answered from the reply cache (no server span below it), else False."""
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute("natsrpc.cache_hit", hit)
 
     def on_retry(self, service: str, method: str) -> None:
         """Adds a ``natsrpc.retry`` event to the span of the call being retried (the current one)."""
