@@ -515,6 +515,7 @@ class TestReplicaFailure:
         assert not late_timeouts, text
         assert percentile(fast, 0.99) < 0.25 * TIMEOUT, text
 
+    @pytest.mark.slow  # 4 s: as F5 (test_run's Ctrl-C drains a call in flight in the default suite)
     async def test_f7_graceful_stop_of_a_replica_loses_nothing(self, nats_cluster: NatsCluster) -> None:
         """F7: SIGTERM to one of two replicas under load: every call succeeds, the replica exits 0."""
         client_url = nats_cluster.urls[0]
@@ -650,6 +651,7 @@ class TestOverload:
         assert peak <= concurrency + queue, text
         assert timeouts < 0.01 * len(calls), text
 
+    @pytest.mark.slow  # 3 s: as F5 (S1 loads a host past its limits in the default suite)
     async def test_s4_slow_handler_is_not_capped_at_one_call_at_a_time(self, nats_url: str) -> None:
         """S4: a 20 ms handler at 1,000 calls/s on one replica keeps up (one at a time would cap it at 50/s)."""
         rate, duration = 1000, 3.0
