@@ -651,7 +651,6 @@ class TestOverload:
         assert peak <= concurrency + queue, text
         assert timeouts < 0.01 * len(calls), text
 
-    @pytest.mark.slow  # 3 s: as F5 (S1 loads a host past its limits in the default suite)
     async def test_s4_slow_handler_is_not_capped_at_one_call_at_a_time(self, nats_url: str) -> None:
         """S4: a 20 ms handler at 1,000 calls/s on one replica keeps up (one at a time would cap it at 50/s)."""
         rate, duration = 1000, 3.0
