@@ -40,6 +40,7 @@ from natsrpc.errors import (
     PayloadTooLarge,
     PermissionDenied,
     error_from_reply,
+    no_responders,
     streaming_awaited,
     translate_nats_errors,
 )
@@ -1039,7 +1040,7 @@ class Client:
         service = protocol.call_service_name(subject, self.prefix)
         registry = self.registry
         if not service or registry is None:
-            return NoResponders(f"no instance answers {subject} (service not running, or no such method)")
+            return no_responders(subject)
         if self._resubscribing(service):
             error = NoResponders(f"no instance answers {subject} yet: {service} is resubscribing after an outage")
             error.resubscribing = True

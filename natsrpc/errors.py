@@ -298,6 +298,12 @@ def error_from_reply(headers: dict[str, str], body: bytes) -> RemoteError:
     return remote_error(e.code, e.message, e.type, e.data)
 
 
+def no_responders(subject: str) -> NoResponders:
+    """The NoResponders of a call to ``subject`` that nothing subscribes to, when nothing more is
+    known of why (a client with discovery says more: ``Client._no_responders``)."""
+    return NoResponders(f"no instance answers {subject} (service not running, or no such method)")
+
+
 @contextmanager
 def translate_nats_errors(subject: str = "") -> Iterator[None]:
     """Translates nats-py exceptions raised inside the block into natsrpc errors.
@@ -307,7 +313,7 @@ def translate_nats_errors(subject: str = "") -> Iterator[None]:
     try:
         yield
     except nats.errors.NoRespondersError as exc:
-        raise NoResponders(f"no instance answers {subject} (service not running, or no such method)") from exc
+        raise no_responders(subject) from exc
     except (TimeoutError, nats.errors.TimeoutError) as exc:
         raise CallTimeout(f"no reply from {subject} in time") from exc
     except nats.errors.MaxPayloadError as exc:

@@ -29,10 +29,10 @@ from natsrpc.errors import (
     BadReply,
     CallError,
     CallTimeout,
-    NoResponders,
     ReplyTooLarge,
     StreamInterrupted,
     error_from_reply,
+    no_responders,
 )
 from natsrpc.streams.produce import MISSED_KEEPALIVES
 
@@ -173,9 +173,7 @@ class Receiver:
                 self._violation("a keepalive that does not name the control subject came first")
             return
         if h.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS and not data:
-            self._push(
-                _ERROR, NoResponders(f"no instance answers {self.subject} (service not running, or no such method)")
-            )
+            self._push(_ERROR, no_responders(self.subject))
         elif protocol.ERROR_CODE in h:
             self._push(_ERROR, error_from_reply(h, data))
         elif self._expected == 1 and not self.control:  # not a streaming endpoint: its result is the only item
