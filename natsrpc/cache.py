@@ -193,7 +193,7 @@ class ReplyCache:
     def clear(self, service: str, method: str | None = None) -> int:
         """Drops every entry of ``service`` (of ``method`` only, if given); returns how many."""
         doomed = [k for m, keys in self._by_method.items() if m[0] == service and method in (None, m[1]) for k in keys]
-        self._moved(service, method)
+        self._moved(None if method is None else (service, method))
         for key in doomed:
             self._drop(key)
         return len(doomed)
@@ -207,7 +207,7 @@ class ReplyCache:
         self._by_method.clear()
         self._by_value.clear()
         self.bytes = 0
-        self._moved("", None)
+        self._moved(None)
         return dropped
 
     def invalidate(self, service: str, method: str, arguments: Mapping[str, Any]) -> int:
@@ -217,7 +217,7 @@ class ReplyCache:
         Only the entries holding one of the values are looked at (an index by value), so an
         invalidation costs what it drops, not what the cache holds; a value that is a list or an
         object is looked for among the method's entries."""
-        self._moved(service, method)
+        self._moved((service, method))
         candidates = self._candidates(service, method, arguments)
         doomed = [key for key in candidates if _matches(self._entries[key], arguments)]
         for key in doomed:
@@ -225,12 +225,12 @@ class ReplyCache:
         self.invalidations += len(doomed)
         return len(doomed)
 
-    def _moved(self, service: str, method: str | None) -> None:
-        """Counts an invalidation or clear of ``service.method`` (of every method: ``None``)."""
+    def _moved(self, method: tuple[str, str] | None) -> None:
+        """Counts an invalidation or clear of ``(service, method)``, or of every method (None)."""
         if method is None:
             self._epochs = [n + 1 for n in self._epochs]
         else:
-            self._epochs[hash((service, method)) & (_STRIPES - 1)] += 1
+            self._epochs[hash(method) & (_STRIPES - 1)] += 1
 
     def _candidates(self, service: str, method: str, arguments: Mapping[str, Any]) -> list[Key]:
         """The keys of ``service.method`` that may match: those holding the first value that can be
