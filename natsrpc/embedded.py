@@ -23,11 +23,13 @@ from typing import Any
 from natsrpc.errors import ConfigurationError
 
 _POLL = 0.005
-# The keeper of a tethered server (run as ``python -I -c KEEPER nats-server args...``): it runs the
-# server as its child, passes SIGTERM/SIGINT on, and stops the server when its stdin, a pipe from
-# the process that started it, reads end-of-file: that process has exited, even SIGKILLed.
+# The keeper of a tethered server (run as ``python -I -c KEEPER '["leftover", ...]' nats-server
+# args...``): it runs the server as its child, passes SIGTERM/SIGINT on, and stops the server when
+# its stdin, a pipe from the process that started it, reads end-of-file: that process has exited,
+# even SIGKILLed. It then removes what that process would have removed on its way out (the log,
+# a scratch store), so a runner killed does not leave them behind in the temporary directory.
 KEEPER = """
-import os, signal, subprocess, sys, threading
+import json, os, shutil, signal, subprocess, sys, threading
 server = None
 def forward(signum, _frame):
     if server is None:
@@ -35,10 +37,13 @@ def forward(signum, _frame):
     server.send_signal(signum)
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, forward)
-server = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+leftovers = json.loads(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL)
+orphaned = threading.Event()
 def watch():
     while os.read(0, 512):
         pass
+    orphaned.set()
     server.terminate()
     try:
         server.wait(10)
@@ -46,6 +51,12 @@ def watch():
         server.kill()
 threading.Thread(target=watch, daemon=True).start()
 code = server.wait()
+if orphaned.is_set():
+    for path in leftovers:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
 sys.exit(code if code >= 0 else 128 - code)
 """
 # Monitoring requests go to loopback directly, whatever HTTP(S)_PROXY says.
@@ -106,6 +117,9 @@ class NatsServer:
             (the process that started it stops it, after draining), under a small keeper process
             that stops it when this process exits, even when SIGKILLed. The runner's embedded
             server is tethered; test servers are not (:meth:`pause` signals the server itself).
+        leftovers: with ``tethered``, files and directories the keeper removes, with the server's
+            log, when this process exits without stopping the server (SIGKILLed, say): a scratch
+            store directory this process would have removed itself.
     """
 
     def __init__(
@@ -118,6 +132,7 @@ class NatsServer:
         binary: str | None = None,
         monitor_port: int | None = None,
         tethered: bool = False,
+        leftovers: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -126,6 +141,7 @@ class NatsServer:
         self.args = list(args)
         self.binary = binary or find_binary()
         self.tethered = tethered
+        self.leftovers = list(leftovers)
         self.process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="nats-server-", suffix=".log", delete=False)
 
@@ -172,7 +188,7 @@ class NatsServer:
             raise ConfigurationError(f"something already listens on {self.host}:{self.port}")
         if self.tethered:  # the keeper holds the read end of the pipe; this process, the write end
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-c", KEEPER, *self.command()],
+                [sys.executable, "-I", "-c", KEEPER, json.dumps([self.log_path, *self.leftovers]), *self.command()],
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.PIPE,

@@ -424,6 +424,7 @@ async def serve(args: argparse.Namespace) -> int:
                 host=EMBEDDED_HOST,
                 args=["-n", f"{EMBEDDED_NAME}{os.getpid()}", "-js", "-sd", store],
                 tethered=True,
+                leftovers=[scratch.name] if scratch is not None else [],
             )
             await anyio.to_thread.run_sync(embedded.start)
             url = embedded.url

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -176,15 +177,23 @@ class TestCtrlC:
         assert "second signal: exiting at once, 1 calls unanswered" in runner.stderr
         await poll(lambda: not is_listening(*_host_port(url)), "the embedded server stops with the runner")
 
-    async def test_a_sigkilled_runner_takes_its_embedded_server_down(self) -> None:
-        """The embedded server exits when the pipe from its runner closes, so it never outlives a SIGKILL."""
-        async with child("-m", "natsrpc.run", "services.kv", "--embedded", new_session=True) as runner:
+    async def test_a_sigkilled_runner_takes_its_embedded_server_down(self, tmp_path: Path) -> None:
+        """The embedded server exits when the pipe from its runner closes, so it never outlives a
+        SIGKILL, and its log and scratch JetStream store go with it (the runner's own clean-up
+        never ran)."""
+        scratch = tmp_path / "tmp"
+        scratch.mkdir()
+        env = {"TMPDIR": str(scratch)}
+        async with child("-m", "natsrpc.run", "services.kv", "--embedded", new_session=True, env=env) as runner:
             url = (await runner.wait_for_line(EMBEDDED_LINE)).group(1)
             local = await connect_when_up(url, runner)
             await local.close()
+            made = sorted(path.name.split("-")[0:2][-1] for path in scratch.iterdir())
+            assert made == ["jetstream", "server"], made  # natsrpc-jetstream-*, nats-server-*.log
             runner.proc.kill()
             await runner.wait()
         await poll(lambda: not is_listening(*_host_port(url)), "the embedded server exits after its runner", 10)
+        await poll(lambda: not any(scratch.iterdir()), "the log and the scratch store removed", 10)
 
 
 class TestEmbeddedServer:
