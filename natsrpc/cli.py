@@ -150,7 +150,7 @@ async def _missing_method(nc: Any, service: str, method: str) -> str | None:
     a call: asks the service's instances for their endpoints ($SRV.INFO). Returns what to say when
     they run without ``method``; None when none answers (the service is not running) or one has it."""
     try:
-        infos = await registry.survey(nc, "INFO", service, wait=0.3)
+        infos = await registry.survey(nc, "INFO", service, wait=2.0, quiet=0.1)
     except (ConfigurationError, nats.errors.Error, OSError):
         return None
     methods = sorted({endpoint["name"] for info, _ in infos for endpoint in info["endpoints"]})

@@ -373,10 +373,16 @@ _SURVEY_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
 }
 
 
-async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> list[tuple[dict[str, Any], float]]:
+async def survey(
+    nc: Any, verb: str, service: str = "", wait: float = 0.5, quiet: float | None = None
+) -> list[tuple[dict[str, Any], float]]:
     """Asks every instance (of ``service``, or all) a ``$SRV`` question; returns (reply, seconds) pairs.
 
-    Replies are collected for ``wait`` seconds, since any number of instances may answer. A reply
+    Replies are collected for ``wait`` seconds, since any number of instances may answer; with
+    ``quiet``, collecting also ends once a reply came and ``quiet`` seconds passed with no other
+    (so a slow machine gets all of ``wait`` for the first answer, and a quick one is not kept
+    waiting for it). It ends at once when the server says nothing subscribes (no instance runs).
+    A reply
     without the fields of its kind (name, id, version; endpoints with name and subject, and a
     STATS endpoint's counts as integers) is ignored and logged (1st, 2nd, 4th... of them), so
     one broken or hostile responder cannot break a listing of the others. A reply kept is
@@ -392,9 +398,15 @@ async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> li
 
     decoder = _SURVEY_DECODERS[verb]
     ignored = logs.Ignored(log)
+    came = asyncio.Event()  # a reply, or the server's word that nobody will answer
+    nobody = False
 
     async def collect(msg: Msg) -> None:
+        nonlocal nobody
         if not msg.data:  # the server's "no responders" status: nobody answers, which is no reply
+            if msg.headers and msg.headers.get(protocol.STATUS) == protocol.NO_RESPONDERS_STATUS:
+                nobody = True
+                came.set()
             return
         try:
             decoder.decode(msg.data)
@@ -406,13 +418,21 @@ async def survey(nc: Any, verb: str, service: str = "", wait: float = 0.5) -> li
         if verb != "PING":
             reply["endpoints"] = reply.get("endpoints") or []
         replies.append((reply, time.perf_counter() - sent))
+        came.set()
 
     sub = await nc.subscribe(inbox, cb=collect)
     try:
         subject = protocol.service_api_subject(verb, service)
         sent = time.perf_counter()
         await nc.publish(subject, b"", reply=inbox)
-        await asyncio.sleep(wait)
+        end = time.perf_counter() + wait
+        while (left := end - time.perf_counter()) > 0 and not nobody:
+            came.clear()
+            try:
+                await asyncio.wait_for(came.wait(), left if quiet is None or not replies else min(left, quiet))
+            except TimeoutError:
+                if replies and quiet is not None:
+                    break  # quiet since the last reply
     finally:
         await sub.unsubscribe()
     return replies

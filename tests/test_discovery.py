@@ -207,6 +207,39 @@ async def counted(client: natsrpc.Client) -> AsyncIterator[str]:
         yield host.instances[0].id
 
 
+class TestSurvey:
+    """registry.survey() collects the $SRV replies of any number of instances, and no longer than it must."""
+
+    async def test_nobody_subscribed_ends_it_at_once(self, client: natsrpc.Client) -> None:
+        """With no instance of the service, the server's no-responders status ends a 5 s survey at once."""
+        started = time.monotonic()
+        assert await natsrpc.registry.survey(client.nc, "INFO", "nosuchsvc", wait=5.0) == []
+        assert time.monotonic() - started < 2.5
+
+    async def test_quiet_ends_it_after_the_replies_but_waits_for_a_late_first_one(
+        self, client: natsrpc.Client, nc: NatsConnection
+    ) -> None:
+        """With ``quiet``, a survey ends soon after the replies stop, well before ``wait``; and a
+        first reply slower than ``quiet`` (a stalled instance) is still waited for and kept."""
+        delay = 0.0
+
+        async def answer(msg: Msg) -> None:
+            await asyncio.sleep(delay)
+            info = {"name": "late", "id": "l1", "version": "1.0.0", "metadata": {}, "endpoints": []}
+            await nc.publish(msg.reply, json.dumps(info).encode())
+
+        await nc.subscribe("$SRV.INFO.late", cb=answer)
+        await sync_with_server(nc)
+        async with serve(client, KV()):
+            started = time.monotonic()
+            replies = await natsrpc.registry.survey(client.nc, "INFO", "kv", wait=5.0, quiet=0.1)
+            assert [reply["name"] for reply, _ in replies] == ["kv"]
+            assert time.monotonic() - started < 2.5  # ended by quiet, not by wait
+        delay = 0.5  # five times quiet
+        replies = await natsrpc.registry.survey(client.nc, "INFO", "late", wait=5.0, quiet=0.1)
+        assert [(reply["name"], seconds >= delay) for reply, seconds in replies] == [("late", True)]
+
+
 class TestSchemaHarness:
     """The validators used here reject what ``nats micro`` would reject, so a passing reply means something."""
 
