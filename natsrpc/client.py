@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -144,6 +145,11 @@ class Client:
         self._buckets: dict[str, TokenBucket] = {}  # retry budgets, per service; at most MAX_BUCKETS
         if self.registry is not None and self.circuits is not None:
             self.registry.on_change(self._on_registry_change)
+        # service -> the ids of its live instances, while another instance of it leaves (drains):
+        # calls then go to those instances' own subjects, not through the queue group (see _detour).
+        self._detours: dict[str, tuple[str, ...]] = {}
+        if self.registry is not None:
+            self.registry.on_change(self._on_leaving)
         self._owns_connection = owns_connection
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         # Tokens of calls published while nats-py was reconnecting: it holds them in its buffer and
@@ -276,6 +282,33 @@ class Client:
                 breaker.on_heartbeat()
         elif not self.registry.live(service):
             breaker.set_alive(False)
+
+    def _on_leaving(self, service: str, instance: InstanceState, event: str) -> None:
+        """Keeps :attr:`_detours` of ``service``: set while one of its instances drains and others
+        are live, until the draining one expires."""
+        if event == "beat" or (service not in self._detours and not instance.draining):
+            return  # neither who drains nor who is live changed, or nobody drains: no detour to keep
+        assert self.registry is not None
+        instances = self.registry.instances(service)
+        if any(other.draining for other in instances):
+            live = tuple(other.id for other in instances if other.live and protocol.valid_name(other.id))
+            if live:
+                self._detours[service] = live
+                return
+        self._detours.pop(service, None)
+
+    def _detour(self, service: str, method: str, live: tuple[str, ...]) -> str:
+        """The subject of a call made while an instance of ``service`` leaves: one of its live
+        instances' own, chosen at random.
+
+        A queue group member that unsubscribes on a cluster loses the requests other servers route
+        to it before they learn it left (nats-server drops them: the callers time out; see
+        docs/operations.md). The leaving instance says it drains in a last heartbeat, and waits
+        (``Host(leave_grace=...)``) before it unsubscribes: calls sent to the others' own subjects
+        meanwhile cannot reach it. Retries go through the queue group again."""
+        instance = live[0] if len(live) == 1 else live[random.randrange(len(live))]
+        subject = self._subjects.get((service, method, instance))
+        return subject if subject is not None else self._subject(service, method, instance)
 
     async def __aenter__(self) -> Client:
         return self
@@ -475,8 +508,11 @@ class Client:
             breaker = self.circuits.get(service) if self.circuits is not None and not opts.instance else None
             cached = self.registry is not None and self.registry.cached
             ttl = self._cache_ttl(service, method, opts) if cached else None
+            queue = subject
+            if self._detours and not opts.instance and (live := self._detours.get(service)) is not None:
+                subject = self._detour(service, method, live)
             if ttl is None:
-                data, reply_headers = await self._request(subject, body, opts, headers, service, breaker)
+                data, reply_headers = await self._request(subject, body, opts, headers, service, breaker, queue)
             else:
                 if not self._invalidations.done():  # the first cached call: hear invalidations before keeping
                     await self._invalidations
@@ -488,7 +524,7 @@ class Client:
                     data, reply_headers = kept, None
                 else:
                     epoch = self.cache.epoch(service, method)
-                    data, reply_headers = await self._request(subject, body, opts, headers, service, breaker)
+                    data, reply_headers = await self._request(subject, body, opts, headers, service, breaker, queue)
                     self.cache.put(key, data, ttl, args, kwargs or {}, epoch)
             if _through is not None:
                 _through.reply_headers = reply_headers
@@ -726,6 +762,8 @@ class Client:
         subject = self._subjects.get((service, method, opts.instance))
         if subject is None:
             subject = self._subject(service, method, opts.instance)
+        if self._detours and not opts.instance and (live := self._detours.get(service)) is not None:
+            subject = self._detour(service, method, live)
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         extra: dict[str, str] = {}
         around = None
@@ -900,8 +938,10 @@ class Client:
         headers: dict[str, str] | None,
         service: str,
         breaker: CircuitBreaker | None,
+        queue: str = "",
     ) -> Reply:
-        """:meth:`request`, returning the reply's data and headers (``subject`` is checked already)."""
+        """:meth:`request`, returning the reply's data and headers (``subject`` is checked already;
+        retries go to ``queue`` when given: the queue group's subject of a call sent past it)."""
         try:
             opts = options or self.default_options
             headers, timeout = self._headers(subject, opts, headers)
@@ -933,7 +973,7 @@ class Client:
                 return reply
             try:
                 reply = await self._retry(
-                    subject, body, (headers, block), opts, service, started + timeout, first_error
+                    queue or subject, body, (headers, block), opts, service, started + timeout, first_error
                 )
             except BaseException as exc:
                 if breaker is not None:

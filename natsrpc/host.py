@@ -51,6 +51,7 @@ DEFAULT_MAX_CONCURRENCY = 100
 DEFAULT_MAX_QUEUE = 100
 DEFAULT_MAX_EVENT_QUEUE = 10_000  # events are not refused with a reply: a burst waits instead
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_LEAVE_GRACE = 0.1  # seconds between the last heartbeat and the unsubscribe of a graceful stop
 DEFAULT_HANDLER_TIMEOUT = 30.0
 CANCELLED = 499  # counted (never sent) for a call its caller cancelled, as nginx logs a closed request
 _MAX_REPLY_SUBJECT = 512  # a cancel naming a longer reply subject names no call of ours
@@ -66,6 +67,10 @@ class Host:
         max_concurrency: handlers running at once per instance.
         max_queue: requests waiting for a slot per instance; beyond that the reply is 429.
         drain_timeout: seconds :meth:`stop` waits for in-flight handlers.
+        leave_grace: seconds :meth:`stop` keeps serving after its last heartbeat (``draining``)
+            before it unsubscribes, when other instances of its services are live: callers that
+            heard that beat send to those instances' own subjects meanwhile, so none of their
+            requests is routed here after the unsubscribe (a cluster's servers drop those).
         default_timeout: the deadline of requests that carry no ``Natsrpc-Deadline``.
         config: per-service configuration sections, by service name (``self.ctx.config``).
         heartbeat_interval: seconds between heartbeats (jittered); see :mod:`natsrpc.announce`.
@@ -97,6 +102,7 @@ class Host:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_queue: int = DEFAULT_MAX_QUEUE,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        leave_grace: float = DEFAULT_LEAVE_GRACE,
         default_timeout: float = DEFAULT_HANDLER_TIMEOUT,
         config: Mapping[str, Mapping[str, Any]] | None = None,
         heartbeat_interval: float = protocol.DEFAULT_HEARTBEAT_INTERVAL,
@@ -112,6 +118,9 @@ class Host:
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_event_queue < 0:
             raise ConfigurationError("max_concurrency must be >= 1, max_queue and max_event_queue >= 0")
+        if not 0 <= leave_grace <= 60:
+            raise ConfigurationError(f"leave_grace must be 0-60 seconds, got {leave_grace!r}")
+        self.leave_grace = leave_grace
         self.max_event_queue = max_event_queue
         self.event_backoff = tuple(event_backoff)
         self.event_max_deliver = event_max_deliver
@@ -278,6 +287,8 @@ class Host:
         if self._announcer is not None:
             self.client.remove_reconnect_listener(self._beat_now)
             await self._announcer.stop()  # a last beat says "draining", so callers stop routing here
+            if self.leave_grace and not self.nc.is_closed and self._others_live():
+                await asyncio.sleep(self.leave_grace)  # their calls go to the others' own subjects meanwhile
         # Requests delivered until the subscriptions are drained are still served: refusing them
         # (503) while the unsubscribe travels would turn a graceful stop into lost calls.
         subs, self._subs = self._subs, []
@@ -302,6 +313,16 @@ class Host:
             except Exception:
                 log.exception("cleanup failed", service=inst.service.name)
         log.info("stopped", services=[i.service.name for i in self.instances])
+
+    def _others_live(self) -> bool:
+        """Whether this client's registry knows a live instance, other than these, of a service
+        hosted here: one that callers can send to instead while this host leaves."""
+        registry = self.client.registry
+        if registry is None:
+            return False
+        mine = {inst.id for inst in self.instances}
+        names = {inst.service.name for inst in self.instances}
+        return any(other.id not in mine for name in names for other in registry.live(name))
 
     def _jetstream(self) -> Any:
         if self._js is None:

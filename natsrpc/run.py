@@ -253,6 +253,13 @@ def parser() -> argparse.ArgumentParser:
         help="seconds to wait for in-flight handlers on stop (default %(default)s)",
     )
     p.add_argument(
+        "--leave-grace",
+        type=_leave_grace,
+        default=host_module.DEFAULT_LEAVE_GRACE,
+        help="seconds to keep serving after the last heartbeat before unsubscribing on stop, when other "
+        "instances are live: callers move to them first (default %(default)s; 0-60)",
+    )
+    p.add_argument(
         "--heartbeat-interval",
         type=_positive_seconds,
         default=os.environ.get("NATSRPC_HEARTBEAT_INTERVAL", str(protocol.DEFAULT_HEARTBEAT_INTERVAL)),
@@ -347,13 +354,24 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_seconds(text: str) -> float:
-    """Parses a positive number of seconds (an argparse ``type``)."""
+def _seconds(text: str) -> float:
+    """Parses a number of seconds (for the argparse types below)."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
+
+
+def _leave_grace(text: str) -> float:
+    """Parses ``--leave-grace``: 0 to 60 seconds (an argparse ``type``)."""
+    if not 0 <= (value := _seconds(text)) <= 60:
+        raise argparse.ArgumentTypeError(f"must be 0-60 seconds, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """Parses a positive number of seconds (an argparse ``type``)."""
+    if not (value := _seconds(text)) > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
     return value
 
@@ -444,6 +462,7 @@ async def serve(args: argparse.Namespace) -> int:
                 max_concurrency=args.max_concurrency,
                 max_queue=args.max_queue,
                 drain_timeout=args.drain_timeout,
+                leave_grace=args.leave_grace,
                 config=config,
                 **runner_options,
                 heartbeat_interval=args.heartbeat_interval,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import statistics
 import sys
@@ -24,8 +25,9 @@ from children import REPO, child_env, loop_probe, poll
 import natsrpc
 from natsrpc import Service, ServiceError, rpc
 from natsrpc.circuit import CircuitConfig, State
+from natsrpc.host import Host
 from natsrpc.registry import EXPIRY_INTERVALS, InstanceState
-from natsrpc.retry import RetryPolicy
+from natsrpc.retry import NO_RETRIES, RetryPolicy
 from natsrpc.testing import serve
 from services.kv import KV
 
@@ -508,3 +510,114 @@ class TestInstanceCalls:
                 .get("who")
             )
         assert time.monotonic() - start < 0.5
+
+
+async def until_refused(call: Callable[[], Awaitable[object]]) -> None:
+    """Calls ``call`` until it raises NoResponders (a subscription's removal has reached the server)."""
+    while True:
+        try:
+            await call()
+        except natsrpc.NoResponders:
+            return
+        except natsrpc.CallTimeout:  # sent to the connection before the server saw it close
+            continue
+        await asyncio.sleep(0.01)
+
+
+class Who(Service):
+    """Says which instance served the call."""
+
+    name = "reswho"
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    @rpc
+    async def who(self) -> str:
+        """Returns this instance's label."""
+        return self.label
+
+
+class TestGracefulLeave:
+    """An instance stopping gracefully beside others: its last beat (draining) sends callers to the
+    others' own subjects while it waits ``leave_grace`` before unsubscribing, so no request is
+    routed to it after it left the queue group (on a cluster, the servers would drop those)."""
+
+    @asynccontextmanager
+    async def two(self, nats_url: str, client: natsrpc.Client, grace: float) -> AsyncIterator[tuple[Host, Host]]:
+        """A leaving instance (``leave_grace=grace``) and a staying one, each on its own connection,
+        once ``client`` and the leaving one's connection have both heard both."""
+        async with (
+            natsrpc.connect(nats_url) as leaving_nc,
+            natsrpc.connect(nats_url) as staying_nc,
+            serve(leaving_nc, Who("leaving"), leave_grace=grace) as leaving,
+            serve(staying_nc, Who("staying")) as staying,
+        ):
+            ids = {leaving.instances[0].id, staying.instances[0].id}
+            for registry in (client.registry, leaving_nc.registry):
+                assert registry is not None
+                await poll(lambda r=registry: {i.id for i in r.live("reswho")} == ids, "both instances heard")
+            yield leaving, staying
+
+    async def test_calls_made_while_one_leaves_go_to_the_other(self, client: natsrpc.Client, nats_url: str) -> None:
+        """While one instance is in its leave grace (still subscribed), every call goes to the other;
+        before, the queue group spread them over both."""
+        async with self.two(nats_url, client, grace=1.0) as (leaving, _):
+            assert {await client.call_service["reswho"].who() for _ in range(40)} == {"leaving", "staying"}
+            stopping = asyncio.create_task(leaving.stop())
+            assert client.registry is not None
+            await poll(lambda: any(i.draining for i in client.registry.instances("reswho")), "the draining beat heard")
+            served = [await client.call_service["reswho"].who() for _ in range(40)]
+            assert not stopping.done(), "the leave grace ended before the calls: nothing was shown"
+            assert Counter(served) == {"staying": 40}
+            await stopping
+
+    async def test_a_call_to_a_vanished_instance_is_retried_through_the_queue_group(
+        self, client: natsrpc.Client, nats_url: str
+    ) -> None:
+        """When the instance a call was sent to has gone without a word (its connection closed), the
+        call's retry goes through the queue group: the leaving instance, still subscribed, serves it."""
+        async with self.two(nats_url, client, grace=2.0) as (leaving, staying):
+            stopping = asyncio.create_task(leaving.stop())
+            assert client.registry is not None
+            await poll(lambda: any(i.draining for i in client.registry.instances("reswho")), "the draining beat heard")
+            await staying.client.nc.close()  # no last beat: the registry still holds it live
+            gone = (
+                client.call_service["reswho"].instance(staying.instances[0].id).options(retry=NO_RETRIES, timeout=0.2)
+            )
+            await until_refused(gone.who)  # the server has dropped its subscriptions
+            assert await client.call_service["reswho"].who() == "leaving"
+            assert not stopping.done(), "the leave grace ended before the call: nothing was shown"
+            await stopping
+
+    async def test_the_detour_ends_when_the_leaving_instance_expires(
+        self, client: natsrpc.Client, nats_url: str
+    ) -> None:
+        """Once the draining instance has expired (3 missed beats), calls use the queue group again."""
+        async with (
+            natsrpc.connect(nats_url) as leaving_nc,
+            serve(client, Who("staying"), heartbeat_interval=HEARTBEAT),
+        ):
+            leaving = Host(leaving_nc, [Who("leaving")], heartbeat_interval=HEARTBEAT)
+            await leaving.start()
+            assert client.registry is not None
+            await poll(lambda: len(client.registry.live("reswho")) == 2, "both instances heard")
+            await leaving.stop()
+            assert "reswho" in client._detours  # the draining beat came before the stop's unsubscribe
+            await poll(lambda: "reswho" not in client._detours, "the detour ended", 5)
+            assert len(client.registry.instances("reswho")) == 1
+            assert await client.call_service["reswho"].who() == "staying"
+
+    async def test_a_lone_instance_does_not_wait(self, client: natsrpc.Client) -> None:
+        """With no other live instance of its services, callers have nowhere else to go: no grace."""
+        host = Host(client, [Who("alone")], leave_grace=30)
+        await host.start()
+        started = time.monotonic()
+        await host.stop()
+        assert time.monotonic() - started < 10
+
+    @pytest.mark.parametrize("grace", [-1, 61, math.nan])
+    def test_an_unusable_grace_is_refused(self, client: natsrpc.Client, grace: float) -> None:
+        """leave_grace is 0-60 seconds."""
+        with pytest.raises(natsrpc.ConfigurationError, match="leave_grace"):
+            Host(client, [Who("x")], leave_grace=grace)
