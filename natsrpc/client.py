@@ -299,7 +299,8 @@ class Client:
 
     def _detour(self, service: str, method: str, live: tuple[str, ...]) -> str:
         """The subject of a call made while an instance of ``service`` leaves: one of its live
-        instances' own, chosen at random.
+        instances' own, chosen at random (streams still go through the queue group: a stream
+        request refused by the connection's permissions would not fail at once).
 
         A queue group member that unsubscribes on a cluster loses the requests other servers route
         to it before they learn it left (nats-server drops them: the callers time out; see
@@ -309,6 +310,25 @@ class Client:
         instance = live[0] if len(live) == 1 else live[random.randrange(len(live))]
         subject = self._subjects.get((service, method, instance))
         return subject if subject is not None else self._subject(service, method, instance)
+
+    async def _request_detoured(
+        self,
+        subject: str,
+        body: bytes,
+        options: CallOptions | None,
+        headers: dict[str, str] | None,
+        service: str,
+        breaker: CircuitBreaker | None,
+        queue: str = "",
+    ) -> Reply:
+        """:meth:`_request` of a call sent to an instance's own subject by :meth:`_detour`. A
+        connection whose permissions refuse that subject (they allow the queue group's only) sends
+        the call again there, and takes no more detours for the service during this leave."""
+        try:
+            return await self._request(subject, body, options, headers, service, breaker, queue)
+        except PermissionDenied:
+            self._detours.pop(service, None)
+            return await self._request(queue, body, options, headers, service, breaker)
 
     async def __aenter__(self) -> Client:
         return self
@@ -508,11 +528,11 @@ class Client:
             breaker = self.circuits.get(service) if self.circuits is not None and not opts.instance else None
             cached = self.registry is not None and self.registry.cached
             ttl = self._cache_ttl(service, method, opts) if cached else None
-            queue = subject
+            queue, send = subject, self._request
             if self._detours and not opts.instance and (live := self._detours.get(service)) is not None:
-                subject = self._detour(service, method, live)
+                subject, send = self._detour(service, method, live), self._request_detoured
             if ttl is None:
-                data, reply_headers = await self._request(subject, body, opts, headers, service, breaker, queue)
+                data, reply_headers = await send(subject, body, opts, headers, service, breaker, queue)
             else:
                 if not self._invalidations.done():  # the first cached call: hear invalidations before keeping
                     await self._invalidations
@@ -524,7 +544,7 @@ class Client:
                     data, reply_headers = kept, None
                 else:
                     epoch = self.cache.epoch(service, method)
-                    data, reply_headers = await self._request(subject, body, opts, headers, service, breaker, queue)
+                    data, reply_headers = await send(subject, body, opts, headers, service, breaker, queue)
                     self.cache.put(key, data, ttl, args, kwargs or {}, epoch)
             if _through is not None:
                 _through.reply_headers = reply_headers
@@ -762,8 +782,6 @@ class Client:
         subject = self._subjects.get((service, method, opts.instance))
         if subject is None:
             subject = self._subject(service, method, opts.instance)
-        if self._detours and not opts.instance and (live := self._detours.get(service)) is not None:
-            subject = self._detour(service, method, live)
         body, mixed = codec.encode_arguments(args, kwargs or {}, opts.msgpack)
         extra: dict[str, str] = {}
         around = None

@@ -401,6 +401,56 @@ class TestDeniedPublish:
             assert "billing.charge" in info.value.message
 
 
+class SecWho(Service):
+    """Says which instance served the call."""
+
+    name = "secwho"
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    @rpc
+    async def who(self) -> str:
+        """Returns this instance's label."""
+        return self.label
+
+
+class TestNarrowCallerDuringALeave:
+    """A caller allowed to publish a service's queue-group subject only (not its instances' own
+    subjects) still gets its calls served while an instance leaves, when natsrpc would send them to
+    the staying instance's own subject."""
+
+    async def test_a_refused_detour_goes_through_the_queue_group(self, tmp_path: Path) -> None:
+        config = tmp_path / "narrow.conf"
+        config.write_text(
+            "authorization { users: [\n"
+            '  { user: srv, password: srvpass, permissions: { publish: ">", subscribe: ">" } }\n'
+            '  { user: narrow, password: narrowpass, permissions: { publish: { allow: ["svc.secwho.who"] },\n'
+            '      subscribe: { allow: ["_INBOX_narrow.>", "svc._hb.>"] } } }\n'
+            "] }\n"
+        )
+        with NatsServer(config=config) as server:
+            async with (
+                natsrpc.connect(server.url, user="srv", password="srvpass") as leaving_nc,
+                natsrpc.connect(server.url, user="srv", password="srvpass") as staying_nc,
+                natsrpc.connect(server.url, user="narrow", password="narrowpass", inbox_prefix="_INBOX_narrow") as app,
+                serve(leaving_nc, SecWho("leaving"), leave_grace=2.0) as leaving,
+                serve(staying_nc, SecWho("staying")),
+            ):
+                for registry in (app.registry, leaving_nc.registry):
+                    assert registry is not None
+                    await poll(lambda r=registry: len(r.live("secwho")) == 2, "both instances heard")
+                stopping = asyncio.create_task(leaving.stop())
+                assert app.registry is not None
+                await poll(lambda: any(i.draining for i in app.registry.instances("secwho")), "the draining beat heard")
+                assert "secwho" in app._detours
+                assert await app.call_service["secwho"].who() in ("leaving", "staying")
+                assert "secwho" not in app._detours  # no second refusal during this leave
+                assert [await app.call_service["secwho"].who() for _ in range(5)]
+                assert not stopping.done(), "the leave grace ended before the calls: nothing was shown"
+                await stopping
+
+
 class TestQueueGroups:
     """A2: only the service's own identity can join its queue group; impostors get nothing."""
 
