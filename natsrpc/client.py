@@ -405,8 +405,9 @@ class Client:
         """Fails the pending calls a permissions violation refused (error_cb calls it); see :class:`PermissionDenied`.
 
         Args:
-            operation: ``"publish"`` (calls to ``subject`` fail) or ``"subscription"`` (when ``subject``
-                is the reply inbox, every call fails, now and later: no reply can arrive).
+            operation: ``"publish"`` (the calls to ``subject``, and its streams not yet started,
+                fail) or ``"subscription"`` (when ``subject`` is the reply inbox, every call fails,
+                now and later: no reply can arrive).
             subject: the refused subject, lower-cased as nats-py reports it.
         """
         if operation == "subscription":
@@ -416,12 +417,16 @@ class Client:
                     "inbox_prefix that its subscribe permission allows (e.g. inbox_prefix='_INBOX_app')"
                 )
                 self.fail_pending(self._broken)
+                self._fail_streams(self._broken)
             return
         for token, called in list(self._called.items()):
             if called.lower() == subject:
                 future = self._pending.pop(token, None)
                 if future is not None and not future.done():
                     future.set_exception(PermissionDenied(f"the server refused this connection a publish to {called}"))
+        for receiver in list(self._streams.values()):
+            if not receiver.control and receiver.subject.lower() == subject:  # its request, not yet answered
+                receiver.fail(PermissionDenied(f"the server refused this connection a publish to {receiver.subject}"))
 
     def end(self, error: CallError) -> None:
         """Ends the connection for good (the server refused the credentials on a reconnect, say).

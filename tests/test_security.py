@@ -353,6 +353,18 @@ class TestDeniedPublish:
             with pytest.raises(natsrpc.NoResponders):  # an allowed subject still goes out
                 await client.call_service["kv"].get("a")
 
+    async def test_denied_stream_fails_fast(self, secured: NatsServer, passwords: dict[str, str]) -> None:
+        """A stream request the server refuses raises PermissionDenied at once, not CallTimeout at
+        the end of its 5 s timeout (it did until 2026-12-03)."""
+        async with as_identity(secured, passwords, "memory", timeout=5.0) as client:
+            started = time.perf_counter()
+            with pytest.raises(natsrpc.PermissionDenied, match=r"svc\.billing\.items"):
+                async for _ in client.stream("billing", "items"):
+                    pass
+            assert time.perf_counter() - started < 1.0
+            assert client.nc.is_connected
+            assert client.pending_calls == 0
+
     async def test_only_the_refused_calls_fail(self, secured: NatsServer, passwords: dict[str, str]) -> None:
         """A refusal fails the calls to that subject only: a call pending on an allowed subject still gets its reply."""
         async with (
