@@ -427,6 +427,13 @@ class Client:
         for receiver in list(self._streams.values()):
             if not receiver.control and receiver.subject.lower() == subject:  # its request, not yet answered
                 receiver.fail(PermissionDenied(f"the server refused this connection a publish to {receiver.subject}"))
+            elif receiver.control and receiver.control.lower() == subject:  # its acks: the server stops sending
+                receiver.fail(
+                    PermissionDenied(
+                        f"the server refused this connection a publish to {receiver.control}, the control subject of "
+                        f"its stream from {receiver.subject}: allow publishing {self.prefix}._ctl.>"
+                    )
+                )
 
     def end(self, error: CallError) -> None:
         """Ends the connection for good (the server refused the credentials on a reconnect, say).

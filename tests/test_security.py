@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
+from stream_service import Streams
 
 import natsrpc
 from natsrpc import NatsServer, Service, rpc
@@ -461,6 +462,41 @@ class TestNarrowCallerDuringALeave:
                 assert [await app.call_service["secwho"].who() for _ in range(5)]
                 assert not stopping.done(), "the leave grace ended before the calls: nothing was shown"
                 await stopping
+
+
+class TestRefusedStreamControl:
+    """A caller allowed to publish a streaming method's subject but not ``svc._ctl.>`` cannot ack
+    the items: its stream fails at once with PermissionDenied naming what to allow, rather than
+    stalling until its timeout."""
+
+    async def test_a_stream_whose_acks_are_refused_fails_at_once(self, tmp_path: Path) -> None:
+        config = tmp_path / "noctl.conf"
+        config.write_text(
+            "authorization { users: [\n"
+            '  { user: srv, password: srvpass, permissions: { publish: ">", subscribe: ">" } }\n'
+            '  { user: noctl, password: noctlpass, permissions: { publish: { allow: ["svc.streams.count"] },\n'
+            '      subscribe: { allow: ["_INBOX_noctl.>", "svc._hb.>"] } } }\n'
+            "] }\n"
+        )
+        with NatsServer(config=config) as server:
+            async with (
+                natsrpc.connect(server.url, user="srv", password="srvpass") as srv,
+                natsrpc.connect(
+                    server.url, user="noctl", password="noctlpass", inbox_prefix="_INBOX_noctl", timeout=10.0
+                ) as app,
+                serve(srv, Streams()),
+            ):
+                started = time.perf_counter()
+                items: list[int] = []
+
+                async def consume() -> None:
+                    async for item in app.stream("streams", "count", (10_000,), window=2):
+                        items.append(item)
+
+                with pytest.raises(natsrpc.PermissionDenied, match=r"svc\._ctl\.>"):
+                    await consume()
+                assert time.perf_counter() - started < 3.0
+                assert items[:2] == [0, 1]
 
 
 class TestQueueGroups:
