@@ -157,6 +157,7 @@ class Client:
         self._parked: set[str] = set()
         self._streams: dict[str, consume.Receiver] = {}  # streams in progress, by reply token
         self._called: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
+        self._emitting: dict[asyncio.Future[None], str] = {}  # durable emits waiting for their ack -> subject
         self._subjects: dict[tuple[str, str, str | None], str] = {}  # checked names -> their subject
         self._event_types: set[str] = set()  # event types checked, for emit
         self._random = b""
@@ -424,6 +425,9 @@ class Client:
                 future = self._pending.pop(token, None)
                 if future is not None and not future.done():
                     future.set_exception(PermissionDenied(f"the server refused this connection a publish to {called}"))
+        for refused, emitted in list(self._emitting.items()):
+            if emitted.lower() == subject and not refused.done():
+                refused.set_exception(PermissionDenied(f"the server refused this connection a publish to {emitted}"))
         for receiver in list(self._streams.values()):
             if not receiver.control and receiver.subject.lower() == subject:  # its request, not yet answered
                 receiver.fail(PermissionDenied(f"the server refused this connection a publish to {receiver.subject}"))
@@ -662,7 +666,9 @@ class Client:
         Raises:
             ConfigurationError: the type is not an event type, or the value cannot be encoded
                 (nothing is published then).
-            CallError: it could not be published (closed, not permitted, too large).
+            CallError: it could not be published (closed, too large; durable: not permitted, no
+                stream stores it, no acknowledgement in time). A plain emit is at most once: one
+                the server's permissions refuse is logged (the connection's error callback), not raised.
         """
         if not isinstance(event_type, str) or (
             event_type not in self._event_types and not self._checked_event_type(event_type)
@@ -703,15 +709,29 @@ class Client:
                 await transport.publish(self.nc, subject, body, headers=headers or None)
 
     async def _emit_durable(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
-        """Publishes an event through JetStream and waits for its acknowledgement."""
-        with translate_nats_errors(subject):
-            try:
-                await self.nc.jetstream().publish(subject, body, timeout=self.default_options.timeout, headers=headers)
-            except nats.js.errors.NoStreamResponseError:
-                raise NoResponders(
-                    f"no JetStream stream stores {subject}: start a host with a durable handler (it creates "
-                    "EVENTS), on a nats-server with JetStream (-js)"
-                ) from None
+        """Publishes an event through JetStream and waits for its acknowledgement, or for the
+        server's refusal of the publish (:meth:`refuse`): PermissionDenied at once, not a timeout."""
+        refused: asyncio.Future[None] = self._loop.create_future()
+        self._emitting[refused] = subject
+        publish = asyncio.ensure_future(
+            self.nc.jetstream().publish(subject, body, timeout=self.default_options.timeout, headers=headers)
+        )
+        try:
+            with translate_nats_errors(subject):
+                try:
+                    await asyncio.wait((publish, refused), return_when=asyncio.FIRST_COMPLETED)
+                    if refused.done():
+                        refused.result()  # raises the PermissionDenied
+                    publish.result()
+                except nats.js.errors.NoStreamResponseError:
+                    raise NoResponders(
+                        f"no JetStream stream stores {subject}: start a host with a durable handler (it creates "
+                        "EVENTS), on a nats-server with JetStream (-js)"
+                    ) from None
+        finally:
+            del self._emitting[refused]
+            if not publish.done():
+                publish.cancel()
 
     def _checked_event_type(self, event_type: str) -> bool:
         """Checks an event type once; a valid one is remembered (up to MAX_CACHED_SUBJECTS)."""

@@ -499,6 +499,28 @@ class TestRefusedStreamControl:
                 assert items[:2] == [0, 1]
 
 
+class TestRefusedDurableEmit:
+    """A durable emit the server's permissions refuse raises PermissionDenied at once, not CallTimeout."""
+
+    async def test_a_refused_durable_emit_fails_at_once(self, tmp_path: Path) -> None:
+        config = tmp_path / "noevt.conf"
+        config.write_text(
+            "authorization { users: [\n"
+            '  { user: noevt, password: noevtpass, permissions: { publish: { allow: ["$JS.API.>"] },\n'
+            '      subscribe: { allow: ["_INBOX_noevt.>", "_INBOX.>", "svc._hb.>"] } } }\n'
+            "] }\n"
+        )
+        with NatsServer(config=config, args=["-js", "-sd", str(tmp_path / "js")]) as server:
+            async with natsrpc.connect(
+                server.url, user="noevt", password="noevtpass", inbox_prefix="_INBOX_noevt", timeout=5.0
+            ) as app:
+                started = time.perf_counter()
+                with pytest.raises(natsrpc.PermissionDenied, match=r"evt\.order\.placed"):
+                    await app.emit("order.placed", {"id": 1}, durable=True)
+                assert time.perf_counter() - started < 2.5
+                assert app.nc.is_connected
+
+
 class TestQueueGroups:
     """A2: only the service's own identity can join its queue group; impostors get nothing."""
 
