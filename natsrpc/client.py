@@ -157,7 +157,7 @@ class Client:
         self._parked: set[str] = set()
         self._streams: dict[str, consume.Receiver] = {}  # streams in progress, by reply token
         self._called: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
-        self._emitting: dict[asyncio.Future[None], str] = {}  # durable emits waiting for their ack -> subject
+        self._emitting: set[_Emitting] = set()  # durable emits waiting for their ack
         self._subjects: dict[tuple[str, str, str | None], str] = {}  # checked names -> their subject
         self._event_types: set[str] = set()  # event types checked, for emit
         self._random = b""
@@ -425,9 +425,12 @@ class Client:
                 future = self._pending.pop(token, None)
                 if future is not None and not future.done():
                     future.set_exception(PermissionDenied(f"the server refused this connection a publish to {called}"))
-        for refused, emitted in list(self._emitting.items()):
-            if emitted.lower() == subject and not refused.done():
-                refused.set_exception(PermissionDenied(f"the server refused this connection a publish to {emitted}"))
+        for emitting in list(self._emitting):
+            if emitting.subject.lower() == subject and emitting.refused is None:
+                emitting.refused = PermissionDenied(
+                    f"the server refused this connection a publish to {emitting.subject}"
+                )
+                emitting.task.cancel()  # it raises the refusal instead of waiting for an ack that cannot come
         for receiver in list(self._streams.values()):
             if not receiver.control and receiver.subject.lower() == subject:  # its request, not yet answered
                 receiver.fail(PermissionDenied(f"the server refused this connection a publish to {receiver.subject}"))
@@ -711,27 +714,27 @@ class Client:
     async def _emit_durable(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """Publishes an event through JetStream and waits for its acknowledgement, or for the
         server's refusal of the publish (:meth:`refuse`): PermissionDenied at once, not a timeout."""
-        refused: asyncio.Future[None] = self._loop.create_future()
-        self._emitting[refused] = subject
-        publish = asyncio.ensure_future(
-            self.nc.jetstream().publish(subject, body, timeout=self.default_options.timeout, headers=headers)
-        )
+        task = asyncio.current_task()
+        assert task is not None
+        emitting = _Emitting(subject, task)
+        self._emitting.add(emitting)
         try:
             with translate_nats_errors(subject):
                 try:
-                    await asyncio.wait((publish, refused), return_when=asyncio.FIRST_COMPLETED)
-                    if refused.done():
-                        refused.result()  # raises the PermissionDenied
-                    publish.result()
+                    await self.nc.jetstream().publish(
+                        subject, body, timeout=self.default_options.timeout, headers=headers
+                    )
                 except nats.js.errors.NoStreamResponseError:
                     raise NoResponders(
                         f"no JetStream stream stores {subject}: start a host with a durable handler (it creates "
                         "EVENTS), on a nats-server with JetStream (-js)"
                     ) from None
+        except asyncio.CancelledError:
+            if emitting.refused is None or task.uncancel() > 0:  # cancelled by its caller (too)
+                raise
+            raise emitting.refused from None
         finally:
-            del self._emitting[refused]
-            if not publish.done():
-                publish.cancel()
+            self._emitting.discard(emitting)
 
     def _checked_event_type(self, event_type: str) -> bool:
         """Checks an event type once; a valid one is remembered (up to MAX_CACHED_SUBJECTS)."""
@@ -1259,6 +1262,18 @@ def check_client_options(*, timeout: object, encoding: object, prefix: object, c
         raise ConfigurationError(
             f"caller {caller!r} must be a printable one-line string of 1 to {protocol.MAX_CALLER} characters"
         )
+
+
+class _Emitting:
+    """A durable emit waiting for its acknowledgement: the task to stop, and why, when the server
+    refuses its publish."""
+
+    __slots__ = ("refused", "subject", "task")
+
+    def __init__(self, subject: str, task: asyncio.Task[Any]) -> None:
+        self.subject = subject
+        self.task = task
+        self.refused: PermissionDenied | None = None
 
 
 def _attempt_wait(remaining: float, opts: CallOptions) -> float:
