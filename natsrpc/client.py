@@ -301,7 +301,8 @@ class Client:
     def _detour(self, service: str, method: str, live: tuple[str, ...]) -> str:
         """The subject of a call made while an instance of ``service`` leaves: one of its live
         instances' own, chosen at random (streams still go through the queue group: a stream
-        request refused by the connection's permissions would not fail at once).
+        request that the connection's permissions refuse there fails after it was handed to its
+        consumer, too late to be sent again through the queue group).
 
         A queue group member that unsubscribes on a cluster loses the requests other servers route
         to it before they learn it left (nats-server drops them: the callers time out; see
