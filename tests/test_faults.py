@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from children import poll
 
 import natsrpc
 from natsrpc import NatsServer, Service, current_call, rpc
@@ -517,13 +518,22 @@ class TestReplicaFailure:
 
     @pytest.mark.slow  # 4 s: as F5 (test_run's Ctrl-C drains a call in flight in the default suite)
     async def test_f7_graceful_stop_of_a_replica_loses_nothing(self, nats_cluster: NatsCluster) -> None:
-        """F7: SIGTERM to one of two replicas under load: every call succeeds, the replica exits 0."""
+        """F7: SIGTERM to one of two replicas under load: every call succeeds, the replica exits 0.
+
+        The leaving replica waits its leave grace, and the client sends to the other's own subject
+        meanwhile, once each has heard the other's heartbeat (a registry connected within the last
+        interval has not): the replicas beat every 0.2 s, and the load starts once the client has
+        heard both, from a beat sent after every registry here subscribed.
+        """
         client_url = nats_cluster.urls[0]
         async with (
-            replicas(nats_cluster.urls[1], nats_cluster.urls[2]) as reps,
+            replicas(nats_cluster.urls[1], nats_cluster.urls[2], args=("--heartbeat-interval", "0.2")) as reps,
             natsrpc.connect(client_url, timeout=TIMEOUT) as client,
         ):
             await until_served_by(client_url, reps)
+            assert client.registry is not None
+            registry = client.registry
+            await poll(lambda: len(registry.live("faultwork")) == 2, "the client heard both replicas beat")
             victim, survivor = reps
             load = Load(lambda: client.call_service["faultwork"].work(20), rate=1000, duration=3)
             stop_at = load.after(1000)
