@@ -425,21 +425,20 @@ class Client:
             if called.lower() == subject:
                 future = self._pending.pop(token, None)
                 if future is not None and not future.done():
-                    future.set_exception(PermissionDenied(f"the server refused this connection a publish to {called}"))
+                    future.set_exception(_publish_refused(called))
         for emitting in list(self._emitting):
             if emitting.subject.lower() == subject and emitting.refused is None:
-                emitting.refused = PermissionDenied(
-                    f"the server refused this connection a publish to {emitting.subject}"
-                )
+                emitting.refused = _publish_refused(emitting.subject)
                 emitting.task.cancel()  # it raises the refusal instead of waiting for an ack that cannot come
         for receiver in list(self._streams.values()):
             if not receiver.control and receiver.subject.lower() == subject:  # its request, not yet answered
-                receiver.fail(PermissionDenied(f"the server refused this connection a publish to {receiver.subject}"))
+                receiver.fail(_publish_refused(receiver.subject))
             elif receiver.control and receiver.control.lower() == subject:  # its acks: the server stops sending
                 receiver.fail(
-                    PermissionDenied(
-                        f"the server refused this connection a publish to {receiver.control}, the control subject of "
-                        f"its stream from {receiver.subject}: allow publishing {self.prefix}._ctl.>"
+                    _publish_refused(
+                        receiver.control,
+                        f", the control subject of its stream from {receiver.subject}: "
+                        f"allow publishing {self.prefix}._ctl.>",
                     )
                 )
 
@@ -1263,6 +1262,11 @@ def check_client_options(*, timeout: object, encoding: object, prefix: object, c
         raise ConfigurationError(
             f"caller {caller!r} must be a printable one-line string of 1 to {protocol.MAX_CALLER} characters"
         )
+
+
+def _publish_refused(subject: str, why: str = "") -> PermissionDenied:
+    """The error of what a permissions violation on ``subject`` refused (``why`` says more)."""
+    return PermissionDenied(f"the server refused this connection a publish to {subject}{why}")
 
 
 class _Emitting:

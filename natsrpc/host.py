@@ -52,6 +52,7 @@ DEFAULT_MAX_QUEUE = 100
 DEFAULT_MAX_EVENT_QUEUE = 10_000  # events are not refused with a reply: a burst waits instead
 DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_LEAVE_GRACE = 0.1  # seconds between the last heartbeat and the unsubscribe of a graceful stop
+MAX_LEAVE_GRACE = 60.0
 DEFAULT_HANDLER_TIMEOUT = 30.0
 CANCELLED = 499  # counted (never sent) for a call its caller cancelled, as nginx logs a closed request
 _MAX_REPLY_SUBJECT = 512  # a cancel naming a longer reply subject names no call of ours
@@ -118,8 +119,8 @@ class Host:
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_event_queue < 0:
             raise ConfigurationError("max_concurrency must be >= 1, max_queue and max_event_queue >= 0")
-        if not 0 <= leave_grace <= 60:
-            raise ConfigurationError(f"leave_grace must be 0-60 seconds, got {leave_grace!r}")
+        if not 0 <= leave_grace <= MAX_LEAVE_GRACE:
+            raise ConfigurationError(f"leave_grace must be 0-{MAX_LEAVE_GRACE:g} seconds, got {leave_grace!r}")
         self.leave_grace = leave_grace
         self.max_event_queue = max_event_queue
         self.event_backoff = tuple(event_backoff)

@@ -382,10 +382,9 @@ async def survey(
     ``quiet``, collecting also ends once a reply came and ``quiet`` seconds passed with no other
     (so a slow machine gets all of ``wait`` for the first answer, and a quick one is not kept
     waiting for it). It ends at once when the server says nothing subscribes (no instance runs).
-    A reply
-    without the fields of its kind (name, id, version; endpoints with name and subject, and a
-    STATS endpoint's counts as integers) is ignored and logged (1st, 2nd, 4th... of them), so
-    one broken or hostile responder cannot break a listing of the others. A reply kept is
+    A reply without the fields of its kind (name, id, version; endpoints with name and subject,
+    and a STATS endpoint's counts as integers) is ignored and logged (1st, 2nd, 4th... of them),
+    so one broken or hostile responder cannot break a listing of the others. A reply kept is
     returned as it came, with ``metadata`` and ``endpoints`` never null.
     """
     if verb not in protocol.SERVICE_API_VERBS:

@@ -364,8 +364,8 @@ def _seconds(text: str) -> float:
 
 def _leave_grace(text: str) -> float:
     """Parses ``--leave-grace``: 0 to 60 seconds (an argparse ``type``)."""
-    if not 0 <= (value := _seconds(text)) <= 60:
-        raise argparse.ArgumentTypeError(f"must be 0-60 seconds, got {text!r}")
+    if not 0 <= (value := _seconds(text)) <= host_module.MAX_LEAVE_GRACE:
+        raise argparse.ArgumentTypeError(f"must be 0-{host_module.MAX_LEAVE_GRACE:g} seconds, got {text!r}")
     return value
 
 
