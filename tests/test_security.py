@@ -414,6 +414,27 @@ class TestDeniedPublish:
             assert "billing.charge" in info.value.message
 
 
+def one_narrow_user(
+    directory: Path, user: str, publish: list[str], subscribe: list[str], *, with_srv: bool = True
+) -> Path:
+    """Writes a server config with ``user`` (password ``<user>pass``, inbox prefix ``_INBOX_<user>``)
+    allowed only ``publish`` and ``subscribe``, and (``with_srv``) ``srv``/``srvpass`` allowed all."""
+    srv = '{ user: srv, password: srvpass, permissions: { publish: ">", subscribe: ">" } }'
+    users = [srv] if with_srv else []
+    users.append(
+        f"{{ user: {user}, password: {user}pass, permissions: {{ publish: {{ allow: {json.dumps(publish)} }}, "
+        f"subscribe: {{ allow: {json.dumps([f'_INBOX_{user}.>', *subscribe])} }} }} }}"
+    )
+    config = directory / f"{user}.conf"
+    config.write_text("authorization { users: [\n  " + "\n  ".join(users) + "\n] }\n")
+    return config
+
+
+def as_narrow(server: NatsServer, user: str, **options: Any) -> natsrpc.connect:
+    """Returns a natsrpc connect() as a :func:`one_narrow_user` identity."""
+    return natsrpc.connect(server.url, user=user, password=f"{user}pass", inbox_prefix=f"_INBOX_{user}", **options)
+
+
 class SecWho(Service):
     """Says which instance served the call."""
 
@@ -434,19 +455,12 @@ class TestNarrowCallerDuringALeave:
     the staying instance's own subject."""
 
     async def test_a_refused_detour_goes_through_the_queue_group(self, tmp_path: Path) -> None:
-        config = tmp_path / "narrow.conf"
-        config.write_text(
-            "authorization { users: [\n"
-            '  { user: srv, password: srvpass, permissions: { publish: ">", subscribe: ">" } }\n'
-            '  { user: narrow, password: narrowpass, permissions: { publish: { allow: ["svc.secwho.who"] },\n'
-            '      subscribe: { allow: ["_INBOX_narrow.>", "svc._hb.>"] } } }\n'
-            "] }\n"
-        )
+        config = one_narrow_user(tmp_path, "narrow", ["svc.secwho.who"], ["svc._hb.>"])
         with NatsServer(config=config) as server:
             async with (
                 natsrpc.connect(server.url, user="srv", password="srvpass") as leaving_nc,
                 natsrpc.connect(server.url, user="srv", password="srvpass") as staying_nc,
-                natsrpc.connect(server.url, user="narrow", password="narrowpass", inbox_prefix="_INBOX_narrow") as app,
+                as_narrow(server, "narrow") as app,
                 serve(leaving_nc, SecWho("leaving"), leave_grace=2.0) as leaving,
                 serve(staying_nc, SecWho("staying")),
             ):
@@ -459,7 +473,8 @@ class TestNarrowCallerDuringALeave:
                 assert "secwho" in app._detours
                 assert await app.call_service["secwho"].who() in ("leaving", "staying")
                 assert "secwho" not in app._detours  # no second refusal during this leave
-                assert [await app.call_service["secwho"].who() for _ in range(5)]
+                assert {await app.call_service["secwho"].who() for _ in range(5)} <= {"leaving", "staying"}
+                assert "secwho" not in app._detours
                 assert not stopping.done(), "the leave grace ended before the calls: nothing was shown"
                 await stopping
 
@@ -470,20 +485,11 @@ class TestRefusedStreamControl:
     stalling until its timeout."""
 
     async def test_a_stream_whose_acks_are_refused_fails_at_once(self, tmp_path: Path) -> None:
-        config = tmp_path / "noctl.conf"
-        config.write_text(
-            "authorization { users: [\n"
-            '  { user: srv, password: srvpass, permissions: { publish: ">", subscribe: ">" } }\n'
-            '  { user: noctl, password: noctlpass, permissions: { publish: { allow: ["svc.streams.count"] },\n'
-            '      subscribe: { allow: ["_INBOX_noctl.>", "svc._hb.>"] } } }\n'
-            "] }\n"
-        )
+        config = one_narrow_user(tmp_path, "noctl", ["svc.streams.count"], ["svc._hb.>"])
         with NatsServer(config=config) as server:
             async with (
                 natsrpc.connect(server.url, user="srv", password="srvpass") as srv,
-                natsrpc.connect(
-                    server.url, user="noctl", password="noctlpass", inbox_prefix="_INBOX_noctl", timeout=10.0
-                ) as app,
+                as_narrow(server, "noctl", timeout=10.0) as app,
                 serve(srv, Streams()),
             ):
                 started = time.perf_counter()
@@ -503,17 +509,9 @@ class TestRefusedDurableEmit:
     """A durable emit the server's permissions refuse raises PermissionDenied at once, not CallTimeout."""
 
     async def test_a_refused_durable_emit_fails_at_once(self, tmp_path: Path) -> None:
-        config = tmp_path / "noevt.conf"
-        config.write_text(
-            "authorization { users: [\n"
-            '  { user: noevt, password: noevtpass, permissions: { publish: { allow: ["$JS.API.>"] },\n'
-            '      subscribe: { allow: ["_INBOX_noevt.>", "_INBOX.>", "svc._hb.>"] } } }\n'
-            "] }\n"
-        )
+        config = one_narrow_user(tmp_path, "noevt", ["$JS.API.>"], ["_INBOX.>", "svc._hb.>"], with_srv=False)
         with NatsServer(config=config, args=["-js", "-sd", str(tmp_path / "js")]) as server:
-            async with natsrpc.connect(
-                server.url, user="noevt", password="noevtpass", inbox_prefix="_INBOX_noevt", timeout=5.0
-            ) as app:
+            async with as_narrow(server, "noevt", timeout=5.0) as app:
                 started = time.perf_counter()
                 with pytest.raises(natsrpc.PermissionDenied, match=r"evt\.order\.placed"):
                     await app.emit("order.placed", {"id": 1}, durable=True)
