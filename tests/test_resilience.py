@@ -601,7 +601,9 @@ class TestGracefulLeave:
             leaving = Host(leaving_nc, [Who("leaving")], heartbeat_interval=HEARTBEAT)
             await leaving.start()
             assert client.registry is not None
-            await poll(lambda: len(client.registry.live("reswho")) == 2, "both instances heard")
+            assert leaving_nc.registry is not None
+            for registry in (client.registry, leaving_nc.registry):  # the leaving one too: it waits its grace
+                await poll(lambda r=registry: len(r.live("reswho")) == 2, "both instances heard")
             await leaving.stop()
             assert "reswho" in client._detours  # the draining beat came before the stop's unsubscribe
             await poll(lambda: "reswho" not in client._detours, "the detour ended", 5)
