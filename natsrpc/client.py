@@ -274,14 +274,19 @@ class Client:
                 self.circuits.get(service).probe_now()
 
     def _on_registry_change(self, service: str, instance: InstanceState, event: str) -> None:
-        """Opens a service's circuit when its last live instance goes; a live instance's beat half-opens it."""
+        """Opens a service's circuit when its last live instance goes; a live instance's beat half-opens it.
+
+        A draining or unhealthy beat heard before the registry has listened for a heartbeat interval
+        opens nothing: the instances it has not heard yet may be live (a caller started during a
+        rolling deploy). Calls then go to the queue group; an instance that expires opens it as ever."""
         assert self.circuits is not None
-        assert self.registry is not None
+        registry = self.registry
+        assert registry is not None
         breaker = self.circuits.get(service)
         if instance.live and event != "removed":
             if breaker.state is State.OPEN:
                 breaker.on_heartbeat()
-        elif not self.registry.live(service):
+        elif not registry.live(service) and (event == "removed" or registry.heard_all(instance.interval)):
             breaker.set_alive(False)
 
     def _on_leaving(self, service: str, instance: InstanceState, event: str) -> None:

@@ -96,6 +96,7 @@ class Registry:
         self._callbacks: list[ChangeCallback] = []
         self._sub: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._listening_since = -math.inf  # clock: when start() subscribed to the heartbeats
 
     def on_change(self, callback: ChangeCallback) -> None:
         """Registers ``callback(service, instance, event)``, called for every heartbeat and expiry."""
@@ -223,6 +224,12 @@ class Registry:
                     key = (service, method)
                     self.cached[key] = min(ttl, self.cached.get(key, ttl))
 
+    def heard_all(self, interval: float) -> bool:
+        """Whether this registry has listened for a whole heartbeat ``interval``: long enough to
+        have heard every instance that beats at it. Before that, an instance it does not know may
+        be live: a registry started a moment ago has heard nobody yet."""
+        return self.clock() - self._listening_since >= interval
+
     def last_beat(self, service: str) -> float:
         """Returns when (on :attr:`clock`) the latest beat of ``service`` arrived, or -inf if none did."""
         return self._last_beat.get(service, -math.inf)
@@ -277,6 +284,7 @@ class Registry:
         """Subscribes to every heartbeat and starts expiring silent instances."""
         self.prefix = prefix
         self._sub = await nc.subscribe(f"{prefix}._hb.>", cb=self._on_beat)
+        self._listening_since = self.clock()
         self._task = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def stop(self) -> None:

@@ -851,6 +851,7 @@ class TestRegistryLive:
             async with host:
                 ids = {i.id for i in host.instances}
                 await poll(lambda: {i.id for i in registry.live("discpulse")} == ids, "both live")
+                await poll(lambda: registry.heard_all(INTERVAL), "an interval listened: draining beats believed")
             stopped = time.monotonic()
             await poll(lambda: not registry.live("discpulse"), "none live after the draining beats", limit=1)
             assert client.circuit("discpulse").state is State.OPEN  # no live instance: fail fast

@@ -570,10 +570,12 @@ class TestGracefulStop:
     async def test_stop_with_fifty_calls_in_flight_loses_none(self, client: natsrpc.Client) -> None:
         """Leaving serve() while 50 calls run a 200 ms handler lets all 50 succeed."""
         service = Lifecycle()
-        async with serve(client, service) as host:
+        async with serve(client, service, heartbeat_interval=0.2) as host:
             life = client.call_service["th-life"].options(timeout=5)
             calls = [asyncio.ensure_future(life.slow()) for _ in range(50)]
             await poll(lambda: host.in_flight == 50)
+            # A registry that has listened for a heartbeat interval believes the draining beat: no other instance.
+            await poll(lambda: client.registry is not None and client.registry.heard_all(0.2))
             stop_started = time.perf_counter()
         stop_took = time.perf_counter() - stop_started
         results = await asyncio.gather(*calls, return_exceptions=True)

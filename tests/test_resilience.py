@@ -610,6 +610,27 @@ class TestGracefulLeave:
             assert len(client.registry.instances("reswho")) == 1
             assert await client.call_service["reswho"].who() == "staying"
 
+    async def test_a_caller_that_has_heard_only_the_draining_beat_keeps_calling(self, nats_url: str) -> None:
+        """A client started during a rolling deploy, which has heard no beat but the leaving
+        instance's last one (draining), does not open the circuit: the instances it has not heard
+        yet may be live, and they are. Before, its calls failed with CircuitOpen until one of them
+        beat (up to a heartbeat interval)."""
+        async with (
+            natsrpc.connect(nats_url) as leaving_nc,
+            natsrpc.connect(nats_url) as staying_nc,
+            serve(staying_nc, Who("staying"), heartbeat_interval=60),
+        ):
+            leaving = Host(leaving_nc, [Who("leaving")], heartbeat_interval=60)
+            await leaving.start()
+            async with natsrpc.connect(nats_url) as young:  # after both first beats: the next are a minute away
+                assert young.registry is not None
+                await leaving.stop()
+                heard = young.registry
+                await poll(lambda: any(i.draining for i in heard.instances("reswho")), "the draining beat heard")
+                assert not heard.live("reswho")
+                assert young.circuit("reswho").state is State.CLOSED
+                assert [await young.call_service["reswho"].who() for _ in range(5)] == ["staying"] * 5
+
     async def test_a_lone_instance_does_not_wait(self, client: natsrpc.Client) -> None:
         """With no other live instance of its services, callers have nowhere else to go: no grace."""
         host = Host(client, [Who("alone")], leave_grace=30)
