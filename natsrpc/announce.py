@@ -241,6 +241,7 @@ class Announcer:
                 idempotent,
                 streaming,
                 cached,
+                inst.staying if inst.draining else [],
             )
             try:
                 await self.nc.publish(protocol.heartbeat_subject(svc.name, inst.id, self.prefix), _encoder.encode(beat))

@@ -297,9 +297,14 @@ class Client:
         assert self.registry is not None
         instances = self.registry.instances(service)
         if any(other.draining for other in instances):
-            live = tuple(other.id for other in instances if other.live and protocol.valid_name(other.id))
+            # The live instances heard, and those a draining beat names as staying that were not
+            # heard at all (a registry younger than their interval): not those heard draining or ill.
+            known = {other.id for other in instances}
+            live = [other.id for other in instances if other.live and protocol.valid_name(other.id)]
+            for other in instances:
+                live += [named for named in other.staying if named not in known and named not in live]
             if live:
-                self._detours[service] = live
+                self._detours[service] = tuple(live)
                 return
         self._detours.pop(service, None)
 
@@ -336,6 +341,19 @@ class Client:
         except PermissionDenied:
             self._detours.pop(service, None)
             return await self._request(queue, body, options, headers, service, breaker)
+
+    def _gone_from_detour(self, service: str, subject: str) -> None:
+        """Takes an instance that a detoured call found gone (no responders on its own subject, its
+        retry went through the queue group) out of ``service``'s detour: a stale name."""
+        live = self._detours.get(service)
+        if live is None:
+            return
+        gone = subject.rpartition(".")[2]
+        rest = tuple(instance for instance in live if instance != gone)
+        if rest:
+            self._detours[service] = rest
+        else:
+            self._detours.pop(service, None)
 
     async def __aenter__(self) -> Client:
         return self
@@ -1022,6 +1040,8 @@ class Client:
                         breaker.record(exc, ticket)
                     raise
                 first_error: CallError = exc
+                if queue and queue != subject and isinstance(exc, NoResponders):
+                    self._gone_from_detour(service, subject)
             else:
                 if breaker is not None:
                     breaker.record(None, ticket)

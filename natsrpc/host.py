@@ -285,10 +285,11 @@ class Host:
         self._started = False
         for inst in self.instances:
             inst.draining = True
+        staying = self._name_the_staying()
         if self._announcer is not None:
             self.client.remove_reconnect_listener(self._beat_now)
-            await self._announcer.stop()  # a last beat says "draining", so callers stop routing here
-            if self.leave_grace and not self.nc.is_closed and self._others_live():
+            await self._announcer.stop()  # a last beat says "draining" and who stays, so callers go there
+            if self.leave_grace and not self.nc.is_closed and staying:
                 await asyncio.sleep(self.leave_grace)  # their calls go to the others' own subjects meanwhile
         # Requests delivered until the subscriptions are drained are still served: refusing them
         # (503) while the unsubscribe travels would turn a graceful stop into lost calls.
@@ -315,15 +316,19 @@ class Host:
                 log.exception("cleanup failed", service=inst.service.name)
         log.info("stopped", services=[i.service.name for i in self.instances])
 
-    def _others_live(self) -> bool:
-        """Whether this client's registry knows a live instance, other than these, of a service
-        hosted here: one that callers can send to instead while this host leaves."""
+    def _name_the_staying(self) -> bool:
+        """Sets each instance's :attr:`~natsrpc.instance.Instance.staying` (announced in its last,
+        draining beat) to the live instances of its service, other than these, that this client's
+        registry knows: where callers can send instead while this host leaves, callers that have not
+        heard them beat yet included. Returns whether any instance has one."""
         registry = self.client.registry
         if registry is None:
             return False
         mine = {inst.id for inst in self.instances}
-        names = {inst.service.name for inst in self.instances}
-        return any(other.id not in mine for name in names for other in registry.live(name))
+        for inst in self.instances:
+            others = sorted(other.id for other in registry.live(inst.service.name) if other.id not in mine)
+            inst.staying = others[: protocol.MAX_STAYING]
+        return any(inst.staying for inst in self.instances)
 
     def _jetstream(self) -> Any:
         if self._js is None:

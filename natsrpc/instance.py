@@ -103,6 +103,7 @@ class Instance:
         self.max_concurrency = max_concurrency
         self.pool: Dispatcher[Request] | None = None  # made by the Host, on its loop
         self.draining = False  # announced in heartbeats: callers should stop routing here
+        self.staying: list[str] = []  # announced with draining: the service's other live instances, to call instead
         self.closed = False  # unsubscribed: anything that still reaches it is refused with 503
         self.started = time.time()
         self.routes = {name: Route(self, ep) for name, ep in service.endpoints.items()}

@@ -229,6 +229,10 @@ def parse_heartbeat_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> tuple
     return service, instance_id
 
 
+MAX_STAYING: Final = 64
+"""The most instance ids a draining heartbeat names in ``staying`` (receivers ignore the rest)."""
+
+
 class Heartbeat(msgspec.Struct, omit_defaults=True):
     """What an instance publishes every interval on ``svc._hb.<service>.<id>``.
 
@@ -247,6 +251,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     idempotent: list[str] = []
     streaming: list[str] = []
     cached: dict[str, float] = {}  # endpoint -> cache_ttl seconds, for those whose replies clients may keep
+    staying: list[str] = []  # a draining beat: ids of the service's other live instances the leaving host knows
 
 
 # Header blocks: encoded and parsed here, in one place, for both sides.

@@ -48,6 +48,7 @@ class InstanceState:
     idempotent: list[str]
     streaming: list[str] = field(default_factory=list)
     cached: dict[str, float] = field(default_factory=dict)
+    staying: tuple[str, ...] = ()  # draining: the ids its beat names as staying (valid names, at most MAX_STAYING)
 
     @property
     def live(self) -> bool:
@@ -151,6 +152,7 @@ class Registry:
             beat.idempotent,
             beat.streaming,
             beat.cached,
+            _staying(beat) if beat.staying and beat.draining else (),
         )
         instances[beat.id] = state
         if previous is None or previous.endpoints != state.endpoints or previous.cached != state.cached:
@@ -333,6 +335,13 @@ class Registry:
             intervals = [s.interval for inst in self._services.values() for s in inst.values()]
             await asyncio.sleep(min(intervals, default=protocol.DEFAULT_HEARTBEAT_INTERVAL) / 4)
             self.sweep()
+
+
+def _staying(beat: Heartbeat) -> tuple[str, ...]:
+    """The instances a draining beat names as staying: valid names other than its own, at most
+    MAX_STAYING (the rest, and any that is not a name, ignored)."""
+    named = dict.fromkeys(i for i in beat.staying[: protocol.MAX_STAYING] if i != beat.id and protocol.valid_name(i))
+    return tuple(named)
 
 
 class _Endpoint(msgspec.Struct):

@@ -29,7 +29,7 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 
 import natsrpc
-from natsrpc import Service, ServiceError, rpc
+from natsrpc import Service, ServiceError, protocol, rpc
 from natsrpc.circuit import CircuitConfig, State
 from natsrpc.host import Host
 from natsrpc.instance import LatencyHistogram
@@ -748,6 +748,38 @@ class TestRegistryExpiry:
         clock.now += 0.2
         registry.sweep()
         assert registry.instances("svc1") == []
+
+    def test_a_draining_beat_names_valid_staying_instances_only(self) -> None:
+        """``staying`` is kept from a draining beat only: names that could not be a subject token,
+        the beat's own id and repeats are dropped, and at most MAX_STAYING are read."""
+        registry = Registry(clock=FakeClock())
+        beat = heartbeat(draining=True)
+        beat.staying = ["a", "i1", "b.c", "*", ">", "", "a", "b", *(f"x{n}" for n in range(100))]
+        registry.observe(beat)
+        (state,) = registry.instances("svc1")
+        kept = [name for name in beat.staying[: protocol.MAX_STAYING] if name in ("a", "b") or name.startswith("x")]
+        assert state.staying == tuple(dict.fromkeys(kept))
+        assert state.staying[:3] == ("a", "b", "x0")
+        assert len(state.staying) == 2 + protocol.MAX_STAYING - 8  # 8 names before the x-s, 2 of them kept
+        beat = heartbeat()
+        beat.staying = ["a"]  # not draining: says nothing of where to go
+        registry.observe(beat)
+        assert registry.instances("svc1")[0].staying == ()
+
+    async def test_heard_all_once_listening_for_an_interval(self, nc: NatsConnection) -> None:
+        """A registry has heard every instance of an interval only once it has listened that long."""
+        clock = FakeClock()
+        registry = Registry(clock=clock)
+        assert registry.heard_all(2.0)  # not started: fed by hand, nothing is unheard
+        await registry.start(nc)
+        try:
+            assert not registry.heard_all(2.0)
+            clock.now += 1.99
+            assert not registry.heard_all(2.0)
+            clock.now += 0.01
+            assert registry.heard_all(2.0)
+        finally:
+            await registry.stop()
 
     def test_change_events(self) -> None:
         """Callbacks hear added, beat, updated (health or draining changed) and removed, in order."""

@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
+import msgspec
 import pytest
 import pytest_asyncio
 from children import REPO, child_env, loop_probe, poll
 
 import natsrpc
-from natsrpc import Service, ServiceError, rpc
+from natsrpc import Service, ServiceError, protocol, rpc
 from natsrpc.circuit import CircuitConfig, State
 from natsrpc.host import Host
 from natsrpc.registry import EXPIRY_INTERVALS, InstanceState
@@ -630,6 +631,55 @@ class TestGracefulLeave:
                 assert not heard.live("reswho")
                 assert young.circuit("reswho").state is State.CLOSED
                 assert [await young.call_service["reswho"].who() for _ in range(5)] == ["staying"] * 5
+
+    async def test_a_caller_that_has_heard_no_beat_goes_where_the_draining_beat_says(self, nats_url: str) -> None:
+        """The draining beat names the instances the leaving one has heard (``staying``): a client
+        that has heard none of them beat yet sends its calls there during the leave grace, as one
+        that had heard them would. Before, it kept to the queue group, which spread its calls over
+        both instances (on a cluster, those routed to the leaving one as it unsubscribes are lost)."""
+        async with (
+            natsrpc.connect(nats_url) as leaving_nc,
+            natsrpc.connect(nats_url) as staying_nc,
+            serve(staying_nc, Who("staying"), heartbeat_interval=60) as staying,
+        ):
+            leaving = Host(leaving_nc, [Who("leaving")], heartbeat_interval=60, leave_grace=2.0)
+            await leaving.start()
+            assert leaving_nc.registry is not None
+            staying_id = staying.instances[0].id
+            await poll(lambda: staying_id in {i.id for i in leaving_nc.registry.live("reswho")}, "it heard the staying")
+            async with natsrpc.connect(nats_url) as young:  # after both first beats: the next are a minute away
+                assert young.registry is not None
+                assert {await young.call_service["reswho"].who() for _ in range(40)} == {"leaving", "staying"}
+                stopping = asyncio.create_task(leaving.stop())
+                await poll(lambda: "reswho" in young._detours, "the draining beat heard")
+                assert young._detours["reswho"] == (staying_id,)
+                assert not young.registry.live("reswho")  # it has still heard no beat of the staying one
+                served = [await young.call_service["reswho"].who() for _ in range(40)]
+                assert not stopping.done(), "the leave grace ended before the calls: nothing was shown"
+                assert Counter(served) == {"staying": 40}
+                await stopping
+
+    async def test_an_instance_named_staying_that_is_gone_leaves_the_detour(self, nats_url: str) -> None:
+        """A draining beat naming an instance that no longer serves: the call sent to it meets no
+        responders, is retried through the queue group (and served), and that instance is taken out
+        of the detour; the one that serves stays in it."""
+        async with (
+            natsrpc.connect(nats_url) as staying_nc,
+            serve(staying_nc, Who("staying"), heartbeat_interval=60) as staying,
+            natsrpc.connect(nats_url) as young,
+        ):
+            staying_id = staying.instances[0].id
+            beat = protocol.Heartbeat(
+                "reswho", "leaver", "0.1.0", ["who"], 0, True, True, 60.0, staying=["ghost", staying_id]
+            )
+            await young.nc.flush()  # its registry's subscription is in place on the server
+            await staying_nc.nc.publish(protocol.heartbeat_subject("reswho", "leaver"), msgspec.json.encode(beat))
+            await poll(lambda: young._detours.get("reswho") == ("ghost", staying_id), "the draining beat heard")
+            served = []
+            while "ghost" in young._detours["reswho"] and len(served) < 60:  # each call picks one of the two
+                served.append(await young.call_service["reswho"].who())
+            assert young._detours["reswho"] == (staying_id,)
+            assert set(served) == {"staying"}
 
     async def test_a_lone_instance_does_not_wait(self, client: natsrpc.Client) -> None:
         """With no other live instance of its services, callers have nowhere else to go: no grace."""
