@@ -182,8 +182,9 @@ class Announcer:
     """
 
     def __init__(self, nc: Any, instances: Iterable[Instance], prefix: str, interval: float) -> None:
-        if interval <= 0:
-            raise ValueError(f"heartbeat interval must be positive, got {interval!r}")
+        longest = protocol.MAX_HEARTBEAT_INTERVAL
+        if not 0 < interval <= longest:
+            raise ValueError(f"heartbeat interval must be over 0 and at most {longest:g} seconds, got {interval!r}")
         self.nc = nc
         self.instances = list(instances)
         self.prefix = prefix

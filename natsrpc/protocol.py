@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
 DEFAULT_PREFIX: Final = "svc"
 QUEUE_GROUP: Final = "q"
 DEFAULT_HEARTBEAT_INTERVAL: Final = 2.0  # seconds between an instance's heartbeats
+MAX_HEARTBEAT_INTERVAL: Final = 3600.0  # the longest a beat may announce: an instance it names expires within 3 hours
 
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 SEMVER_PATTERN: Final = re.compile(
@@ -247,7 +248,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     in_flight: int
     healthy: bool
     draining: bool
-    interval: float
+    interval: Annotated[float, msgspec.Meta(gt=0, le=MAX_HEARTBEAT_INTERVAL)]  # a beat outside is ignored
     idempotent: list[str] = []
     streaming: list[str] = []
     cached: dict[str, float] = {}  # endpoint -> cache_ttl seconds, for those whose replies clients may keep

@@ -261,10 +261,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--heartbeat-interval",
-        type=_positive_seconds,
+        type=_heartbeat_interval,
         default=os.environ.get("NATSRPC_HEARTBEAT_INTERVAL", str(protocol.DEFAULT_HEARTBEAT_INTERVAL)),
-        help="seconds between heartbeats; clients expire an instance after 3 missed ones "
-        "(env NATSRPC_HEARTBEAT_INTERVAL; default %(default)s)",
+        help="seconds between heartbeats, over 0 and at most 3600; clients expire an instance after 3 missed "
+        "ones (env NATSRPC_HEARTBEAT_INTERVAL; default %(default)s)",
     )
     p.add_argument(
         "--stream-keepalive",
@@ -366,6 +366,14 @@ def _leave_grace(text: str) -> float:
     """Parses ``--leave-grace``: 0 to 60 seconds (an argparse ``type``)."""
     if not 0 <= (value := _seconds(text)) <= host_module.MAX_LEAVE_GRACE:
         raise argparse.ArgumentTypeError(f"must be 0-{host_module.MAX_LEAVE_GRACE:g} seconds, got {text!r}")
+    return value
+
+
+def _heartbeat_interval(text: str) -> float:
+    """Parses ``--heartbeat-interval``: over 0, at most an hour (an argparse ``type``)."""
+    longest = protocol.MAX_HEARTBEAT_INTERVAL
+    if not 0 < (value := _seconds(text)) <= longest:
+        raise argparse.ArgumentTypeError(f"must be over 0 and at most {longest:g} seconds, got {text!r}")
     return value
 
 

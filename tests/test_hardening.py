@@ -256,6 +256,32 @@ class TestHeartbeats:
         assert not registry.known("kv")
         assert not registry.idempotent("vdb", "upsert")
 
+    async def test_a_beat_announcing_an_interval_out_of_range_is_ignored(
+        self, client: natsrpc.Client, raw: NatsConnection
+    ) -> None:
+        """An interval of 0 or less would expire the instance at once, and one of days keep a dead
+        instance live for days: beats announcing one outside (0, 3600] seconds are ignored."""
+        registry = client.registry
+        assert registry is not None
+        ignored = registry.ignored_beats
+        for n, interval in enumerate([0.0, -1.0, 3600.5, 1e300]):
+            beat = protocol.Heartbeat("hbodd", f"i{n}", "1.0.0", ["get"], 0, True, False, interval)
+            await raw.publish(f"svc._hb.hbodd.i{n}", msgspec.json.encode(beat))
+        await raw.publish(
+            "svc._hb.hbodd.ok",
+            msgspec.json.encode(protocol.Heartbeat("hbodd", "ok", "1.0.0", ["get"], 0, True, False, 3600.0)),
+        )
+        await sync_with_server(raw)
+        await poll(lambda: registry.known("hbodd"), "the beat in range taken")
+        assert registry.ignored_beats == ignored + 4
+        assert [i.id for i in registry.live("hbodd")] == ["ok"]
+
+    @pytest.mark.parametrize("interval", [0.0, -1.0, 3601.0])
+    def test_a_host_refuses_an_interval_out_of_range(self, client: natsrpc.Client, interval: float) -> None:
+        """The host announces only an interval its callers take."""
+        with pytest.raises(ValueError, match="heartbeat interval must be over 0 and at most 3600 seconds"):
+            natsrpc.Host(client, [KV()], heartbeat_interval=interval)
+
     async def test_a_forged_unhealthy_beat_for_a_real_instance_changes_nothing(
         self, client: natsrpc.Client, raw: NatsConnection
     ) -> None:
