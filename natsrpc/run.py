@@ -315,7 +315,11 @@ def load_middleware(specs: Sequence[str]) -> list[Any]:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:
             raise ConfigurationError(f"--middleware {spec!r}: give module:attr (e.g. myapp.auth:Auth)")
-        value = getattr(_import(module_name), attr, None)
+        try:
+            module = _import(module_name)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"--middleware {spec!r}: {exc}") from exc.__cause__
+        value = getattr(module, attr, None)
         if value is None:
             raise ConfigurationError(f"--middleware {spec!r}: {module_name} has no attribute {attr!r}")
         if inspect.isclass(value):

@@ -375,7 +375,7 @@ class TestRunner:
     def test_bad_middleware_specs_are_one_line_errors(self) -> None:
         """``--middleware`` naming nothing usable exits 2 with one line saying why."""
         for spec, why in [
-            ("nosuchmodule:X", "cannot import"),
+            ("nosuchmodule:X", "--middleware 'nosuchmodule:X': cannot import 'nosuchmodule'"),
             ("tests.slow_service", "give module:attr"),
             ("tests.slow_service:Nothing", "has no attribute"),
             ("tests.slow_service:STARTED_SUBJECT", "is not callable"),
