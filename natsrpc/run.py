@@ -289,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--metrics-port",
-        type=_count(0),
+        type=_count(0, 65535),
         default=os.environ.get("NATSRPC_METRICS_PORT"),
         help="serve /metrics (Prometheus; pip install 'natsrpc[metrics]'), /healthz and /readyz on this "
         "port (env NATSRPC_METRICS_PORT; 0 picks a free one; default: off)",
@@ -343,8 +343,8 @@ def _metrics() -> Any:
     return Metrics()
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    """Returns an argparse ``type`` parsing an integer of at least ``minimum``."""
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """Returns an argparse ``type`` parsing an integer of at least ``minimum`` (and at most ``maximum``)."""
 
     def parse(text: str) -> int:
         try:
@@ -353,6 +353,8 @@ def _count(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse

@@ -389,6 +389,13 @@ class TestRunner:
             assert why in run.stderr, (spec, run.stderr)
 
 
+@pytest.mark.parametrize("port", [-1, 65536, 99999, True, "9464"])
+def test_a_port_that_cannot_be_is_refused(port: object) -> None:
+    """HealthServer refuses a port outside 0-65535 when it is made (binding it raised OverflowError)."""
+    with pytest.raises(natsrpc.ConfigurationError, match="port must be 0-65535"):
+        HealthServer(port)  # type: ignore[arg-type]
+
+
 def test_import_natsrpc_needs_no_optional_extra() -> None:
     """``import natsrpc`` (and the middleware module) never imports prometheus-client or OpenTelemetry."""
     code = (

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from natsrpc import logs
+from natsrpc.errors import ConfigurationError
 
 log = logs.get_logger("natsrpc.observe")
 
@@ -57,6 +58,9 @@ class HealthServer:
         max_connections: int = MAX_CONNECTIONS,
         write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
+        """Raises ConfigurationError for a port outside 0-65535."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigurationError(f"port must be 0-65535, got {port!r}")
         self.host = host
         self.port = port
         self.readiness = readiness
