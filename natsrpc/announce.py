@@ -178,13 +178,11 @@ class Announcer:
         nc: the hosting nats-py connection.
         instances: the hosted instances.
         prefix: subject prefix.
-        interval: seconds between heartbeats (each jittered by up to -20%).
+        interval: seconds between heartbeats (each jittered by up to -20%), within the range
+            ``protocol.MIN_HEARTBEAT_INTERVAL``-``MAX_HEARTBEAT_INTERVAL`` (the Host checks it).
     """
 
     def __init__(self, nc: Any, instances: Iterable[Instance], prefix: str, interval: float) -> None:
-        longest = protocol.MAX_HEARTBEAT_INTERVAL
-        if not 0 < interval <= longest:
-            raise ValueError(f"heartbeat interval must be over 0 and at most {longest:g} seconds, got {interval!r}")
         self.nc = nc
         self.instances = list(instances)
         self.prefix = prefix

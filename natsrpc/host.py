@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
@@ -57,6 +58,13 @@ DEFAULT_HANDLER_TIMEOUT = 30.0
 CANCELLED = 499  # counted (never sent) for a call its caller cancelled, as nginx logs a closed request
 _MAX_REPLY_SUBJECT = 512  # a cancel naming a longer reply subject names no call of ours
 _NOT_BEGUN = object()  # the observers had not all begun: nothing to end
+
+
+def _seconds_within(name: str, value: float, low: float, high: float) -> None:
+    """Raises ConfigurationError unless ``value`` is from ``low`` to ``high`` seconds (not NaN)."""
+    if not low <= value <= high:
+        span = f"at least {low:g}" if high == math.inf else f"{low:g}-{high:g}"
+        raise ConfigurationError(f"{name} must be {span} seconds, got {value!r}")
 
 
 class Host:
@@ -119,8 +127,12 @@ class Host:
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_event_queue < 0:
             raise ConfigurationError("max_concurrency must be >= 1, max_queue and max_event_queue >= 0")
-        if not 0 <= leave_grace <= MAX_LEAVE_GRACE:
-            raise ConfigurationError(f"leave_grace must be 0-{MAX_LEAVE_GRACE:g} seconds, got {leave_grace!r}")
+        _seconds_within("leave_grace", leave_grace, 0, MAX_LEAVE_GRACE)
+        _seconds_within("drain_timeout", drain_timeout, 0, math.inf)
+        _seconds_within("stream_keepalive", stream_keepalive, protocol.MIN_KEEPALIVE, protocol.MAX_KEEPALIVE)
+        if discoverable:
+            shortest, longest = protocol.MIN_HEARTBEAT_INTERVAL, protocol.MAX_HEARTBEAT_INTERVAL
+            _seconds_within("heartbeat_interval", heartbeat_interval, shortest, longest)
         self.leave_grace = leave_grace
         self.max_event_queue = max_event_queue
         self.event_backoff = tuple(event_backoff)

@@ -16,6 +16,7 @@ import msgspec
 DEFAULT_PREFIX: Final = "svc"
 QUEUE_GROUP: Final = "q"
 DEFAULT_HEARTBEAT_INTERVAL: Final = 2.0  # seconds between an instance's heartbeats
+MIN_HEARTBEAT_INTERVAL: Final = 0.01  # the shortest a beat may announce (100 beats a second)
 MAX_HEARTBEAT_INTERVAL: Final = 3600.0  # the longest a beat may announce: an instance it names expires within 3 hours
 
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -52,6 +53,8 @@ MIXED_ARGS: Final = "mixed"  # body is [[positional...], {named...}]
 DEFAULT_WINDOW: Final = 64  # items a stream may have sent and not yet acknowledged
 MAX_WINDOW: Final = 1024  # the largest window a server grants
 DEFAULT_KEEPALIVE: Final = 1.0  # seconds between keepalives of an idle stream; 3 missed = dead peer
+MIN_KEEPALIVE: Final = 0.01  # the keepalive intervals a stream's peer takes
+MAX_KEEPALIVE: Final = 3600.0
 MAX_SEQ_DIGITS: Final = 12  # the longest sequence number or ack a peer may send
 DEFAULT_MAX_REPLY_SIZE: Final = 64 * 1024 * 1024  # the largest reply sent (or taken) in chunks
 CHUNK_OVERHEAD: Final = 512  # bytes a chunk leaves under max_payload for its header block (the first names more)
@@ -248,7 +251,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     in_flight: int
     healthy: bool
     draining: bool
-    interval: Annotated[float, msgspec.Meta(gt=0, le=MAX_HEARTBEAT_INTERVAL)]  # a beat outside is ignored
+    interval: Annotated[float, msgspec.Meta(ge=MIN_HEARTBEAT_INTERVAL, le=MAX_HEARTBEAT_INTERVAL)]  # else ignored
     idempotent: list[str] = []
     streaming: list[str] = []
     cached: dict[str, float] = {}  # endpoint -> cache_ttl seconds, for those whose replies clients may keep

@@ -12,6 +12,7 @@ import gc
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import signal
 import sys
@@ -248,29 +249,30 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=_seconds_in(0, math.inf),
         default=host_module.DEFAULT_DRAIN_TIMEOUT,
-        help="seconds to wait for in-flight handlers on stop (default %(default)s)",
+        help="seconds to wait for in-flight handlers on stop, 0 or more (default %(default)s)",
     )
     p.add_argument(
         "--leave-grace",
-        type=_leave_grace,
+        type=_seconds_in(0, host_module.MAX_LEAVE_GRACE),
         default=host_module.DEFAULT_LEAVE_GRACE,
         help="seconds to keep serving after the last heartbeat before unsubscribing on stop, when other "
         "instances are live: callers move to them first (default %(default)s; 0-60)",
     )
     p.add_argument(
         "--heartbeat-interval",
-        type=_heartbeat_interval,
+        type=_seconds_in(protocol.MIN_HEARTBEAT_INTERVAL, protocol.MAX_HEARTBEAT_INTERVAL),
         default=os.environ.get("NATSRPC_HEARTBEAT_INTERVAL", str(protocol.DEFAULT_HEARTBEAT_INTERVAL)),
-        help="seconds between heartbeats, over 0 and at most 3600; clients expire an instance after 3 missed "
+        help="seconds between heartbeats, 0.01-3600; clients expire an instance after 3 missed "
         "ones (env NATSRPC_HEARTBEAT_INTERVAL; default %(default)s)",
     )
     p.add_argument(
         "--stream-keepalive",
-        type=_positive_seconds,
+        type=_seconds_in(protocol.MIN_KEEPALIVE, protocol.MAX_KEEPALIVE),
         default=str(protocol.DEFAULT_KEEPALIVE),
-        help="seconds between keepalives of an idle stream; a caller silent for 3 is given up (default %(default)s)",
+        help="seconds between keepalives of an idle stream, 0.01-3600; a caller silent for 3 is given up "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--max-reply-size",
@@ -368,26 +370,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
 
 
-def _leave_grace(text: str) -> float:
-    """Parses ``--leave-grace``: 0 to 60 seconds (an argparse ``type``)."""
-    if not 0 <= (value := _seconds(text)) <= host_module.MAX_LEAVE_GRACE:
-        raise argparse.ArgumentTypeError(f"must be 0-{host_module.MAX_LEAVE_GRACE:g} seconds, got {text!r}")
-    return value
+def _seconds_in(low: float, high: float) -> Callable[[str], float]:
+    """Returns an argparse ``type`` parsing seconds from ``low`` to ``high`` (not NaN)."""
 
+    def parse(text: str) -> float:
+        if not low <= (value := _seconds(text)) <= high:
+            span = f"at least {low:g}" if high == math.inf else f"{low:g}-{high:g}"
+            raise argparse.ArgumentTypeError(f"must be {span} seconds, got {text!r}")
+        return value
 
-def _heartbeat_interval(text: str) -> float:
-    """Parses ``--heartbeat-interval``: over 0, at most an hour (an argparse ``type``)."""
-    longest = protocol.MAX_HEARTBEAT_INTERVAL
-    if not 0 < (value := _seconds(text)) <= longest:
-        raise argparse.ArgumentTypeError(f"must be over 0 and at most {longest:g} seconds, got {text!r}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    """Parses a positive number of seconds (an argparse ``type``)."""
-    if not (value := _seconds(text)) > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
+    return parse
 
 
 async def serve(args: argparse.Namespace) -> int:

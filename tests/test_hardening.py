@@ -276,11 +276,26 @@ class TestHeartbeats:
         assert registry.ignored_beats == ignored + 4
         assert [i.id for i in registry.live("hbodd")] == ["ok"]
 
-    @pytest.mark.parametrize("interval", [0.0, -1.0, 3601.0])
-    def test_a_host_refuses_an_interval_out_of_range(self, client: natsrpc.Client, interval: float) -> None:
-        """The host announces only an interval its callers take."""
-        with pytest.raises(ValueError, match="heartbeat interval must be over 0 and at most 3600 seconds"):
-            natsrpc.Host(client, [KV()], heartbeat_interval=interval)
+    @pytest.mark.parametrize(
+        ("option", "value", "why"),
+        [
+            ("heartbeat_interval", 0.0, "heartbeat_interval must be 0.01-3600 seconds, got 0.0"),
+            ("heartbeat_interval", 0.001, "heartbeat_interval must be 0.01-3600 seconds"),
+            ("heartbeat_interval", 3601.0, "heartbeat_interval must be 0.01-3600 seconds"),
+            ("stream_keepalive", 0.0, "stream_keepalive must be 0.01-3600 seconds"),
+            ("stream_keepalive", math.inf, "stream_keepalive must be 0.01-3600 seconds"),
+            ("drain_timeout", math.nan, "drain_timeout must be at least 0 seconds, got nan"),
+            ("drain_timeout", -1.0, "drain_timeout must be at least 0 seconds"),
+        ],
+    )
+    def test_a_host_refuses_timings_out_of_range(
+        self, client: natsrpc.Client, option: str, value: float, why: str
+    ) -> None:
+        """The host announces only a heartbeat interval its callers take, sends only keepalive
+        intervals its streams' callers take (they refuse others: every stream failed), and drains
+        for a real number of seconds."""
+        with pytest.raises(natsrpc.ConfigurationError, match=why):
+            natsrpc.Host(client, [KV()], **{option: value})
 
     async def test_a_forged_unhealthy_beat_for_a_real_instance_changes_nothing(
         self, client: natsrpc.Client, raw: NatsConnection

@@ -41,7 +41,6 @@ T = TypeVar("T")
 log = logs.get_logger("natsrpc.streams")
 
 _ITEM, _END, _ERROR = 0, 1, 2
-_MIN_KEEPALIVE, _MAX_KEEPALIVE = 0.01, 3600.0
 _MAX_SIZE_DIGITS = 15
 
 
@@ -195,7 +194,7 @@ class Receiver:
             keepalive = float(h.get(protocol.KEEPALIVE, ""))
         except ValueError:
             keepalive = -1.0
-        if not _MIN_KEEPALIVE <= keepalive <= _MAX_KEEPALIVE:
+        if not protocol.MIN_KEEPALIVE <= keepalive <= protocol.MAX_KEEPALIVE:
             self._violation(f"keepalive interval {h.get(protocol.KEEPALIVE, '')[:20]!r} is not usable")
             return False
         chunked = h.get(protocol.CHUNKED)
