@@ -642,7 +642,7 @@ class TestGracefulLeave:
             natsrpc.connect(nats_url) as staying_nc,
             serve(staying_nc, Who("staying"), heartbeat_interval=60) as staying,
         ):
-            leaving = Host(leaving_nc, [Who("leaving")], heartbeat_interval=60, leave_grace=2.0)
+            leaving = Host(leaving_nc, [Who("leaving")], heartbeat_interval=60, leave_grace=1.0)
             await leaving.start()
             assert leaving_nc.registry is not None
             staying_id = staying.instances[0].id
