@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -545,17 +545,25 @@ class TestGracefulLeave:
     routed to it after it left the queue group (on a cluster, the servers would drop those)."""
 
     @asynccontextmanager
-    async def two(self, nats_url: str, client: natsrpc.Client, grace: float) -> AsyncIterator[tuple[Host, Host]]:
-        """A leaving instance (``leave_grace=grace``) and a staying one, each on its own connection,
-        once ``client`` and the leaving one's connection have both heard both."""
+    async def two(
+        self,
+        nats_url: str,
+        grace: float,
+        *,
+        callers: Sequence[natsrpc.Client] = (),
+        interval: float = protocol.DEFAULT_HEARTBEAT_INTERVAL,
+    ) -> AsyncIterator[tuple[Host, Host]]:
+        """A leaving instance (``leave_grace=grace``) and a staying one, each on its own connection
+        and beating every ``interval``, once the leaving one's connection and every client of
+        ``callers`` have heard both."""
         async with (
             natsrpc.connect(nats_url) as leaving_nc,
             natsrpc.connect(nats_url) as staying_nc,
-            serve(leaving_nc, Who("leaving"), leave_grace=grace) as leaving,
-            serve(staying_nc, Who("staying")) as staying,
+            serve(leaving_nc, Who("leaving"), leave_grace=grace, heartbeat_interval=interval) as leaving,
+            serve(staying_nc, Who("staying"), heartbeat_interval=interval) as staying,
         ):
             ids = {leaving.instances[0].id, staying.instances[0].id}
-            for registry in (client.registry, leaving_nc.registry):
+            for registry in (*(caller.registry for caller in callers), leaving_nc.registry):
                 assert registry is not None
                 await poll(lambda r=registry: {i.id for i in r.live("reswho")} == ids, "both instances heard")
             yield leaving, staying
@@ -563,7 +571,7 @@ class TestGracefulLeave:
     async def test_calls_made_while_one_leaves_go_to_the_other(self, client: natsrpc.Client, nats_url: str) -> None:
         """While one instance is in its leave grace (still subscribed), every call goes to the other;
         before, the queue group spread them over both."""
-        async with self.two(nats_url, client, grace=1.0) as (leaving, _):
+        async with self.two(nats_url, grace=1.0, callers=[client]) as (leaving, _):
             assert {await client.call_service["reswho"].who() for _ in range(40)} == {"leaving", "staying"}
             stopping = asyncio.create_task(leaving.stop())
             assert client.registry is not None
@@ -578,7 +586,7 @@ class TestGracefulLeave:
     ) -> None:
         """When the instance a call was sent to has gone without a word (its connection closed), the
         call's retry goes through the queue group: the leaving instance, still subscribed, serves it."""
-        async with self.two(nats_url, client, grace=2.0) as (leaving, staying):
+        async with self.two(nats_url, grace=2.0, callers=[client]) as (leaving, staying):
             stopping = asyncio.create_task(leaving.stop())
             assert client.registry is not None
             await poll(lambda: any(i.draining for i in client.registry.instances("reswho")), "the draining beat heard")
@@ -616,13 +624,7 @@ class TestGracefulLeave:
         instance's last one (draining), does not open the circuit: the instances it has not heard
         yet may be live, and they are. Before, its calls failed with CircuitOpen until one of them
         beat (up to a heartbeat interval)."""
-        async with (
-            natsrpc.connect(nats_url) as leaving_nc,
-            natsrpc.connect(nats_url) as staying_nc,
-            serve(staying_nc, Who("staying"), heartbeat_interval=60),
-        ):
-            leaving = Host(leaving_nc, [Who("leaving")], heartbeat_interval=60)
-            await leaving.start()
+        async with self.two(nats_url, grace=0.1, interval=60) as (leaving, _):
             async with natsrpc.connect(nats_url) as young:  # after both first beats: the next are a minute away
                 assert young.registry is not None
                 await leaving.stop()
@@ -637,16 +639,8 @@ class TestGracefulLeave:
         that has heard none of them beat yet sends its calls there during the leave grace, as one
         that had heard them would. Before, it kept to the queue group, which spread its calls over
         both instances (on a cluster, those routed to the leaving one as it unsubscribes are lost)."""
-        async with (
-            natsrpc.connect(nats_url) as leaving_nc,
-            natsrpc.connect(nats_url) as staying_nc,
-            serve(staying_nc, Who("staying"), heartbeat_interval=60) as staying,
-        ):
-            leaving = Host(leaving_nc, [Who("leaving")], heartbeat_interval=60, leave_grace=1.0)
-            await leaving.start()
-            assert leaving_nc.registry is not None
+        async with self.two(nats_url, grace=1.0, interval=60) as (leaving, staying):
             staying_id = staying.instances[0].id
-            await poll(lambda: staying_id in {i.id for i in leaving_nc.registry.live("reswho")}, "it heard the staying")
             async with natsrpc.connect(nats_url) as young:  # after both first beats: the next are a minute away
                 assert young.registry is not None
                 assert {await young.call_service["reswho"].who() for _ in range(40)} == {"leaving", "staying"}
