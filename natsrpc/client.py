@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -119,6 +119,9 @@ class Client:
         self.cache = ReplyCache(cache_size, max_bytes=cache_bytes)
         """Replies of methods declared with ``cache_ttl``, kept for their TTL (:mod:`natsrpc.cache`)."""
         self._invalidations: Any = None  # the subscription to services' cache invalidations, once needed
+        self.hears_invalidations = True
+        """False once the server refused this client's subscription to cache invalidations: it then
+        keeps no reply (a kept one could outlive the write that invalidated it)."""
         self.middleware: tuple[Middleware, ...] = tuple(middleware or ())
         """The middleware every call goes through (outermost first)."""
         # Calls run the leading observers in line and the rest as a chain; streams run all as a chain.
@@ -157,7 +160,7 @@ class Client:
         self._parked: set[str] = set()
         self._streams: dict[str, consume.Receiver] = {}  # streams in progress, by reply token
         self._called: dict[str, str] = {}  # token -> subject of each pending call, to match permission errors
-        self._emitting: set[_Emitting] = set()  # durable emits waiting for their ack
+        self._refusables: set[_Refusable] = set()  # publishes waiting for the server: an ack, a flush
         self._subjects: dict[tuple[str, str, str | None], str] = {}  # checked names -> their subject
         self._event_types: set[str] = set()  # event types checked, for emit
         self._random = b""
@@ -443,16 +446,18 @@ class Client:
                 )
                 self.fail_pending(self._broken)
                 self._fail_streams(self._broken)
+            elif subject == protocol.invalidation_wildcard(self.prefix).lower():
+                self._deaf(f"the server refused the subscription to {subject}: allow subscribing to it")
             return
         for token, called in list(self._called.items()):
             if called.lower() == subject:
                 future = self._pending.pop(token, None)
                 if future is not None and not future.done():
                     future.set_exception(_publish_refused(called))
-        for emitting in list(self._emitting):
-            if emitting.subject.lower() == subject and emitting.refused is None:
-                emitting.refused = _publish_refused(emitting.subject)
-                emitting.task.cancel()  # it raises the refusal instead of waiting for an ack that cannot come
+        for waiting in list(self._refusables):
+            if waiting.subject.lower() == subject and waiting.refused is None:
+                waiting.refused = _publish_refused(waiting.subject)
+                waiting.task.cancel()  # it raises the refusal instead of waiting for an answer that cannot come
         for receiver in list(self._streams.values()):
             if not receiver.control and receiver.subject.lower() == subject:  # its request, not yet answered
                 receiver.fail(_publish_refused(receiver.subject))
@@ -573,11 +578,11 @@ class Client:
             queue, send = subject, self._request
             if self._detours and not opts.instance and (live := self._detours.get(service)) is not None:
                 subject, send = self._detour(service, method, live), self._request_detoured
+            if ttl is not None and not self._invalidations.done():  # the first cached call: hear invalidations
+                ttl = await self._hearing(ttl, opts.timeout)  # before keeping (a refused subscription: not kept)
             if ttl is None:
                 data, reply_headers = await send(subject, body, opts, headers, service, breaker, queue)
             else:
-                if not self._invalidations.done():  # the first cached call: hear invalidations before keeping
-                    await self._invalidations
                 key = (service, method, opts.msgpack, body, varied(opts.headers, headers))
                 kept = self.cache.get(key) if opts.cache else None
                 for hook in self._cache_hooks:
@@ -662,7 +667,7 @@ class Client:
         to one instance). The first time any method is cached, subscribes to invalidations."""
         assert self.registry is not None
         ttl = self.registry.cached.get((service, method))
-        if ttl is None or opts.instance or self.cache.max_entries <= 0:
+        if ttl is None or opts.instance or self.cache.max_entries <= 0 or not self.hears_invalidations:
             return None
         if self._invalidations is None:
             self._invalidations = self.spawn(self._listen_for_invalidations())
@@ -737,27 +742,35 @@ class Client:
     async def _emit_durable(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """Publishes an event through JetStream and waits for its acknowledgement, or for the
         server's refusal of the publish (:meth:`refuse`): PermissionDenied at once, not a timeout."""
+        with translate_nats_errors(subject), self._refusable(subject):
+            try:
+                await self.nc.jetstream().publish(subject, body, timeout=self.default_options.timeout, headers=headers)
+            except nats.js.errors.NoStreamResponseError:
+                raise NoResponders(
+                    f"no JetStream stream stores {subject}: start a host with a durable handler (it creates "
+                    "EVENTS), on a nats-server with JetStream (-js)"
+                ) from None
+
+    @contextlib.contextmanager
+    def _refusable(self, subject: str) -> Iterator[None]:
+        """Runs the block (a publish to ``subject``, then a wait for the server: an ack, a flush)
+        so that the server's refusal of the publish (:meth:`refuse`) ends the wait at once with
+        PermissionDenied: the server answers a refused publish with an error, and nothing else."""
         task = asyncio.current_task()
         assert task is not None
-        emitting = _Emitting(subject, task)
-        self._emitting.add(emitting)
+        waiting = _Refusable(subject, task)
+        self._refusables.add(waiting)
         try:
-            with translate_nats_errors(subject):
-                try:
-                    await self.nc.jetstream().publish(
-                        subject, body, timeout=self.default_options.timeout, headers=headers
-                    )
-                except nats.js.errors.NoStreamResponseError:
-                    raise NoResponders(
-                        f"no JetStream stream stores {subject}: start a host with a durable handler (it creates "
-                        "EVENTS), on a nats-server with JetStream (-js)"
-                    ) from None
+            yield
         except asyncio.CancelledError:
-            if emitting.refused is None or task.uncancel() > 0:  # cancelled by its caller (too)
+            if waiting.refused is None or task.uncancel() > 0:  # cancelled by its caller (too)
                 raise
-            raise emitting.refused from None
+            raise waiting.refused from None
         finally:
-            self._emitting.discard(emitting)
+            self._refusables.discard(waiting)
+        if waiting.refused is not None:  # the answer came with the refusal: asyncio.wait_for took it, not the cancel
+            task.uncancel()
+            raise waiting.refused
 
     def _checked_event_type(self, event_type: str) -> bool:
         """Checks an event type once; a valid one is remembered (up to MAX_CACHED_SUBJECTS)."""
@@ -769,16 +782,25 @@ class Client:
         return True
 
     async def publish_invalidation(self, service: str, body: bytes) -> None:
-        """Publishes a cache invalidation of ``service`` (:meth:`natsrpc.Service.invalidate` calls this).
+        """Publishes a cache invalidation of ``service`` (:meth:`natsrpc.Service.invalidate` calls
+        this) and returns once the server has it: the server then passes it on to every client
+        subscribed (at most once, as any NATS message).
 
         Raises:
-            CallError: it could not be sent (closed, not permitted, ...).
+            PermissionDenied: the server refused the publish (allow publishing ``svc._inval.<service>``).
+            CallTimeout: the server did not confirm it within the client's timeout (the connection
+                is down: it is sent when it comes back).
+            CallError: it could not be sent (closed, ...).
         """
         subject = protocol.invalidation_subject(service, self.prefix)
-        with translate_nats_errors(subject):
+        with translate_nats_errors(subject), self._refusable(subject):
             await transport.publish(self.nc, subject, body)
+            async with asyncio.timeout(self.default_options.timeout):
+                await transport.sync_with_server(self.nc)  # a refusal comes first
 
     async def _listen_for_invalidations(self) -> Any:
+        """Subscribes to services' cache invalidations, and waits until the server has the
+        subscription: a refusal (:meth:`refuse`) is known by then, and this client keeps nothing."""
         wildcard = protocol.invalidation_wildcard(self.prefix)
         head = wildcard[:-1]
 
@@ -788,10 +810,34 @@ class Client:
                 self.cache.on_invalidation(service, data)
 
         try:
-            return await transport.subscribe(self.nc, wildcard, on_invalidation)
+            sub = await transport.subscribe(self.nc, wildcard, on_invalidation)
         except nats.errors.Error as exc:
-            log.warning("cache invalidations not heard: replies are kept for their whole TTL", error=repr(exc))
+            self._deaf(repr(exc))
             return None
+        with contextlib.suppress(TimeoutError, nats.errors.Error):  # not confirmed: a later refusal still counts
+            async with asyncio.timeout(self.default_options.timeout):
+                await transport.sync_with_server(self.nc)
+        return sub
+
+    async def _hearing(self, ttl: float, within: float) -> float | None:
+        """Waits (up to ``within`` seconds) until the server has this client's subscription to
+        invalidations; returns ``ttl``, or None when the reply may not be kept (refused, not yet
+        confirmed)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._invalidations)  # other calls wait for the same subscription
+        return ttl if self._invalidations.done() and self.hears_invalidations else None
+
+    def _deaf(self, why: str) -> None:
+        """This client cannot hear cache invalidations: it keeps no reply from now on (a kept one
+        could outlive the write that invalidated it), and drops those it kept."""
+        if self.hears_invalidations:
+            self.hears_invalidations = False
+            self.cache.clear_all()
+            log.warning(
+                "cache invalidations cannot be heard: replies are not cached", error=why,
+                subject=protocol.invalidation_wildcard(self.prefix),
+            )  # fmt: skip
 
     def _refuse_unknown(self, service: str, method: str, streaming: bool = False) -> None:
         """Raises, without sending, for a method discovery says the service lacks, or serves the other way.
@@ -1294,9 +1340,9 @@ def _publish_refused(subject: str, why: str = "") -> PermissionDenied:
     return PermissionDenied(f"the server refused this connection a publish to {subject}{why}")
 
 
-class _Emitting:
-    """A durable emit waiting for its acknowledgement: the task to stop, and why, when the server
-    refuses its publish."""
+class _Refusable:
+    """A publish waiting for the server (a durable emit for its ack, an invalidation for a flush):
+    the task to stop, and why, when the server refuses the publish."""
 
     __slots__ = ("refused", "subject", "task")
 

@@ -211,12 +211,16 @@ class Service:
 
         ``await self.invalidate("get", key="a")`` after a write to ``a``: clients drop the entries of
         ``get`` whose arguments hold ``key="a"`` (given by name or position); with no arguments,
-        every entry of ``get``. Published on ``svc._inval.<service>``; clients that miss it (not
-        connected at that moment) keep their entries until the TTL passes.
+        every entry of ``get``. Published on ``svc._inval.<service>``; returns once the server has
+        it (one round trip). Clients that miss it (not connected at that moment) keep their entries
+        until the TTL passes.
 
         Raises:
             ConfigurationError: ``method`` is not an endpoint with ``cache_ttl``, an argument is not
                 one of its parameters, or a value cannot be encoded as JSON.
+            PermissionDenied: the server refused the publish (allow publishing ``svc._inval.<service>``).
+            CallTimeout: the server did not confirm it within the client's timeout (the connection
+                is down; it is sent when the connection comes back).
         """
         endpoint = self.endpoints.get(method)
         if endpoint is None or endpoint.cache_ttl is None:

@@ -139,17 +139,18 @@ async def publish(nc: Any, subject: str, body: bytes, reply: str = "", headers: 
 
 
 async def sync_with_server(nc: Any) -> None:
-    """Returns once the server has processed every SUB sent so far, so other connections see them.
+    """Returns once the server has processed every command sent so far: other connections see the
+    SUBs, and the server's error for a refused SUB or PUB has reached the error callback.
 
-    nats-py 2.16's ``flush()`` writes its PING straight to the socket while queued SUBs still wait
-    for the flusher task, so the PONG can come back before the SUBs are sent (measured: ~10% of
+    nats-py 2.16's ``flush()`` writes its PING straight to the socket while queued commands still
+    wait for the flusher task, so the PONG can come back before the SUBs are sent (measured: ~10% of
     requests from another connection right after ``start()`` got a false "no responders"). Pushing
     the queued commands out first restores the order. The fallback flushes twice.
     """
     flush_pending = getattr(nc, "_flush_pending", None) if FAST_PATH else None
     if flush_pending is not None:
         await flush_pending(force_flush=True)
-    else:  # public API only: the flusher has written the SUBs by the time the first PONG is back
+    else:  # public API only: the flusher has written the commands by the time the first PONG is back
         await nc.flush()
     await nc.flush()
 

@@ -519,6 +519,69 @@ class TestRefusedDurableEmit:
                 assert app.nc.is_connected
 
 
+class SecStore(Service):
+    """A store whose reads are cached; ``put`` invalidates the key it wrote."""
+
+    name = "secstore"
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+        self.reads = 0
+
+    @rpc(idempotent=True, cache_ttl=30.0)
+    async def get(self, key: str) -> str | None:
+        """Reads a key (counted)."""
+        self.reads += 1
+        return self.data.get(key)
+
+    @rpc
+    async def put(self, key: str, value: str) -> None:
+        """Writes a key, then makes every client drop its kept reads of it."""
+        self.data[key] = value
+        await self.invalidate("get", key=key)
+
+
+class TestRefusedInvalidations:
+    """Cache invalidations the server's permissions stop: a service is told its invalidation did
+    not go out, and a client that cannot hear them keeps no reply (one kept could outlive a write)."""
+
+    async def test_a_refused_invalidation_raises_at_once(self, tmp_path: Path) -> None:
+        # The service's identity may beat, answer and be asked discovery, not publish invalidations.
+        config = one_narrow_user(tmp_path, "noinval", ["svc._hb.>", "_INBOX.>"], ["svc.>", "$SRV.>"])
+        with NatsServer(config=config) as server:
+            store = SecStore()
+            async with (
+                as_narrow(server, "noinval", timeout=5.0) as service_nc,
+                natsrpc.connect(server.url, user="srv", password="srvpass") as app,
+                serve(service_nc, store),
+            ):
+                started = time.perf_counter()
+                with pytest.raises(natsrpc.PermissionDenied, match=r"svc\._inval\.secstore"):
+                    await store.invalidate("get", key="a")
+                assert time.perf_counter() - started < 1.0  # not the client's 5 s timeout
+                with pytest.raises(natsrpc.RemoteError, match=r"PermissionDenied.*svc\._inval\.secstore"):
+                    await app.call_service["secstore"].put("a", "1")  # the writer's caller is told too
+                assert service_nc.nc.is_connected
+
+    async def test_a_client_refused_the_invalidations_keeps_nothing(self, tmp_path: Path) -> None:
+        # The app may call the store and hear its heartbeats (which carry the TTL), not invalidations.
+        config = one_narrow_user(tmp_path, "deaf", ["svc.secstore.>"], ["svc._hb.>"])
+        with NatsServer(config=config) as server:
+            store = SecStore()
+            async with (
+                natsrpc.connect(server.url, user="srv", password="srvpass") as service_nc,
+                as_narrow(server, "deaf") as app,
+                serve(service_nc, store),
+            ):
+                assert app.registry is not None
+                await poll(lambda: ("secstore", "get") in app.registry.cached, "the TTL heard")
+                for _ in range(3):
+                    assert await app.call_service["secstore"].get("a") is None
+                assert store.reads == 3  # every read went out: nothing kept without invalidations
+                assert not app.hears_invalidations
+                assert len(app.cache) == 0
+
+
 class TestQueueGroups:
     """A2: only the service's own identity can join its queue group; impostors get nothing."""
 
