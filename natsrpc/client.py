@@ -795,8 +795,7 @@ class Client:
         subject = protocol.invalidation_subject(service, self.prefix)
         with translate_nats_errors(subject), self._refusable(subject):
             await transport.publish(self.nc, subject, body)
-            async with asyncio.timeout(self.default_options.timeout):
-                await transport.sync_with_server(self.nc)  # a refusal comes first
+            await self._synced()  # a refusal comes first
 
     async def _listen_for_invalidations(self) -> Any:
         """Subscribes to services' cache invalidations, and waits until the server has the
@@ -815,9 +814,15 @@ class Client:
             self._deaf(repr(exc))
             return None
         with contextlib.suppress(TimeoutError, nats.errors.Error):  # not confirmed: a later refusal still counts
-            async with asyncio.timeout(self.default_options.timeout):
-                await transport.sync_with_server(self.nc)
+            await self._synced()
         return sub
+
+    async def _synced(self) -> None:
+        """Returns once the server has processed what this client sent so far (its error for a
+        refused publish or subscription reached :meth:`refuse` first); TimeoutError after the
+        client's timeout."""
+        async with asyncio.timeout(self.default_options.timeout):
+            await transport.sync_with_server(self.nc)
 
     async def _hearing(self, ttl: float, within: float) -> float | None:
         """Waits (up to ``within`` seconds) until the server has this client's subscription to
